@@ -1,0 +1,179 @@
+//! The one error type of locker.
+
+use std::time::Duration;
+
+/// A boxed error from a store, kept as the source of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The result type of locker.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in locker.
+///
+/// Bad input is rejected before any I/O, with a message naming the limit. Store failures keep their
+/// source. [`Error::is_retryable`] tells a transient failure (worth retrying) from a permanent one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key is empty.
+    #[error("invalid key: the key is empty")]
+    EmptyKey,
+
+    /// The key is longer than the store allows.
+    #[error("invalid key: {len} bytes is over the limit of {max} bytes for a key")]
+    KeyTooLong {
+        /// The length of the key given, in bytes.
+        len: usize,
+        /// The longest key the store accepts, in bytes.
+        max: usize,
+    },
+
+    /// The value is larger than the store allows.
+    #[error("invalid value: {len} bytes is over the limit of {max} bytes for a value")]
+    ValueTooLarge {
+        /// The size of the value given, in bytes.
+        len: usize,
+        /// The largest value the store accepts, in bytes.
+        max: usize,
+    },
+
+    /// A lease TTL outside the range the store accepts.
+    #[error("invalid TTL: {ttl:?} is outside the range {min:?} ..= {max:?} the store accepts")]
+    TtlOutOfRange {
+        /// The TTL given.
+        ttl: Duration,
+        /// The shortest TTL the store accepts.
+        min: Duration,
+        /// The longest TTL the store accepts.
+        max: Duration,
+    },
+
+    /// A configuration value that cannot work, found before any I/O.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// The lease is gone from the store (expired or revoked): everything held under it is lost.
+    #[error("lease {lease:x} is gone from the store")]
+    LeaseLost {
+        /// The lease id.
+        lease: i64,
+    },
+
+    /// The history asked for has been compacted away; re-read the current state and go on from there.
+    #[error("revision {requested} has been compacted (compacted up to {compact_revision})")]
+    Compacted {
+        /// The revision asked for.
+        requested: i64,
+        /// The store's compaction revision: history before it is gone.
+        compact_revision: i64,
+    },
+
+    /// The store cannot be reached right now (network, leader election, overload). Retryable.
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        /// What happened.
+        message: String,
+        /// The store's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The credentials were refused or the caller may not touch these keys. Permanent.
+    #[error("permission denied: {message}")]
+    PermissionDenied {
+        /// What happened.
+        message: String,
+        /// The store's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// Any other store failure; `retryable` says whether trying again can help.
+    #[error("store error: {message}")]
+    Backend {
+        /// What happened.
+        message: String,
+        /// Whether the same call may succeed later.
+        retryable: bool,
+        /// The store's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// Ownership was lost (lease gone, local deadline passed, or the entry deleted) before the
+    /// operation could complete.
+    #[error("lock on {key:?} is not owned: {reason}")]
+    NotOwned {
+        /// The lock key.
+        key: String,
+        /// Why.
+        reason: LossReason,
+    },
+
+    /// The lock handle has been released or its task has ended.
+    #[error("lock on {key:?} has been released")]
+    Released {
+        /// The lock key.
+        key: String,
+    },
+}
+
+impl Error {
+    /// Whether the same operation may succeed if tried again later.
+    ///
+    /// True for an unreachable store and other transient failures; false for bad input,
+    /// permission errors and lost ownership.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } => true,
+            Error::Backend { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+
+    /// Whether the input was rejected before any I/O.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::EmptyKey
+                | Error::KeyTooLong { .. }
+                | Error::ValueTooLarge { .. }
+                | Error::TtlOutOfRange { .. }
+                | Error::InvalidConfig(_)
+        )
+    }
+
+    /// An [`Error::Unavailable`] with a message and no source.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+/// Why ownership of a lock ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LossReason {
+    /// The store said the lease is gone (expired or revoked).
+    LeaseGone,
+    /// Keep-alives failed until the local ownership deadline passed; the store may not have
+    /// expired the lease yet, but it may at any moment, so ownership is no longer claimed.
+    DeadlinePassed,
+    /// The lock's entry was deleted by someone else (an operator, or another tool).
+    EntryDeleted,
+    /// The lock was released or abandoned by its owner.
+    Released,
+}
+
+impl std::fmt::Display for LossReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LossReason::LeaseGone => "the lease is gone from the store",
+            LossReason::DeadlinePassed => "keep-alives failed until the local deadline passed",
+            LossReason::EntryDeleted => "the lock entry was deleted by someone else",
+            LossReason::Released => "the lock was released",
+        })
+    }
+}

@@ -1,0 +1,237 @@
+//! One long-lived watch per locker, with every wait and watch stream multiplexed over it.
+//!
+//! Opening a fresh watch at a past revision for each wait is what makes etcd's own Go `Mutex` slow
+//! under contention (etcd serves such watches from a catch-up loop every 100 ms). The hub opens one
+//! watch over the whole backend root, keeps it for the life of the [`Locker`](crate::Locker),
+//! resumes it from the last revision seen when it breaks, and hands each event to the subscribers
+//! of the event's queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::backend::{LockBackend, Revision, WatchEvent, queue_of};
+use crate::error::Error;
+use crate::retry::Jitter;
+
+/// What a subscriber receives.
+#[derive(Debug, Clone)]
+pub(crate) enum HubMsg {
+    /// A change to an entry of the subscribed queue.
+    Event(WatchEvent),
+    /// History was lost (compaction): re-read the queue; events after that read follow.
+    Resync,
+}
+
+type Subscribers = HashMap<String, Vec<(u64, mpsc::UnboundedSender<HubMsg>)>>;
+
+#[derive(Debug, Default)]
+struct State {
+    subscribers: Subscribers,
+    next_id: u64,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Hub {
+    backend: Arc<dyn LockBackend>,
+    jitter: Arc<Jitter>,
+    retry: (Duration, Duration),
+    state: Arc<Mutex<State>>,
+    /// `true` once the watch is established; every event after that reaches subscribers.
+    ready: watch::Sender<bool>,
+}
+
+/// A subscription to one queue's events. Dropping it unsubscribes.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    rx: mpsc::UnboundedReceiver<HubMsg>,
+    id: u64,
+    queue: String,
+    state: Weak<Mutex<State>>,
+}
+
+impl Subscription {
+    /// The next message; `None` only if the hub is gone.
+    pub(crate) async fn recv(&mut self) -> Option<HubMsg> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.upgrade() {
+            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(list) = state.subscribers.get_mut(&self.queue) {
+                list.retain(|(id, _)| *id != self.id);
+                if list.is_empty() {
+                    state.subscribers.remove(&self.queue);
+                }
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub(crate) fn new(
+        backend: Arc<dyn LockBackend>,
+        jitter: Arc<Jitter>,
+        retry: (Duration, Duration),
+    ) -> Self {
+        Hub {
+            backend,
+            jitter,
+            retry,
+            state: Arc::new(Mutex::new(State::default())),
+            ready: watch::channel(false).0,
+        }
+    }
+
+    /// Subscribes to the events of the queue `key`. Returns once the hub's watch is established:
+    /// any read issued afterwards is at a revision the watch covers, so every change after that
+    /// read is delivered.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a dropped call leaves no subscription behind.
+    pub(crate) async fn subscribe(&self, key: &str) -> Subscription {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sub = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let id = state.next_id;
+            state.next_id += 1;
+            state
+                .subscribers
+                .entry(key.to_owned())
+                .or_default()
+                .push((id, tx));
+            if state.task.is_none() {
+                let task = tokio::spawn(run(
+                    self.backend.clone(),
+                    self.jitter.clone(),
+                    self.retry,
+                    Arc::downgrade(&self.state),
+                    self.ready.clone(),
+                ));
+                state.task = Some(task.abort_handle());
+            }
+            Subscription {
+                rx,
+                id,
+                queue: key.to_owned(),
+                state: Arc::downgrade(&self.state),
+            }
+        };
+        let mut ready = self.ready.subscribe();
+        // The sender lives in `self`, so this only ends when the watch is up.
+        let _ = ready.wait_for(|up| *up).await;
+        sub
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = &state.task {
+            task.abort();
+        }
+    }
+}
+
+async fn run(
+    backend: Arc<dyn LockBackend>,
+    jitter: Arc<Jitter>,
+    (retry_base, retry_max): (Duration, Duration),
+    state: Weak<Mutex<State>>,
+    ready: watch::Sender<bool>,
+) {
+    let mut from: Option<Revision> = None;
+    let mut resync = false;
+    let mut failures = 0u32;
+    loop {
+        let stream = match backend.watch("", from).await {
+            Ok(stream) => stream,
+            Err(Error::Compacted { .. }) => {
+                debug!("hub watch: history compacted; resyncing subscribers");
+                from = None;
+                resync = true;
+                continue;
+            }
+            Err(err) => {
+                let delay = jitter.backoff(failures, retry_base, retry_max);
+                failures = failures.saturating_add(1);
+                debug!(error = %err, ?delay, "hub watch failed; retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        failures = 0;
+        let mut next = stream.start_revision;
+        if resync {
+            resync = false;
+            if !send_all(&state, HubMsg::Resync) {
+                return;
+            }
+        }
+        ready.send_replace(true);
+        let mut events = stream.events;
+        while let Some(batch) = events.next().await {
+            match batch {
+                Ok(batch) => {
+                    if let Some(last) = batch.last() {
+                        next = last.entry.mod_revision + 1;
+                    }
+                    if !send_events(&state, batch) {
+                        return;
+                    }
+                }
+                Err(Error::Compacted { .. }) => {
+                    warn!("hub watch: history compacted; resyncing subscribers");
+                    resync = true;
+                    break;
+                }
+                Err(err) => {
+                    debug!(error = %err, next, "hub watch broke; resuming");
+                    break;
+                }
+            }
+        }
+        from = if resync { None } else { Some(next) };
+        if !resync {
+            tokio::time::sleep(jitter.backoff(0, retry_base, retry_max)).await;
+        }
+    }
+}
+
+/// Sends each event to the subscribers of its queue. `false` once the hub is gone.
+fn send_events(state: &Weak<Mutex<State>>, batch: Vec<WatchEvent>) -> bool {
+    let Some(state) = state.upgrade() else {
+        return false;
+    };
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    for event in batch {
+        let Some(queue) = queue_of(&event.entry.key) else {
+            continue;
+        };
+        if let Some(list) = state.subscribers.get_mut(queue) {
+            list.retain(|(_, tx)| tx.send(HubMsg::Event(event.clone())).is_ok());
+        }
+    }
+    true
+}
+
+/// Sends `msg` to every subscriber. `false` once the hub is gone.
+fn send_all(state: &Weak<Mutex<State>>, msg: HubMsg) -> bool {
+    let Some(state) = state.upgrade() else {
+        return false;
+    };
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    for list in state.subscribers.values_mut() {
+        list.retain(|(_, tx)| tx.send(msg.clone()).is_ok());
+    }
+    true
+}

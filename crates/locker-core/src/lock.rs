@@ -1,0 +1,854 @@
+//! Lock handles and guards, and the ownership state machine that drives them (one task per lock).
+//!
+//! ```text
+//!             join             predecessor gone, own entry still there
+//!  Acquiring ──────► waiting ────────────────────────────────────────► Owned ◄──► Unconfirmed
+//!      ▲                │ own entry or lease gone                         │ lease gone, deadline
+//!      │                ▼                                                 │ passed, entry deleted
+//!      └───────────── rejoin ◄──────────────── Lost ◄─────────────────────┘
+//!                                    (a guard stops at Lost)
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::backend::{Entry, EventKind};
+use crate::error::{Error, LossReason, Result};
+use crate::hub::{HubMsg, Subscription};
+use crate::locker::{LockOptions, Locker, check_ttl};
+use crate::session::{Session, SessionState};
+use crate::types::{FencingToken, Ownership};
+
+/// How long a lock task keeps at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A handle: keeps trying to own until released; rejoins after a loss.
+    Persistent,
+    /// A guard from `acquire`: waits to own; stops at the first loss.
+    Once,
+    /// A guard from `try_acquire`: owns at once or gives up.
+    TryOnce,
+}
+
+enum Command {
+    Release(oneshot::Sender<Result<()>>),
+    Abandon,
+    SetValue(Vec<u8>, oneshot::Sender<Result<()>>),
+}
+
+/// What the lock task shares with its handle beyond the published state.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The session of the current tenure, so readers can check its deadline themselves.
+    session: Mutex<Option<watch::Receiver<SessionState>>>,
+    /// Why a one-shot attempt ended without owning.
+    error: Mutex<Option<Error>>,
+}
+
+pub(crate) fn start(
+    locker: Locker,
+    key: String,
+    value: Vec<u8>,
+    options: LockOptions,
+    mode: Mode,
+) -> Result<LockHandle> {
+    locker.check_key(&key)?;
+    locker.check_value(&value)?;
+    if let Some(ttl) = options.ttl {
+        check_ttl(locker.inner.backend.as_ref(), ttl)?;
+        let margin = locker.inner.timing.safety_margin;
+        if margin >= ttl / 3 {
+            return Err(Error::InvalidConfig(format!(
+                "the locker's safety margin {margin:?} must be below a third of the lock's TTL {ttl:?}"
+            )));
+        }
+    }
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::InvalidConfig("locks must be started within a tokio runtime".to_owned())
+    })?;
+    let (state_tx, state_rx) = watch::channel(Ownership::Acquiring);
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared::default());
+    let driver = Driver {
+        locker,
+        key: key.clone(),
+        value,
+        mode,
+        dedicated_ttl: options.ttl,
+        own_session: None,
+        held: None,
+        state: state_tx,
+        cmds: cmd_rx,
+        shared: shared.clone(),
+        failures: 0,
+    };
+    runtime.spawn(driver.run());
+    Ok(LockHandle {
+        key,
+        state: state_rx,
+        cmds: cmd_tx,
+        shared,
+    })
+}
+
+/// A lock that keeps trying to own `key` with its value until released: the seed's `Lock`.
+///
+/// Ownership is published as [`Ownership`] through a watch channel ([`LockHandle::subscribe`]) and
+/// as a stream of `bool` transitions ([`LockHandle::owned_changes`]); a slow reader never delays
+/// the keep-alive. After a loss the handle joins the queue again on its own.
+///
+/// Dropping the handle releases the lock in the background; [`LockHandle::release`] does it now
+/// and waits; [`LockHandle::abandon`] lets it expire after the TTL.
+#[must_use = "dropping a LockHandle releases the lock"]
+pub struct LockHandle {
+    key: String,
+    state: watch::Receiver<Ownership>,
+    cmds: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for LockHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockHandle")
+            .field("key", &self.key)
+            .field("ownership", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl LockHandle {
+    /// The lock key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The last published state.
+    pub fn ownership(&self) -> Ownership {
+        *self.state.borrow()
+    }
+
+    /// Whether the lock is owned right now: the published state claims it **and** the local
+    /// deadline of its lease has not passed (checked here, so it holds even if the lock task has
+    /// not run yet).
+    pub fn is_owned(&self) -> bool {
+        if !self.state.borrow().is_owned() {
+            return false;
+        }
+        let session = self.shared.session.lock().unwrap_or_else(|e| e.into_inner());
+        session
+            .as_ref()
+            .is_some_and(|s| s.borrow().valid_at(Instant::now()))
+    }
+
+    /// A receiver of every published [`Ownership`] (latest value wins; a loss followed by a new
+    /// tenure shows as a new token).
+    pub fn subscribe(&self) -> watch::Receiver<Ownership> {
+        self.state.clone()
+    }
+
+    /// The seed's `owned` channel: `true`/`false` at every change of "do we own the lock?",
+    /// starting with the current answer. A tenure that ends and a new one that begins between two
+    /// polls still shows as `false` then `true`. Ends when the lock task ends.
+    pub fn owned_changes(&self) -> BoxStream<'static, bool> {
+        owned_changes(self.state.clone())
+    }
+
+    /// Waits until the lock is owned and answers the fencing token.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Released`] if the handle stopped (released, or a one-shot attempt ended), with the
+    /// error that stopped it if there was one.
+    pub async fn wait_owned(&self) -> Result<FencingToken> {
+        let mut rx = self.state.clone();
+        loop {
+            let state = *rx.borrow_and_update();
+            match state {
+                Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
+                    return Ok(token);
+                }
+                Ownership::Released => return Err(self.take_error()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() && !rx.borrow().is_owned() {
+                return Err(self.take_error());
+            }
+        }
+    }
+
+    /// Changes the value: at once in the store if the handle has an entry (owned or waiting),
+    /// and for every later tenure.
+    ///
+    /// # Errors
+    ///
+    /// Bad input before any I/O; [`Error::NotOwned`] if the entry was found gone; store errors;
+    /// [`Error::Released`] if the handle stopped.
+    pub async fn set_value(&self, value: impl Into<Vec<u8>>) -> Result<()> {
+        let value = value.into();
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::SetValue(value, tx))?;
+        rx.await.map_err(|_| self.released())?
+    }
+
+    /// Gives the lock up now: deletes the entry (hand-off in one round trip) and stops.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotOwned`] if a one-shot lock was lost before the release; store errors while
+    /// deleting (the lease then expires as usual).
+    pub async fn release(self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Command::Release(tx)).is_err() {
+            return match *self.state.borrow() {
+                Ownership::Lost { reason, .. } => Err(Error::NotOwned {
+                    key: self.key.clone(),
+                    reason,
+                }),
+                _ => Ok(()),
+            };
+        }
+        rx.await.unwrap_or(Ok(()))
+    }
+
+    /// Stops without deleting: the entry stays until the lease would expire, as if this process
+    /// had died (the seed's `quit`). With a dedicated session the lease is simply not renewed;
+    /// with the shared session the entry is deleted once the session's TTL has passed.
+    pub fn abandon(self) {
+        let _ = self.cmds.send(Command::Abandon);
+    }
+
+    /// Waits until owned, then wraps the handle in a guard; `None` if the attempt ended without
+    /// owning (a `try_acquire` that found the lock held).
+    pub(crate) async fn into_guard(self) -> Result<Option<LockGuard>> {
+        match self.wait_owned().await {
+            Ok(token) => Ok(Some(LockGuard {
+                handle: self,
+                token,
+            })),
+            Err(Error::Released { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn send(&self, cmd: Command) -> Result<()> {
+        self.cmds.send(cmd).map_err(|_| self.released())
+    }
+
+    fn released(&self) -> Error {
+        Error::Released {
+            key: self.key.clone(),
+        }
+    }
+
+    fn take_error(&self) -> Error {
+        self.shared
+            .error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| self.released())
+    }
+}
+
+/// Proof of owning a lock, mutex style: from [`Locker::acquire`] or [`Locker::try_acquire`].
+///
+/// Owning can end without the guard's say (lease lost, deadline passed, entry deleted): check
+/// [`LockGuard::is_owned`] before a protected write, send [`LockGuard::token`] along with it, or
+/// race the work against [`LockGuard::lost`]. A guard never re-acquires.
+///
+/// Dropping the guard releases the lock in the background; [`LockGuard::release`] does it now.
+#[must_use = "dropping a LockGuard releases the lock"]
+#[derive(Debug)]
+pub struct LockGuard {
+    handle: LockHandle,
+    token: FencingToken,
+}
+
+impl LockGuard {
+    /// The lock key.
+    pub fn key(&self) -> &str {
+        self.handle.key()
+    }
+
+    /// The fencing token of this tenure.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Whether the lock is still owned (see [`LockHandle::is_owned`]).
+    pub fn is_owned(&self) -> bool {
+        self.handle.is_owned()
+    }
+
+    /// The last published state.
+    pub fn ownership(&self) -> Ownership {
+        self.handle.ownership()
+    }
+
+    /// A receiver of every published [`Ownership`].
+    pub fn subscribe(&self) -> watch::Receiver<Ownership> {
+        self.handle.subscribe()
+    }
+
+    /// Completes when ownership ends, with the reason. Use it to stop protected work:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// # let locker = locker_core::Locker::new(locker_memory::MemoryBackend::new());
+    /// let guard = locker.acquire("jobs/cleanup", "worker-1").await?;
+    /// tokio::select! {
+    ///     reason = guard.lost() => println!("lost the lock: {reason}"),
+    ///     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => println!("work done"),
+    /// }
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lost(&self) -> LossReason {
+        let mut rx = self.handle.state.clone();
+        loop {
+            match *rx.borrow_and_update() {
+                Ownership::Lost { reason, .. } => return reason,
+                Ownership::Released => return LossReason::Released,
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return match *rx.borrow() {
+                    Ownership::Lost { reason, .. } => reason,
+                    _ => LossReason::Released,
+                };
+            }
+        }
+    }
+
+    /// Changes the holder's value in the store (etcd's `Proclaim`), guarded by this tenure.
+    ///
+    /// # Errors
+    ///
+    /// As [`LockHandle::set_value`].
+    pub async fn set_value(&self, value: impl Into<Vec<u8>>) -> Result<()> {
+        self.handle.set_value(value).await
+    }
+
+    /// Releases the lock now: the next waiter owns it one round trip later.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotOwned`] if ownership was lost before the release (the critical section was not
+    /// protected to the end); store errors while deleting.
+    pub async fn release(self) -> Result<()> {
+        self.handle.release().await
+    }
+}
+
+fn owned_changes(rx: watch::Receiver<Ownership>) -> BoxStream<'static, bool> {
+    struct St {
+        rx: watch::Receiver<Ownership>,
+        last: Option<Option<FencingToken>>,
+        pending: VecDeque<bool>,
+        started: bool,
+    }
+    let st = St {
+        rx,
+        last: None,
+        pending: VecDeque::new(),
+        started: false,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(b) = st.pending.pop_front() {
+                return Some((b, st));
+            }
+            if st.started && st.rx.changed().await.is_err() {
+                return None;
+            }
+            st.started = true;
+            let state = *st.rx.borrow_and_update();
+            let now = if state.is_owned() { state.token() } else { None };
+            match st.last {
+                None => st.pending.push_back(now.is_some()),
+                Some(prev) if prev == now => {}
+                Some(Some(_)) if now.is_some() => {
+                    st.pending.push_back(false);
+                    st.pending.push_back(true);
+                }
+                Some(prev) => {
+                    if prev.is_some() != now.is_some() {
+                        st.pending.push_back(now.is_some());
+                    }
+                }
+            }
+            st.last = Some(now);
+        }
+    })
+    .boxed()
+}
+
+/// Why the task stops.
+enum Exit {
+    /// Release (with the caller to answer), or the handle was dropped.
+    Release(Option<oneshot::Sender<Result<()>>>),
+    Abandon,
+    /// A one-shot attempt ended (not owned, lost, or failed); state already published.
+    Done,
+}
+
+/// The outcome of waiting for one's turn.
+enum Turn {
+    Owned(Entry),
+    Rejoin,
+    Exit(Exit),
+}
+
+/// The outcome of holding.
+enum HoldEnd {
+    Lost(LossReason),
+    Exit(Exit),
+}
+
+struct Driver {
+    locker: Locker,
+    key: String,
+    value: Vec<u8>,
+    mode: Mode,
+    dedicated_ttl: Option<Duration>,
+    own_session: Option<Arc<Session>>,
+    /// The entry this task has in the store, with the session it is under.
+    held: Option<(Arc<Session>, Entry)>,
+    state: watch::Sender<Ownership>,
+    cmds: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+    failures: u32,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        debug!(key = %self.key, mode = ?self.mode, "lock task started");
+        let exit = self.main().await;
+        self.finish(exit).await;
+        debug!(key = %self.key, "lock task ended");
+    }
+
+    fn publish(&self, state: Ownership) {
+        self.state.send_if_modified(|s| {
+            if *s == state {
+                false
+            } else {
+                *s = state;
+                true
+            }
+        });
+    }
+
+    fn backend(&self) -> &dyn crate::backend::LockBackend {
+        self.locker.inner.backend.as_ref()
+    }
+
+    async fn main(&mut self) -> Exit {
+        loop {
+            self.publish(Ownership::Acquiring);
+            let session = match self.session().await {
+                Ok(session) => session,
+                Err(err) => match self.failed(err).await {
+                    Some(exit) => return exit,
+                    None => continue,
+                },
+            };
+            // Subscribe before joining: every change after the join is then seen.
+            let mut sub = tokio::select! {
+                sub = self.locker.inner.hub.subscribe(&self.key) => sub,
+                cmd = self.cmds.recv() => match self.command(cmd).await {
+                    Some(exit) => return exit,
+                    None => continue,
+                },
+            };
+            let joined = match self
+                .locker
+                .inner
+                .backend
+                .join(&self.key, session.lease(), &self.value)
+                .await
+            {
+                Ok(joined) => joined,
+                Err(Error::LeaseLost { .. }) => {
+                    self.drop_session(&session).await;
+                    continue;
+                }
+                Err(err) => match self.failed(err).await {
+                    Some(exit) => return exit,
+                    None => continue,
+                },
+            };
+            self.failures = 0;
+            let mut entry = joined.entry;
+            if entry.value != self.value {
+                // A retried join found our entry from before, with an older value.
+                if let Ok(true) = self
+                    .backend()
+                    .update_value(&entry.key, entry.create_revision, &self.value)
+                    .await
+                {
+                    entry.value = self.value.clone();
+                }
+            }
+            self.held = Some((session.clone(), entry.clone()));
+            if joined.holder.key != entry.key {
+                if self.mode == Mode::TryOnce {
+                    debug!(key = %self.key, "try_acquire: held by another");
+                    return Exit::Release(None);
+                }
+                debug!(key = %self.key, token = entry.create_revision, "waiting in queue");
+                match self.wait_turn(&session, entry, &mut sub).await {
+                    Turn::Owned(owned) => entry = owned,
+                    Turn::Rejoin => continue,
+                    Turn::Exit(exit) => return exit,
+                }
+            }
+            let token = FencingToken(entry.create_revision);
+            info!(key = %self.key, %token, "owned");
+            match self.hold(&session, &entry, &mut sub).await {
+                HoldEnd::Exit(exit) => return exit,
+                HoldEnd::Lost(reason) => {
+                    warn!(key = %self.key, %token, %reason, "lost");
+                    self.publish(Ownership::Lost { token, reason });
+                    *self.shared.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    if reason != LossReason::EntryDeleted {
+                        // The store may still have the entry (deadline passed): take it away in
+                        // the background so the next holder need not wait for the lease.
+                        self.forget_entry_in_background();
+                    }
+                    self.held = None;
+                    if matches!(reason, LossReason::LeaseGone | LossReason::DeadlinePassed) {
+                        self.drop_session(&session).await;
+                    }
+                    if self.mode != Mode::Persistent {
+                        return Exit::Done;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The session to use: the locker's default one, or this lock's own.
+    async fn session(&mut self) -> Result<Arc<Session>> {
+        match self.dedicated_ttl {
+            None => self.locker.default_session().await,
+            Some(ttl) => {
+                if let Some(session) = self.own_session.as_ref().filter(|s| !s.is_lost()) {
+                    return Ok(session.clone());
+                }
+                let session = self.locker.new_session(ttl).await?;
+                self.own_session = Some(session.clone());
+                Ok(session)
+            }
+        }
+    }
+
+    /// Stops using a session whose lease is gone.
+    async fn drop_session(&mut self, session: &Arc<Session>) {
+        if self.dedicated_ttl.is_some() {
+            self.own_session = None;
+        } else {
+            self.locker.forget_default_session(session).await;
+        }
+    }
+
+    /// Handles a failed store call: a one-shot attempt fails on a permanent error; otherwise
+    /// waits a jittered back-off (serving commands) and goes on.
+    async fn failed(&mut self, err: Error) -> Option<Exit> {
+        if !err.is_retryable() && self.mode != Mode::Persistent {
+            warn!(key = %self.key, error = %err, "lock attempt failed");
+            *self.shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+            return Some(Exit::Done);
+        }
+        let inner = &self.locker.inner;
+        let delay = inner
+            .jitter
+            .backoff(self.failures, inner.timing.retry_base, inner.timing.retry_max);
+        self.failures = self.failures.saturating_add(1);
+        debug!(key = %self.key, error = %err, ?delay, "store call failed; retrying");
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return None,
+                cmd = self.cmds.recv() => {
+                    if let Some(exit) = self.command(cmd).await {
+                        return Some(exit);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves a command; `Some` if the task must stop.
+    async fn command(&mut self, cmd: Option<Command>) -> Option<Exit> {
+        match cmd {
+            None => Some(Exit::Release(None)),
+            Some(Command::Release(reply)) => Some(Exit::Release(Some(reply))),
+            Some(Command::Abandon) => Some(Exit::Abandon),
+            Some(Command::SetValue(value, reply)) => {
+                let result = self.set_value(value).await;
+                let _ = reply.send(result);
+                None
+            }
+        }
+    }
+
+    async fn set_value(&mut self, value: Vec<u8>) -> Result<()> {
+        self.locker.check_value(&value)?;
+        self.value = value;
+        let Some((_, entry)) = &self.held else {
+            return Ok(());
+        };
+        let (key, rev) = (entry.key.clone(), entry.create_revision);
+        match self.backend().update_value(&key, rev, &self.value).await {
+            Ok(true) => {
+                if let Some((_, entry)) = &mut self.held {
+                    entry.value = self.value.clone();
+                }
+                Ok(())
+            }
+            Ok(false) | Err(Error::LeaseLost { .. }) => {
+                self.held = None;
+                Err(Error::NotOwned {
+                key: self.key.clone(),
+                reason: LossReason::EntryDeleted,
+                })
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Waits until `entry` is the oldest in its queue, watching only the entry just before it.
+    async fn wait_turn(
+        &mut self,
+        session: &Arc<Session>,
+        mut entry: Entry,
+        sub: &mut Subscription,
+    ) -> Turn {
+        self.publish(Ownership::Acquiring);
+        let mut session_rx = session.subscribe();
+        loop {
+            if session.is_lost() {
+                return Turn::Rejoin;
+            }
+            let position = match self
+                .backend()
+                .position(&self.key, &entry.key, entry.create_revision)
+                .await
+            {
+                Ok(position) => position,
+                Err(Error::LeaseLost { .. }) => return Turn::Rejoin,
+                Err(err) => match self.failed(err).await {
+                    Some(exit) => return Turn::Exit(exit),
+                    None => continue,
+                },
+            };
+            self.failures = 0;
+            let Some(own) = position.own else {
+                debug!(key = %self.key, "own entry gone while waiting; joining again");
+                self.held = None;
+                return Turn::Rejoin;
+            };
+            entry.value = own.value;
+            let Some(predecessor) = position.predecessor else {
+                return Turn::Owned(entry);
+            };
+            // Wait for the predecessor (or our own entry) to go, after the read.
+            loop {
+                tokio::select! {
+                    msg = sub.recv() => match msg {
+                        Some(HubMsg::Event(event)) => {
+                            if event.kind == EventKind::Delete
+                                && event.entry.mod_revision > position.revision
+                                && (event.entry.key == predecessor.key || event.entry.key == entry.key)
+                            {
+                                break;
+                            }
+                        }
+                        Some(HubMsg::Resync) | None => break,
+                    },
+                    changed = session_rx.changed() => {
+                        if changed.is_err() || session.is_lost() {
+                            return Turn::Rejoin;
+                        }
+                    }
+                    cmd = self.cmds.recv() => {
+                        if let Some(exit) = self.command(cmd).await {
+                            return Turn::Exit(exit);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds the lock until it is lost or the task is told to stop, publishing every change.
+    async fn hold(&mut self, session: &Arc<Session>, entry: &Entry, sub: &mut Subscription) -> HoldEnd {
+        let token = FencingToken(entry.create_revision);
+        let mut session_rx = session.subscribe();
+        *self.shared.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.subscribe());
+        loop {
+            match *session_rx.borrow_and_update() {
+                SessionState::Live { .. } => self.publish(Ownership::Owned { token }),
+                SessionState::Unconfirmed { deadline } => {
+                    self.publish(Ownership::Unconfirmed { token, deadline })
+                }
+                SessionState::Lost(LossReason::Released) => {
+                    return HoldEnd::Lost(LossReason::LeaseGone);
+                }
+                SessionState::Lost(reason) => return HoldEnd::Lost(reason),
+            }
+            tokio::select! {
+                changed = session_rx.changed() => {
+                    if changed.is_err() && !matches!(*session_rx.borrow(), SessionState::Lost(_)) {
+                        return HoldEnd::Lost(LossReason::DeadlinePassed);
+                    }
+                }
+                msg = sub.recv() => match msg {
+                    Some(HubMsg::Event(event)) => {
+                        if event.entry.key == entry.key && event.kind == EventKind::Delete {
+                            return HoldEnd::Lost(if session.is_lost() {
+                                LossReason::LeaseGone
+                            } else {
+                                LossReason::EntryDeleted
+                            });
+                        }
+                    }
+                    Some(HubMsg::Resync) | None => {
+                        match self.backend().position(&self.key, &entry.key, entry.create_revision).await {
+                            Ok(position) if position.own.is_none() => {
+                                return HoldEnd::Lost(LossReason::EntryDeleted);
+                            }
+                            Err(Error::LeaseLost { .. }) => return HoldEnd::Lost(LossReason::LeaseGone),
+                            _ => {}
+                        }
+                    }
+                },
+                cmd = self.cmds.recv() => {
+                    if let Some(exit) = self.command(cmd).await {
+                        return HoldEnd::Exit(exit);
+                    }
+                    if self.held.is_none() {
+                        return HoldEnd::Lost(LossReason::EntryDeleted);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes the held entry (guarded), retrying until it is gone or its lease is.
+    async fn delete_held(&mut self) -> Result<()> {
+        let Some((session, entry)) = self.held.take() else {
+            return Ok(());
+        };
+        let mut failures = 0u32;
+        loop {
+            match self
+                .backend()
+                .delete_entry(&entry.key, entry.create_revision)
+                .await
+            {
+                Ok(_) | Err(Error::LeaseLost { .. }) => return Ok(()),
+                Err(err) if err.is_retryable() && !session.is_lost() => {
+                    let inner = &self.locker.inner;
+                    let delay =
+                        inner
+                            .jitter
+                            .backoff(failures, inner.timing.retry_base, inner.timing.retry_max);
+                    failures = failures.saturating_add(1);
+                    debug!(key = %self.key, error = %err, ?delay, "release failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                // The lease is no longer renewed, so the entry goes with it.
+                Err(_) if session.is_lost() => return Ok(()),
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn forget_entry_in_background(&mut self) {
+        if let Some((_, entry)) = self.held.take() {
+            let backend = self.locker.inner.backend.clone();
+            tokio::spawn(async move {
+                let _ = backend.delete_entry(&entry.key, entry.create_revision).await;
+            });
+        }
+    }
+
+    async fn finish(&mut self, exit: Exit) {
+        *self.shared.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        match exit {
+            Exit::Release(reply) => {
+                let result = self.delete_held().await;
+                if let Err(err) = &result {
+                    warn!(key = %self.key, error = %err, "release failed; the lease will expire");
+                }
+                if let Some(session) = self.own_session.take() {
+                    drop(session); // revokes the dedicated lease
+                }
+                self.publish(Ownership::Released);
+                info!(key = %self.key, "released");
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Exit::Abandon => {
+                if let Some(session) = self.own_session.take() {
+                    session.abandon();
+                    self.held = None;
+                } else if let Some((session, entry)) = self.held.take() {
+                    let backend = self.locker.inner.backend.clone();
+                    let ttl = session.ttl();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(ttl).await;
+                        let _ = backend.delete_entry(&entry.key, entry.create_revision).await;
+                        drop(session);
+                    });
+                }
+                self.publish(Ownership::Released);
+                info!(key = %self.key, "abandoned");
+            }
+            Exit::Done => {
+                // A one-shot attempt: clean up whatever is left, keep a published loss visible.
+                let _ = self.delete_held().await;
+                if let Some(session) = self.own_session.take() {
+                    drop(session);
+                }
+                if !matches!(*self.state.borrow(), Ownership::Lost { .. }) {
+                    self.publish(Ownership::Released);
+                }
+                // Serve a late release() with the loss.
+                self.cmds.close();
+                while let Some(cmd) = self.cmds.recv().await {
+                    if let Command::Release(reply) = cmd {
+                        let _ = reply.send(match *self.state.borrow() {
+                            Ownership::Lost { reason, .. } => Err(Error::NotOwned {
+                                key: self.key.clone(),
+                                reason,
+                            }),
+                            _ => Ok(()),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! [`Locker`]: the entry point, cheap to clone, over any backend.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+
+use crate::backend::{Entry, LockBackend};
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::lock::{self, LockGuard, LockHandle, Mode};
+use crate::retry::Jitter;
+use crate::session::{Session, Timing};
+use crate::types::{FencingToken, Holder};
+use crate::watch;
+
+/// The default TTL of a session's lease.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// A client of a lock store: locks, guards, reads and watches, over one backend.
+///
+/// Cheap to clone; clones share one default session (one lease kept alive for all the locks that
+/// use it) and one watch of the store. Needs a tokio runtime (with the `time` driver).
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), locker_core::Error> {
+/// use locker_core::Locker;
+/// use locker_memory::MemoryBackend;
+///
+/// let store = MemoryBackend::new();
+/// let a = Locker::new(store.new_client());
+/// let b = Locker::new(store.new_client());
+///
+/// let guard = a.acquire("www.example.com", "10.1.1.1").await?;
+/// assert!(b.try_acquire("www.example.com", "10.1.1.2").await?.is_none());
+///
+/// let holder = b.get("www.example.com").await?.expect("held");
+/// assert_eq!(holder.value_str(), Some("10.1.1.1"));
+/// assert_eq!(holder.token, guard.token());
+///
+/// guard.release().await?;
+/// assert!(b.get("www.example.com").await?.is_none());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Locker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) backend: Arc<dyn LockBackend>,
+    pub(crate) hub: Hub,
+    pub(crate) jitter: Arc<Jitter>,
+    pub(crate) ttl: Duration,
+    pub(crate) timing: Timing,
+    default_session: tokio::sync::Mutex<Option<Arc<Session>>>,
+}
+
+impl fmt::Debug for Locker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locker")
+            .field("backend", &self.inner.backend)
+            .field("ttl", &self.inner.ttl)
+            .field("safety_margin", &self.inner.timing.safety_margin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of a [`Locker`]; see [`Locker::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct LockerBuilder {
+    backend: Arc<dyn LockBackend>,
+    ttl: Duration,
+    safety_margin: Option<Duration>,
+    retry_base: Duration,
+    retry_max: Duration,
+    jitter_seed: Option<u64>,
+}
+
+impl LockerBuilder {
+    /// The TTL of the default session's lease (default 10 s). A holder that stops renewing (a
+    /// crash, a partition) is replaced after about this long.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long before the store could expire a lease this client stops claiming what is under it
+    /// (default: a tenth of the TTL, at least 100 ms). Must be shorter than a third of the TTL.
+    pub fn safety_margin(mut self, margin: Duration) -> Self {
+        self.safety_margin = Some(margin);
+        self
+    }
+
+    /// The first and the longest delay between retries of a failed store call (default 50 ms
+    /// and 1 s); each delay is jittered.
+    pub fn retry_delays(mut self, first: Duration, max: Duration) -> Self {
+        self.retry_base = first;
+        self.retry_max = max;
+        self
+    }
+
+    /// Seeds the jitter of retry delays, so that a run can be replayed (default: random).
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.jitter_seed = Some(seed);
+        self
+    }
+
+    /// Checks the options (no I/O) and builds the locker.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TtlOutOfRange`] for a TTL the store does not accept; [`Error::InvalidConfig`] for a
+    /// safety margin of a third of the TTL or more, or zero retry delays.
+    pub fn build(self) -> Result<Locker> {
+        check_ttl(self.backend.as_ref(), self.ttl)?;
+        let safety_margin = self
+            .safety_margin
+            .unwrap_or_else(|| (self.ttl / 10).max(Duration::from_millis(100)));
+        check_margin(self.ttl, safety_margin)?;
+        if self.retry_base.is_zero() || self.retry_max < self.retry_base {
+            return Err(Error::InvalidConfig(format!(
+                "retry delays must be positive with first <= max (got {:?} and {:?})",
+                self.retry_base, self.retry_max
+            )));
+        }
+        let jitter = Arc::new(Jitter::new(
+            self.jitter_seed.unwrap_or_else(Jitter::random_seed),
+        ));
+        let timing = Timing {
+            safety_margin,
+            retry_base: self.retry_base,
+            retry_max: self.retry_max,
+        };
+        Ok(Locker {
+            inner: Arc::new(Inner {
+                hub: Hub::new(
+                    self.backend.clone(),
+                    jitter.clone(),
+                    (self.retry_base, self.retry_max),
+                ),
+                backend: self.backend,
+                jitter,
+                ttl: self.ttl,
+                timing,
+                default_session: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+}
+
+pub(crate) fn check_ttl(backend: &dyn LockBackend, ttl: Duration) -> Result<()> {
+    let limits = backend.limits();
+    if ttl < limits.min_ttl || ttl > limits.max_ttl {
+        return Err(Error::TtlOutOfRange {
+            ttl,
+            min: limits.min_ttl,
+            max: limits.max_ttl,
+        });
+    }
+    Ok(())
+}
+
+fn check_margin(ttl: Duration, margin: Duration) -> Result<()> {
+    if margin.is_zero() || margin >= ttl / 3 {
+        return Err(Error::InvalidConfig(format!(
+            "safety margin {margin:?} must be above zero and below a third of the TTL ({:?})",
+            ttl / 3
+        )));
+    }
+    Ok(())
+}
+
+/// Options of one lock; see [`Locker::lock_with`].
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct LockOptions {
+    pub(crate) ttl: Option<Duration>,
+}
+
+impl LockOptions {
+    /// The defaults: the lock uses the locker's default session.
+    pub fn new() -> Self {
+        LockOptions::default()
+    }
+
+    /// Holds the lock on a session (lease) of its own with this TTL, instead of the locker's
+    /// default session. Its lease is revoked on release; [`LockHandle::abandon`] lets it expire.
+    pub fn dedicated_session(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+impl Locker {
+    /// A locker over `backend` with the default options.
+    ///
+    /// # Panics
+    ///
+    /// Never for the memory and etcd backends, whose limits accept the default TTL; a backend
+    /// whose limits do not should be used through [`Locker::builder`], which returns an error.
+    pub fn new(backend: impl LockBackend) -> Self {
+        match Locker::builder(backend).build() {
+            Ok(locker) => locker,
+            Err(err) => panic!("default locker options rejected by the backend: {err}"),
+        }
+    }
+
+    /// A builder of a locker over `backend`.
+    pub fn builder(backend: impl LockBackend) -> LockerBuilder {
+        Locker::builder_arc(Arc::new(backend))
+    }
+
+    /// A builder of a locker over a shared backend.
+    pub fn builder_arc(backend: Arc<dyn LockBackend>) -> LockerBuilder {
+        LockerBuilder {
+            backend,
+            ttl: DEFAULT_TTL,
+            safety_margin: None,
+            retry_base: Duration::from_millis(50),
+            retry_max: Duration::from_secs(1),
+            jitter_seed: None,
+        }
+    }
+
+    /// The backend this locker uses.
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.inner.backend
+    }
+
+    /// The TTL of the default session.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// Starts trying to own `key` with `value`, for as long as the handle lives: the seed's
+    /// `client.Lock(key, value, owned, quit)`.
+    ///
+    /// The handle joins the queue of `key`, waits its turn (watching the entry before it, never
+    /// polling), publishes every change of [`Ownership`](crate::Ownership), and after a loss joins
+    /// again. [`LockHandle::release`] gives the lock up at once; dropping the handle does too, in
+    /// the background.
+    ///
+    /// # Errors
+    ///
+    /// Bad input ([`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::ValueTooLarge`]), before any I/O.
+    pub async fn lock(&self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Result<LockHandle> {
+        self.lock_with(key, value, LockOptions::new()).await
+    }
+
+    /// [`Locker::lock`] with options.
+    ///
+    /// # Errors
+    ///
+    /// Bad input, including a TTL the store does not accept, before any I/O.
+    pub async fn lock_with(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+        options: LockOptions,
+    ) -> Result<LockHandle> {
+        lock::start(self.clone(), key.into(), value.into(), options, Mode::Persistent)
+    }
+
+    /// Waits until `key` is owned with `value` and returns a guard: mutex style.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the entry it made is removed
+    /// in the background and nothing is left held.
+    ///
+    /// # Errors
+    ///
+    /// Bad input before any I/O; a permanent store error (permission denied, ...).
+    pub async fn acquire(&self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Result<LockGuard> {
+        self.acquire_with(key, value, LockOptions::new()).await
+    }
+
+    /// [`Locker::acquire`] with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Locker::acquire`].
+    pub async fn acquire_with(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+        options: LockOptions,
+    ) -> Result<LockGuard> {
+        let handle = lock::start(self.clone(), key.into(), value.into(), options, Mode::Once)?;
+        let guard = handle.into_guard().await?;
+        guard.ok_or_else(|| Error::unavailable("the lock task ended before owning"))
+    }
+
+    /// Owns `key` with `value` if nobody holds it, in one round trip; `None` if it is held.
+    ///
+    /// # Errors
+    ///
+    /// Bad input before any I/O; store errors.
+    pub async fn try_acquire(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<Option<LockGuard>> {
+        self.try_acquire_with(key, value, LockOptions::new()).await
+    }
+
+    /// [`Locker::try_acquire`] with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Locker::try_acquire`].
+    pub async fn try_acquire_with(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+        options: LockOptions,
+    ) -> Result<Option<LockGuard>> {
+        let handle = lock::start(self.clone(), key.into(), value.into(), options, Mode::TryOnce)?;
+        handle.into_guard().await
+    }
+
+    /// The current holder of `key`, or `None`: the seed's `client.Get(key)`.
+    ///
+    /// # Errors
+    ///
+    /// Bad input before any I/O; store errors.
+    pub async fn get(&self, key: &str) -> Result<Option<Holder>> {
+        self.check_key(key)?;
+        let (holder, _) = self.inner.backend.holder(key).await?;
+        Ok(holder.map(Holder::from_entry))
+    }
+
+    /// A stream of the holder of `key`: the current state first, then every change of holder or
+    /// of the holder's value; `None` whenever nobody holds it. The seed's `client.Watch(key)`.
+    ///
+    /// The stream rides on the locker's one watch of the store (no polling), resumes by itself
+    /// after a broken connection or a compaction (re-reading the state), and retries transient
+    /// errors. It yields an error only for a permanent failure, and then ends.
+    ///
+    /// # Errors
+    ///
+    /// Bad input, before any I/O.
+    pub fn watch(&self, key: &str) -> Result<BoxStream<'static, Result<Option<Holder>>>> {
+        self.check_key(key)?;
+        Ok(watch::holder_stream(self.clone(), key.to_owned()))
+    }
+
+    /// Stops the default session now, revoking its lease: every lock on it is released.
+    /// Locks on dedicated sessions are not affected.
+    pub async fn close(&self) {
+        let session = self.inner.default_session.lock().await.take();
+        if let Some(session) = session {
+            session.close();
+        }
+    }
+
+    pub(crate) fn check_key(&self, key: &str) -> Result<()> {
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        let max = self.inner.backend.limits().max_key_len;
+        if key.len() > max {
+            return Err(Error::KeyTooLong { len: key.len(), max });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_value(&self, value: &[u8]) -> Result<()> {
+        let max = self.inner.backend.limits().max_value_len;
+        if value.len() > max {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// The default session, started (or restarted after a loss) if need be.
+    pub(crate) async fn default_session(&self) -> Result<Arc<Session>> {
+        let mut slot = self.inner.default_session.lock().await;
+        if let Some(session) = slot.as_ref().filter(|s| !s.is_lost()) {
+            return Ok(session.clone());
+        }
+        let session = self.new_session(self.inner.ttl).await?;
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    pub(crate) async fn new_session(&self, ttl: Duration) -> Result<Arc<Session>> {
+        Session::grant(
+            self.inner.backend.clone(),
+            ttl,
+            self.inner.timing,
+            self.inner.jitter.clone(),
+        )
+        .await
+    }
+}
+
+impl Holder {
+    pub(crate) fn from_entry(entry: Entry) -> Holder {
+        Holder {
+            token: FencingToken(entry.create_revision),
+            lease: entry.lease,
+            value: entry.value,
+        }
+    }
+}
+
+impl Locker {
+    /// Stops using `session` as the default session (its lease is gone).
+    pub(crate) async fn forget_default_session(&self, session: &Arc<Session>) {
+        let mut slot = self.inner.default_session.lock().await;
+        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
+            *slot = None;
+        }
+    }
+}

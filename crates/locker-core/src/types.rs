@@ -1,0 +1,112 @@
+//! The values locker hands out: fencing tokens, holders, ownership states.
+
+use std::fmt;
+
+use tokio::time::Instant;
+
+use crate::backend::LeaseId;
+use crate::error::LossReason;
+
+/// A number that is strictly greater for every later holder of a lock: the create revision of the
+/// holder's entry in the store.
+///
+/// Pass it along with every write to a protected resource, and have the resource refuse a token
+/// lower than the highest it has seen: a holder that was paused or partitioned past its lease
+/// cannot then overwrite the work of the holder after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub(crate) i64);
+
+impl FencingToken {
+    /// The token as a number.
+    pub fn as_i64(self) -> i64 {
+        self.0
+    }
+
+    /// A token from a number (as stored by a protected resource).
+    pub fn from_i64(value: i64) -> Self {
+        FencingToken(value)
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Who holds a lock: the holder's value and fencing token.
+#[derive(Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Holder {
+    /// The value the holder set (an address, a name, "ok", ...).
+    pub value: Vec<u8>,
+    /// The holder's fencing token.
+    pub token: FencingToken,
+    /// The lease the holder's entry is bound to.
+    pub lease: LeaseId,
+}
+
+impl Holder {
+    /// The value as UTF-8 text, if it is.
+    pub fn value_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.value).ok()
+    }
+}
+
+impl fmt::Debug for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Holder")
+            .field("value", &String::from_utf8_lossy(&self.value))
+            .field("token", &self.token.0)
+            .field("lease", &format_args!("{:x}", self.lease))
+            .finish()
+    }
+}
+
+/// Where a lock handle stands, published on every change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ownership {
+    /// Trying to own: joining the queue, or waiting for the holders before this one.
+    Acquiring,
+    /// Owned, confirmed by the last keep-alive.
+    Owned {
+        /// The fencing token of this tenure.
+        token: FencingToken,
+    },
+    /// Still owned, but keep-alives are failing (Curator's SUSPENDED): unless one succeeds, the
+    /// lock is lost at `deadline`. A cautious caller stops protected work now.
+    Unconfirmed {
+        /// The fencing token of this tenure.
+        token: FencingToken,
+        /// When ownership ends unless a keep-alive succeeds (before the store could expire it).
+        deadline: Instant,
+    },
+    /// Ownership ended for `reason`. A [`LockHandle`](crate::LockHandle) then joins again
+    /// ([`Ownership::Acquiring`]); a [`LockGuard`](crate::LockGuard) stays here.
+    Lost {
+        /// The fencing token of the tenure that ended.
+        token: FencingToken,
+        /// Why it ended.
+        reason: LossReason,
+    },
+    /// The handle was released or abandoned, or a one-shot attempt ended. Terminal.
+    Released,
+}
+
+impl Ownership {
+    /// Whether this state claims ownership ([`Ownership::Owned`] or [`Ownership::Unconfirmed`]).
+    pub fn is_owned(&self) -> bool {
+        matches!(self, Ownership::Owned { .. } | Ownership::Unconfirmed { .. })
+    }
+
+    /// The fencing token of the current or last tenure, if any.
+    pub fn token(&self) -> Option<FencingToken> {
+        match *self {
+            Ownership::Owned { token }
+            | Ownership::Unconfirmed { token, .. }
+            | Ownership::Lost { token, .. } => Some(token),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! What a backend gives the conformance suite: clients on one shared store, fault injection,
+//! operator actions, and a unique key prefix per test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use locker_core::backend::{Entry, LeaseId, LockBackend};
+use locker_core::{Locker, LockerBuilder};
+
+/// How a client is cut off from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Calls fail at once as unavailable (a refused connection).
+    Fail,
+    /// Calls hang until healed (a black hole).
+    Hang,
+}
+
+/// Faults on one client's link to the store.
+#[async_trait]
+pub trait ClientFaults: Send + Sync {
+    /// Cuts the client off until [`ClientFaults::heal`].
+    async fn cut(&self, how: Cut);
+    /// Restores the link.
+    async fn heal(&self);
+    /// Adds `latency` to every call (zero removes it).
+    async fn set_latency(&self, latency: Duration);
+}
+
+/// One client of the shared store: a backend of its own (another process, as far as the store
+/// can tell) and the faults of its link.
+pub struct Client {
+    /// The client's backend.
+    pub backend: Arc<dyn LockBackend>,
+    /// Its link's faults.
+    pub faults: Arc<dyn ClientFaults>,
+}
+
+impl Client {
+    /// A locker over this client, with the given TTL and a fixed jitter seed.
+    ///
+    /// # Panics
+    ///
+    /// If the options are rejected (the suite only uses valid ones).
+    pub fn locker(&self, ttl: Duration) -> Locker {
+        self.builder(ttl).build().expect("valid locker options")
+    }
+
+    /// A locker builder over this client with the given TTL and a fixed jitter seed.
+    pub fn builder(&self, ttl: Duration) -> LockerBuilder {
+        Locker::builder_arc(self.backend.clone())
+            .ttl(ttl)
+            .jitter_seed(0x5eed)
+            .retry_delays(Duration::from_millis(20), Duration::from_millis(250))
+    }
+}
+
+/// A backend under test, as the conformance suite sees it. One harness per test.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// The backend's name, for messages.
+    fn name(&self) -> &'static str;
+
+    /// A key unique to this test: the test's prefix followed by `name`.
+    fn key(&self, name: &str) -> String;
+
+    /// A fresh client on the shared store.
+    async fn client(&self) -> Client;
+
+    /// Whether tokio time is paused (virtual) in this test.
+    fn virtual_time(&self) -> bool;
+
+    /// Every entry in the store under the queue `key` (exactly one segment below), as an
+    /// operator would list them.
+    async fn entries(&self, key: &str) -> Vec<Entry>;
+
+    /// Whether the store still has `lease`.
+    async fn lease_exists(&self, lease: LeaseId) -> bool;
+
+    /// Ends `lease` now, as if its TTL ran out.
+    async fn expire_lease(&self, lease: LeaseId);
+
+    /// Deletes a key, as an operator would (not through locker).
+    async fn delete_key(&self, key: &str);
+
+    /// Compacts the store's history up to its current revision.
+    async fn compact(&self);
+
+    /// What is left of this test in the store: keys under its prefix, and those of `leases`
+    /// still alive. Empty when the test cleaned up after itself.
+    async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String>;
+}

@@ -1,0 +1,1030 @@
+//! The behaviours every backend must show, one `pub async fn` each.
+//!
+//! Each takes the test's [`Harness`] and asserts the behaviour it is named after. Time is tokio
+//! time: paused (virtual) on the memory backend, real on etcd; no assertion depends on how long
+//! something took in wall time. Orders of events are checked on tokio's clock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use locker_core::backend::LeaseId;
+use locker_core::{
+    Error, FencingToken, Holder, LockHandle, LockOptions, Locker, LossReason, Ownership, Result,
+};
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::harness::{Cut, Harness};
+
+/// The TTL of most tests: etcd's minimum.
+pub const TTL: Duration = Duration::from_secs(2);
+
+/// The longest any single wait in a test may take before the test fails (generous: a real etcd
+/// on a loaded machine).
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Every behaviour of the suite, by name. Backends instantiate all of them through
+/// [`conformance_suite!`](crate::conformance_suite).
+pub const BEHAVIOURS: &[&str] = &[
+    "mutual_exclusion_under_many_contenders",
+    "waiters_own_in_fifo_order",
+    "get_answers_none_when_free",
+    "get_answers_holder_value_and_token",
+    "value_change_while_holding_is_seen_by_get_and_watch",
+    "set_value_while_waiting_is_used_when_owned",
+    "watch_starts_with_current_holder",
+    "watch_starts_with_none_when_free",
+    "watch_sees_put_change_and_delete",
+    "watch_misses_no_change_in_a_burst_of_handoffs",
+    "watch_resumes_after_compaction",
+    "release_hands_off_at_once",
+    "abandon_hands_off_only_after_ttl",
+    "abandon_on_shared_session_hands_off_after_ttl",
+    "dropped_guard_releases",
+    "dropped_handle_releases",
+    "seed_two_competing_clients",
+    "fencing_tokens_strictly_increase",
+    "partitioned_holder_stops_owning_before_lease_expires",
+    "keepalive_failures_show_unconfirmed_before_loss",
+    "lost_lease_reacquires_when_fault_heals",
+    "operator_deleted_entry_means_loss",
+    "operator_deleted_entry_makes_handle_rejoin",
+    "cancelled_acquire_leaves_no_entry",
+    "transient_errors_below_deadline_keep_ownership",
+    "slow_store_keeps_ownership",
+    "try_acquire_on_held_key_answers_none",
+    "try_acquire_on_free_key_owns",
+    "many_locks_on_one_session_expire_together",
+    "prefix_keys_never_see_each_other",
+    "waiter_whose_lease_dies_does_not_own",
+    "owned_changes_report_every_transition",
+    "release_of_lost_guard_reports_not_owned",
+    "dedicated_session_release_revokes_its_lease",
+    "close_releases_default_session_locks",
+    "bad_input_empty_key",
+    "bad_input_key_too_long",
+    "bad_input_value_too_large",
+    "bad_input_ttl_out_of_range",
+    "bad_input_safety_margin",
+];
+
+/// Makes one named test per behaviour of the suite.
+///
+/// `$attr` is the test attribute (e.g. `#[tokio::test(start_paused = true)]`); `$make` is an
+/// async function or closure-like path taking the test's name and returning a [`Harness`].
+#[macro_export]
+macro_rules! conformance_suite {
+    (#[$attr:meta] $make:path) => {
+        $crate::conformance_suite!(@each #[$attr] $make, [
+            mutual_exclusion_under_many_contenders,
+            waiters_own_in_fifo_order,
+            get_answers_none_when_free,
+            get_answers_holder_value_and_token,
+            value_change_while_holding_is_seen_by_get_and_watch,
+            set_value_while_waiting_is_used_when_owned,
+            watch_starts_with_current_holder,
+            watch_starts_with_none_when_free,
+            watch_sees_put_change_and_delete,
+            watch_misses_no_change_in_a_burst_of_handoffs,
+            watch_resumes_after_compaction,
+            release_hands_off_at_once,
+            abandon_hands_off_only_after_ttl,
+            abandon_on_shared_session_hands_off_after_ttl,
+            dropped_guard_releases,
+            dropped_handle_releases,
+            seed_two_competing_clients,
+            fencing_tokens_strictly_increase,
+            partitioned_holder_stops_owning_before_lease_expires,
+            keepalive_failures_show_unconfirmed_before_loss,
+            lost_lease_reacquires_when_fault_heals,
+            operator_deleted_entry_means_loss,
+            operator_deleted_entry_makes_handle_rejoin,
+            cancelled_acquire_leaves_no_entry,
+            transient_errors_below_deadline_keep_ownership,
+            slow_store_keeps_ownership,
+            try_acquire_on_held_key_answers_none,
+            try_acquire_on_free_key_owns,
+            many_locks_on_one_session_expire_together,
+            prefix_keys_never_see_each_other,
+            waiter_whose_lease_dies_does_not_own,
+            owned_changes_report_every_transition,
+            release_of_lost_guard_reports_not_owned,
+            dedicated_session_release_revokes_its_lease,
+            close_releases_default_session_locks,
+            bad_input_empty_key,
+            bad_input_key_too_long,
+            bad_input_value_too_large,
+            bad_input_ttl_out_of_range,
+            bad_input_safety_margin,
+        ]);
+    };
+    (@each #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
+        $(
+            #[$attr]
+            async fn $name() {
+                let harness = $make(stringify!($name)).await;
+                $crate::suite::$name(&harness).await;
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// Waits until `check` answers true, re-checking every 10 ms of tokio time; fails the test after
+/// [`PATIENCE`]. For test assertions only: the library itself never polls.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting until {what}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits (bounded) until the handle owns, and answers its token.
+pub async fn owned(handle: &LockHandle) -> FencingToken {
+    timeout(PATIENCE, handle.wait_owned())
+        .await
+        .unwrap_or_else(|_| panic!("{} not owned in time", handle.key()))
+        .expect("the handle is running")
+}
+
+/// Waits (bounded) until the queue of `key` has `n` entries.
+pub async fn queue_len(h: &dyn Harness, key: &str, n: usize) {
+    eventually(&format!("{key} has {n} entries"), || async {
+        h.entries(key).await.len() == n
+    })
+    .await;
+}
+
+/// The next item of a holder stream, bounded.
+pub async fn next_holder(stream: &mut BoxStream<'static, Result<Option<Holder>>>) -> Option<Holder> {
+    timeout(PATIENCE, stream.next())
+        .await
+        .expect("watch yielded nothing in time")
+        .expect("watch stream ended")
+        .expect("watch stream failed")
+}
+
+fn value_of(holder: &Option<Holder>) -> Option<String> {
+    holder.as_ref().map(|h| String::from_utf8_lossy(&h.value).into_owned())
+}
+
+/// Waits until nothing of the test is left in the store (keys under its prefix, `leases`).
+pub async fn assert_clean(h: &dyn Harness, leases: &[LeaseId]) {
+    let start = Instant::now();
+    loop {
+        let left = h.leftovers(leases).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < PATIENCE, "left behind in {}: {left:?}", h.name());
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn holder_lease(locker: &Locker, key: &str) -> LeaseId {
+    locker.get(key).await.expect("get").expect("held").lease
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutual exclusion, order, tokens
+
+/// Eight clients take turns on one key, three times each: never two in the critical section, and
+/// every tenure's token is greater than the one before.
+pub async fn mutual_exclusion_under_many_contenders(h: &dyn Harness) {
+    let key = h.key("shared");
+    let inside = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let mut leases = Vec::new();
+    for i in 0..8 {
+        let locker = h.client().await.locker(TTL);
+        let (key, inside, done, tokens) = (key.clone(), inside.clone(), done.clone(), tokens.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut my_leases = Vec::new();
+            for round in 0..3 {
+                let guard = timeout(PATIENCE, locker.acquire(key.clone(), format!("c{i}-r{round}")))
+                    .await
+                    .expect("acquired in time")
+                    .expect("acquire");
+                assert!(
+                    !inside.swap(true, Ordering::SeqCst),
+                    "two holders inside the critical section"
+                );
+                tokens.lock().unwrap().push(guard.token());
+                my_leases.push(holder_lease(&locker, &key).await);
+                sleep(Duration::from_millis(5)).await;
+                assert!(guard.is_owned());
+                inside.store(false, Ordering::SeqCst);
+                guard.release().await.expect("release");
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            locker.close().await;
+            my_leases
+        }));
+    }
+    for task in tasks {
+        leases.extend(task.await.expect("contender task"));
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 24);
+    let tokens = tokens.lock().unwrap().clone();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens not increasing in acquisition order: {tokens:?}"
+    );
+    assert_clean(h, &leases).await;
+}
+
+/// Waiters own in the order they joined, one after the other.
+pub async fn waiters_own_in_fifo_order(h: &dyn Harness) {
+    let key = h.key("fifo");
+    let first = h.client().await.locker(TTL);
+    let guard = first.acquire(key.clone(), "first").await.expect("acquire");
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        let locker = h.client().await.locker(TTL);
+        let handle = locker.lock(key.clone(), format!("w{i}")).await.expect("lock");
+        queue_len(h, &key, i + 2).await;
+        handles.push((locker, handle));
+    }
+    guard.release().await.expect("release");
+    let mut last = FencingToken::from_i64(0);
+    for (i, (_locker, handle)) in handles.into_iter().enumerate() {
+        let token = owned(&handle).await;
+        assert!(token > last);
+        last = token;
+        let holder = first.get(&key).await.expect("get").expect("held");
+        assert_eq!(holder.value_str(), Some(format!("w{i}").as_str()));
+        handle.release().await.expect("release");
+    }
+    assert!(first.get(&key).await.expect("get").is_none());
+}
+
+/// Every new holder gets a greater token, across clients and sessions.
+pub async fn fencing_tokens_strictly_increase(h: &dyn Harness) {
+    let key = h.key("tokens");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let mut last = None;
+    for round in 0..6 {
+        let locker = if round % 2 == 0 { &a } else { &b };
+        let guard = if round == 3 {
+            locker
+                .acquire_with(key.clone(), "own", LockOptions::new().dedicated_session(TTL))
+                .await
+        } else {
+            locker.acquire(key.clone(), "x").await
+        }
+        .expect("acquire");
+        let token = guard.token();
+        assert_eq!(a.get(&key).await.expect("get").expect("held").token, token);
+        if let Some(last) = last {
+            assert!(token > last, "token {token} after {last}");
+        }
+        last = Some(token);
+        guard.release().await.expect("release");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Get
+
+/// `get` of a free key answers `None`.
+pub async fn get_answers_none_when_free(h: &dyn Harness) {
+    let locker = h.client().await.locker(TTL);
+    assert!(locker.get(&h.key("free")).await.expect("get").is_none());
+}
+
+/// `get` answers the holder's value and fencing token.
+pub async fn get_answers_holder_value_and_token(h: &dyn Harness) {
+    let key = h.key("www.example.com");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "10.1.1.1").await.expect("acquire");
+    let holder = b.get(&key).await.expect("get").expect("held");
+    assert_eq!(holder.value_str(), Some("10.1.1.1"));
+    assert_eq!(holder.token, guard.token());
+    guard.release().await.expect("release");
+    assert!(b.get(&key).await.expect("get").is_none());
+}
+
+/// A value changed while holding is seen by `get` and by `watch`, and the token stays.
+pub async fn value_change_while_holding_is_seen_by_get_and_watch(h: &dyn Harness) {
+    let key = h.key("proclaim");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "v1").await.expect("acquire");
+    let mut stream = b.watch(&key).expect("watch");
+    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("v1"));
+    guard.set_value("v2").await.expect("set_value");
+    let seen = next_holder(&mut stream).await.expect("held");
+    assert_eq!(seen.value_str(), Some("v2"));
+    assert_eq!(seen.token, guard.token());
+    let got = b.get(&key).await.expect("get").expect("held");
+    assert_eq!(got.value_str(), Some("v2"));
+    assert_eq!(got.token, guard.token());
+    guard.release().await.expect("release");
+    assert_eq!(next_holder(&mut stream).await, None);
+}
+
+/// A value set while waiting is the value the store shows once the handle owns.
+pub async fn set_value_while_waiting_is_used_when_owned(h: &dyn Harness) {
+    let key = h.key("pending-value");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let handle = b.lock(key.clone(), "b-old").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    handle.set_value("b-new").await.expect("set_value while waiting");
+    guard.release().await.expect("release");
+    owned(&handle).await;
+    let holder = a.get(&key).await.expect("get").expect("held");
+    assert_eq!(holder.value_str(), Some("b-new"));
+    handle.release().await.expect("release");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch
+
+/// A watch of a held key yields the holder first.
+pub async fn watch_starts_with_current_holder(h: &dyn Harness) {
+    let key = h.key("watched");
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "here").await.expect("acquire");
+    let b = h.client().await.locker(TTL);
+    let mut stream = b.watch(&key).expect("watch");
+    let first = next_holder(&mut stream).await.expect("held");
+    assert_eq!(first.value_str(), Some("here"));
+    assert_eq!(first.token, guard.token());
+    guard.release().await.expect("release");
+}
+
+/// A watch of a free key yields `None` first.
+pub async fn watch_starts_with_none_when_free(h: &dyn Harness) {
+    let b = h.client().await.locker(TTL);
+    let mut stream = b.watch(&h.key("nobody")).expect("watch");
+    assert_eq!(next_holder(&mut stream).await, None);
+}
+
+/// A watch sees a lock taken, its value changed, and its release (`None`).
+pub async fn watch_sees_put_change_and_delete(h: &dyn Harness) {
+    let key = h.key("lifecycle");
+    let watcher = h.client().await.locker(TTL);
+    let mut stream = watcher.watch(&key).expect("watch");
+    assert_eq!(next_holder(&mut stream).await, None);
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "one").await.expect("acquire");
+    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("one"));
+    guard.set_value("two").await.expect("set_value");
+    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("two"));
+    guard.release().await.expect("release");
+    assert_eq!(next_holder(&mut stream).await, None);
+}
+
+/// Six holders in quick succession: the watch yields every one of them, in order, then `None`.
+pub async fn watch_misses_no_change_in_a_burst_of_handoffs(h: &dyn Harness) {
+    let key = h.key("burst");
+    let watcher = h.client().await.locker(TTL);
+    let mut stream = watcher.watch(&key).expect("watch");
+    assert_eq!(next_holder(&mut stream).await, None);
+    let mut handles = Vec::new();
+    for i in 0..6 {
+        let locker = h.client().await.locker(TTL);
+        handles.push((locker.lock(key.clone(), format!("h{i}")).await.expect("lock"), locker));
+        queue_len(h, &key, i + 1).await;
+    }
+    // Release every holder as soon as it owns, without waiting for the watcher.
+    for (handle, _locker) in handles {
+        owned(&handle).await;
+        handle.release().await.expect("release");
+    }
+    let mut seen = Vec::new();
+    loop {
+        match next_holder(&mut stream).await {
+            Some(holder) => seen.push(holder),
+            None => break,
+        }
+    }
+    let values: Vec<_> = seen.iter().map(|h| h.value_str().unwrap_or("?").to_owned()).collect();
+    assert_eq!(values, ["h0", "h1", "h2", "h3", "h4", "h5"]);
+    assert!(seen.windows(2).all(|w| w[0].token < w[1].token));
+}
+
+/// A watch whose client misses changes that are then compacted away re-reads and reports the
+/// current holder.
+pub async fn watch_resumes_after_compaction(h: &dyn Harness) {
+    let key = h.key("compacted");
+    let watcher_client = h.client().await;
+    let watcher = watcher_client.locker(TTL);
+    let mut stream = watcher.watch(&key).expect("watch");
+    assert_eq!(next_holder(&mut stream).await, None);
+    watcher_client.faults.cut(Cut::Fail).await;
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let first = a.acquire(key.clone(), "gone").await.expect("acquire");
+    first.release().await.expect("release");
+    let guard = b.acquire(key.clone(), "current").await.expect("acquire");
+    h.compact().await;
+    watcher_client.faults.heal().await;
+    // Whatever it saw in between, the stream ends up at the current holder.
+    loop {
+        let holder = next_holder(&mut stream).await;
+        if let Some(holder) = holder {
+            if holder.value_str() == Some("current") {
+                assert_eq!(holder.token, guard.token());
+                break;
+            }
+        }
+    }
+    guard.release().await.expect("release");
+    assert_eq!(next_holder(&mut stream).await, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-off
+
+/// Release deletes the entry at once: the waiter owns while the old holder's lease still lives.
+pub async fn release_hands_off_at_once(h: &dyn Harness) {
+    let key = h.key("handoff");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let a_lease = holder_lease(&a, &key).await;
+    let handle = b.lock(key.clone(), "b").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    guard.release().await.expect("release");
+    owned(&handle).await;
+    assert!(
+        h.lease_exists(a_lease).await,
+        "the hand-off waited for the old holder's lease"
+    );
+    handle.release().await.expect("release");
+}
+
+/// An abandoned lock (dedicated session) is not handed off until its lease has expired.
+pub async fn abandon_hands_off_only_after_ttl(h: &dyn Harness) {
+    let key = h.key("abandon");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let handle = a
+        .lock_with(key.clone(), "a", LockOptions::new().dedicated_session(TTL))
+        .await
+        .expect("lock");
+    owned(&handle).await;
+    let a_lease = holder_lease(&a, &key).await;
+    let waiter = b.lock(key.clone(), "b").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    let abandoned_at = Instant::now();
+    handle.abandon();
+    owned(&waiter).await;
+    assert!(
+        !h.lease_exists(a_lease).await,
+        "the waiter owned while the abandoned lease was alive"
+    );
+    if h.virtual_time() {
+        assert!(abandoned_at.elapsed() >= TTL.mul_f64(0.5));
+    }
+    waiter.release().await.expect("release");
+    assert_clean(h, &[a_lease]).await;
+}
+
+/// Abandoning a lock held on the shared session hands it off after the session's TTL, and leaves
+/// the session alive for the other locks.
+pub async fn abandon_on_shared_session_hands_off_after_ttl(h: &dyn Harness) {
+    let key = h.key("abandon-shared");
+    let other_key = h.key("other");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let other = a.acquire(other_key.clone(), "stays").await.expect("acquire");
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    owned(&handle).await;
+    let waiter = b.lock(key.clone(), "b").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    let abandoned_at = Instant::now();
+    handle.abandon();
+    owned(&waiter).await;
+    if h.virtual_time() {
+        assert!(abandoned_at.elapsed() >= TTL, "handed off before the TTL");
+    }
+    assert!(other.is_owned(), "abandon ended the shared session");
+    other.release().await.expect("release");
+    waiter.release().await.expect("release");
+}
+
+/// Dropping a guard releases the lock, without waiting for the lease.
+pub async fn dropped_guard_releases(h: &dyn Harness) {
+    let key = h.key("drop-guard");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let a_lease = holder_lease(&a, &key).await;
+    let waiter = b.lock(key.clone(), "b").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    drop(guard);
+    owned(&waiter).await;
+    assert!(h.lease_exists(a_lease).await);
+    waiter.release().await.expect("release");
+}
+
+/// Dropping a handle releases the lock in the background.
+pub async fn dropped_handle_releases(h: &dyn Harness) {
+    let key = h.key("drop-handle");
+    let a = h.client().await.locker(TTL);
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    owned(&handle).await;
+    drop(handle);
+    eventually("the entry is gone", || async { h.entries(&key).await.is_empty() }).await;
+    assert!(a.get(&key).await.expect("get").is_none());
+}
+
+/// The seed's scenario: two clients lock one key; one owns, the other waits; when the owner
+/// quits, the other owns and `get` shows its value.
+pub async fn seed_two_competing_clients(h: &dyn Harness) {
+    let key = h.key("key");
+    let c1 = h.client().await.locker(TTL);
+    let c2 = h.client().await.locker(TTL);
+    let h1 = c1.lock(key.clone(), "value-1").await.expect("lock");
+    let mut owned1 = h1.owned_changes();
+    owned(&h1).await;
+    let h2 = c2.lock(key.clone(), "value-2").await.expect("lock");
+    let mut owned2 = h2.owned_changes();
+    queue_len(h, &key, 2).await;
+    assert!(h1.is_owned());
+    assert!(!h2.is_owned());
+    assert_eq!(c2.get(&key).await.expect("get").expect("held").value_str(), Some("value-1"));
+    // owned channels: 1 says true, 2 says false.
+    let mut last1 = None;
+    while let Ok(Some(b)) = timeout(Duration::from_millis(1), owned1.next()).await {
+        last1 = Some(b);
+    }
+    assert_eq!(last1, Some(true));
+    assert_eq!(timeout(PATIENCE, owned2.next()).await.expect("in time"), Some(false));
+    h1.release().await.expect("quit");
+    assert_eq!(timeout(PATIENCE, owned2.next()).await.expect("in time"), Some(true));
+    assert_eq!(c1.get(&key).await.expect("get").expect("held").value_str(), Some("value-2"));
+    h2.release().await.expect("release");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults and safety
+
+/// A holder cut off from the store reports *not owned* strictly before the store expires its
+/// lease, and nobody else owns the key before that.
+pub async fn partitioned_holder_stops_owning_before_lease_expires(h: &dyn Harness) {
+    let key = h.key("partitioned");
+    let a_client = h.client().await;
+    let a = a_client.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let observer = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let waiter = b.lock(key.clone(), "b").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    let mut stream = observer.watch(&key).expect("watch");
+    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("a"));
+
+    a_client.faults.cut(Cut::Hang).await;
+    let lost_at = {
+        let reason = timeout(PATIENCE, guard.lost()).await.expect("loss reported");
+        assert_eq!(reason, LossReason::DeadlinePassed);
+        Instant::now()
+    };
+    assert!(!guard.is_owned());
+    // The store ends a's tenure (lease expiry) only after a stopped claiming it.
+    let next = next_holder(&mut stream).await;
+    let store_moved_at = Instant::now();
+    assert_eq!(value_of(&next).as_deref(), Some("b"));
+    owned(&waiter).await;
+    let b_owned_at = Instant::now();
+    assert!(lost_at < store_moved_at, "the store moved on before a stopped claiming");
+    assert!(lost_at < b_owned_at, "b owned before a stopped claiming");
+    a_client.faults.heal().await;
+    waiter.release().await.expect("release");
+}
+
+/// While keep-alives fail, a holder is `Unconfirmed` (with its deadline) before it is lost.
+pub async fn keepalive_failures_show_unconfirmed_before_loss(h: &dyn Harness) {
+    let key = h.key("unconfirmed");
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let mut states = guard.subscribe();
+    client.faults.cut(Cut::Fail).await;
+    let mut saw_unconfirmed = false;
+    loop {
+        timeout(PATIENCE, states.changed()).await.expect("a change").expect("running");
+        let state = *states.borrow_and_update();
+        match state {
+            Ownership::Unconfirmed { token, deadline } => {
+                assert_eq!(token, guard.token());
+                assert!(deadline > Instant::now() || !saw_unconfirmed);
+                saw_unconfirmed = true;
+            }
+            Ownership::Lost { reason, .. } => {
+                assert_eq!(reason, LossReason::DeadlinePassed);
+                break;
+            }
+            Ownership::Owned { .. } if !saw_unconfirmed => {}
+            other => panic!("unexpected state {other:?}"),
+        }
+    }
+    assert!(saw_unconfirmed, "went from owned to lost without Unconfirmed");
+    client.faults.heal().await;
+}
+
+/// A handle that lost its lease during a fault owns again (with a new token) once it heals.
+pub async fn lost_lease_reacquires_when_fault_heals(h: &dyn Harness) {
+    let key = h.key("reacquire");
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    let first = owned(&handle).await;
+    let lease = holder_lease(&a, &key).await;
+    let mut changes = handle.owned_changes();
+    assert_eq!(changes.next().await, Some(true));
+    client.faults.cut(Cut::Fail).await;
+    assert_eq!(
+        timeout(PATIENCE, changes.next()).await.expect("lost in time"),
+        Some(false)
+    );
+    assert!(!handle.is_owned());
+    eventually("the old lease expired", || async { !h.lease_exists(lease).await }).await;
+    client.faults.heal().await;
+    let second = owned(&handle).await;
+    assert!(second > first);
+    let holder = a.get(&key).await.expect("get").expect("held");
+    assert_eq!(holder.token, second);
+    assert_ne!(holder.lease, lease);
+    handle.release().await.expect("release");
+}
+
+/// An entry deleted by an operator means the guard has lost the lock.
+pub async fn operator_deleted_entry_means_loss(h: &dyn Harness) {
+    let key = h.key("operator");
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let entry = h.entries(&key).await.remove(0);
+    h.delete_key(&entry.key).await;
+    let reason = timeout(PATIENCE, guard.lost()).await.expect("loss reported");
+    assert_eq!(reason, LossReason::EntryDeleted);
+    assert!(!guard.is_owned());
+    assert!(matches!(
+        guard.release().await,
+        Err(Error::NotOwned { reason: LossReason::EntryDeleted, .. })
+    ));
+}
+
+/// A handle whose entry an operator deleted reports the loss and owns again with a new token.
+pub async fn operator_deleted_entry_makes_handle_rejoin(h: &dyn Harness) {
+    let key = h.key("operator-handle");
+    let a = h.client().await.locker(TTL);
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    let first = owned(&handle).await;
+    let mut changes = handle.owned_changes();
+    assert_eq!(changes.next().await, Some(true));
+    let entry = h.entries(&key).await.remove(0);
+    h.delete_key(&entry.key).await;
+    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(false));
+    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(true));
+    let second = owned(&handle).await;
+    assert!(second > first);
+    handle.release().await.expect("release");
+}
+
+/// An `acquire` cancelled while waiting leaves no entry behind.
+pub async fn cancelled_acquire_leaves_no_entry(h: &dyn Harness) {
+    let key = h.key("cancelled");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    {
+        let acquire = b.acquire(key.clone(), "b");
+        tokio::pin!(acquire);
+        tokio::select! {
+            _ = &mut acquire => panic!("acquired a held lock"),
+            _ = queue_len(h, &key, 2) => {}
+        }
+    } // cancelled here
+    queue_len(h, &key, 1).await;
+    assert_eq!(h.entries(&key).await[0].create_revision, guard.token().as_i64());
+    guard.release().await.expect("release");
+    assert!(a.get(&key).await.expect("get").is_none());
+}
+
+/// Failures shorter than the deadline do not cost ownership: same tenure, same token, never lost.
+pub async fn transient_errors_below_deadline_keep_ownership(h: &dyn Harness) {
+    let key = h.key("transient");
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let mut states = guard.subscribe();
+    let watch_states = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while states.changed().await.is_ok() {
+            let state = *states.borrow_and_update();
+            seen.push(state);
+            if matches!(state, Ownership::Lost { .. } | Ownership::Released) {
+                break;
+            }
+        }
+        seen
+    });
+    for _ in 0..3 {
+        client.faults.cut(Cut::Fail).await;
+        sleep(TTL / 4).await;
+        client.faults.heal().await;
+        sleep(TTL / 2).await;
+        assert!(guard.is_owned());
+    }
+    let token = guard.token();
+    assert_eq!(a.get(&key).await.expect("get").expect("held").token, token);
+    guard.release().await.expect("release");
+    let seen = watch_states.await.expect("states");
+    assert!(
+        seen.iter().all(|s| !matches!(s, Ownership::Lost { .. })),
+        "lost during short faults: {seen:?}"
+    );
+}
+
+/// A slow store (added latency well below the TTL) does not cost ownership.
+pub async fn slow_store_keeps_ownership(h: &dyn Harness) {
+    let key = h.key("slow");
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    client.faults.set_latency(Duration::from_millis(150)).await;
+    sleep(TTL * 2).await;
+    assert!(guard.is_owned());
+    assert!(matches!(guard.ownership(), Ownership::Owned { .. }));
+    client.faults.set_latency(Duration::ZERO).await;
+    guard.release().await.expect("release");
+}
+
+/// `try_acquire` of a held key answers `None` at once and leaves no entry.
+pub async fn try_acquire_on_held_key_answers_none(h: &dyn Harness) {
+    let key = h.key("try-held");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    assert!(b.try_acquire(key.clone(), "b").await.expect("try_acquire").is_none());
+    queue_len(h, &key, 1).await;
+    guard.release().await.expect("release");
+}
+
+/// `try_acquire` of a free key owns it.
+pub async fn try_acquire_on_free_key_owns(h: &dyn Harness) {
+    let key = h.key("try-free");
+    let a = h.client().await.locker(TTL);
+    let guard = a
+        .try_acquire(key.clone(), "a")
+        .await
+        .expect("try_acquire")
+        .expect("owned");
+    assert!(guard.is_owned());
+    assert_eq!(a.get(&key).await.expect("get").expect("held").token, guard.token());
+    guard.release().await.expect("release");
+}
+
+/// Locks on one session share its lease: when it ends, every one of them is lost and free.
+pub async fn many_locks_on_one_session_expire_together(h: &dyn Harness) {
+    let a = h.client().await.locker(TTL);
+    let mut guards = Vec::new();
+    for i in 0..5 {
+        guards.push(a.acquire(h.key(&format!("many-{i}")), "a").await.expect("acquire"));
+    }
+    let lease = holder_lease(&a, &h.key("many-0")).await;
+    for i in 1..5 {
+        assert_eq!(holder_lease(&a, &h.key(&format!("many-{i}"))).await, lease);
+    }
+    h.expire_lease(lease).await;
+    for guard in &guards {
+        let reason = timeout(PATIENCE, guard.lost()).await.expect("lost in time");
+        assert!(
+            matches!(reason, LossReason::LeaseGone | LossReason::EntryDeleted),
+            "{reason:?}"
+        );
+    }
+    for i in 0..5 {
+        assert!(a.get(&h.key(&format!("many-{i}"))).await.expect("get").is_none());
+    }
+}
+
+/// Keys that are prefixes of one another (`a`, `a/b`, `ab`) are separate locks.
+pub async fn prefix_keys_never_see_each_other(h: &dyn Harness) {
+    let (a, ab, a_b) = (h.key("a"), h.key("ab"), h.key("a/b"));
+    let l1 = h.client().await.locker(TTL);
+    let l2 = h.client().await.locker(TTL);
+    let l3 = h.client().await.locker(TTL);
+    let mut watch_a = l1.watch(&a).expect("watch");
+    assert_eq!(next_holder(&mut watch_a).await, None);
+    let g_ab = l2.acquire(ab.clone(), "ab").await.expect("acquire ab");
+    let g_a_b = l3.acquire(a_b.clone(), "a/b").await.expect("acquire a/b");
+    // Nobody holds `a` yet, whatever `a/b` and `ab` do.
+    assert!(l1.get(&a).await.expect("get").is_none());
+    let g_a = l1.try_acquire(a.clone(), "a").await.expect("try").expect("a is free");
+    assert_eq!(value_of(&next_holder(&mut watch_a).await).as_deref(), Some("a"));
+    assert_eq!(l2.get(&a_b).await.expect("get").expect("held").value_str(), Some("a/b"));
+    assert_eq!(l3.get(&ab).await.expect("get").expect("held").value_str(), Some("ab"));
+    g_a_b.release().await.expect("release");
+    g_ab.release().await.expect("release");
+    assert!(g_a.is_owned());
+    g_a.release().await.expect("release");
+    assert_eq!(next_holder(&mut watch_a).await, None);
+    assert_eq!(h.entries(&a).await.len(), 0);
+}
+
+/// A waiter whose own lease dies while it waits never believes it owns with the dead entry: it
+/// joins again and owns with a new, greater token.
+pub async fn waiter_whose_lease_dies_does_not_own(h: &dyn Harness) {
+    let key = h.key("dead-waiter");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let waiter = b.lock(key.clone(), "b").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    let dead = h.entries(&key).await[1].clone();
+    h.expire_lease(dead.lease).await;
+    // b notices, gets a new session and joins again behind a.
+    eventually("b joined again", || async {
+        let entries = h.entries(&key).await;
+        entries.len() == 2 && entries[1].lease != dead.lease
+    })
+    .await;
+    assert!(!waiter.is_owned());
+    guard.release().await.expect("release");
+    let token = owned(&waiter).await;
+    assert!(token.as_i64() > dead.create_revision);
+    let holder = a.get(&key).await.expect("get").expect("held");
+    assert_eq!(holder.token, token);
+    waiter.release().await.expect("release");
+}
+
+/// The `bool` view: false while waiting, true when owned, false after the release, then ends.
+pub async fn owned_changes_report_every_transition(h: &dyn Harness) {
+    let key = h.key("transitions");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let handle = b.lock(key.clone(), "b").await.expect("lock");
+    let mut changes = handle.owned_changes();
+    assert_eq!(changes.next().await, Some(false));
+    guard.release().await.expect("release");
+    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(true));
+    let sub = handle.subscribe();
+    handle.release().await.expect("release");
+    assert_eq!(*sub.borrow(), Ownership::Released);
+    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(false));
+    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), None);
+}
+
+/// Releasing a guard that already lost the lock says so.
+pub async fn release_of_lost_guard_reports_not_owned(h: &dyn Harness) {
+    let key = h.key("lost-release");
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let lease = holder_lease(&a, &key).await;
+    h.expire_lease(lease).await;
+    timeout(PATIENCE, guard.lost()).await.expect("lost in time");
+    match guard.release().await {
+        Err(Error::NotOwned { key: k, .. }) => assert_eq!(k, key),
+        other => panic!("release of a lost guard answered {other:?}"),
+    }
+}
+
+/// A lock on a dedicated session revokes that lease on release.
+pub async fn dedicated_session_release_revokes_its_lease(h: &dyn Harness) {
+    let key = h.key("dedicated");
+    let a = h.client().await.locker(TTL);
+    let shared = a.acquire(h.key("on-shared"), "s").await.expect("acquire");
+    let guard = a
+        .acquire_with(key.clone(), "d", LockOptions::new().dedicated_session(TTL * 2))
+        .await
+        .expect("acquire");
+    let lease = holder_lease(&a, &key).await;
+    assert_ne!(lease, holder_lease(&a, &h.key("on-shared")).await);
+    guard.release().await.expect("release");
+    eventually("the dedicated lease is revoked", || async { !h.lease_exists(lease).await }).await;
+    assert!(shared.is_owned());
+    shared.release().await.expect("release");
+}
+
+/// `close` revokes the default session: its locks are lost, and nothing is left in the store.
+pub async fn close_releases_default_session_locks(h: &dyn Harness) {
+    let key = h.key("closed");
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let lease = holder_lease(&a, &key).await;
+    a.close().await;
+    let reason = timeout(PATIENCE, guard.lost()).await.expect("lost in time");
+    assert!(matches!(reason, LossReason::LeaseGone | LossReason::EntryDeleted), "{reason:?}");
+    drop(guard);
+    assert_clean(h, &[lease]).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input: rejected before any I/O (the client is cut off, so I/O would fail differently).
+
+async fn cut_off_locker(h: &dyn Harness) -> Locker {
+    let client = h.client().await;
+    client.faults.cut(Cut::Fail).await;
+    client.locker(TTL)
+}
+
+/// An empty key is rejected by every call, before any I/O.
+pub async fn bad_input_empty_key(h: &dyn Harness) {
+    let l = cut_off_locker(h).await;
+    assert!(matches!(l.lock("", "v").await, Err(Error::EmptyKey)));
+    assert!(matches!(l.acquire("", "v").await, Err(Error::EmptyKey)));
+    assert!(matches!(l.try_acquire("", "v").await, Err(Error::EmptyKey)));
+    assert!(matches!(l.get("").await, Err(Error::EmptyKey)));
+    assert!(matches!(l.watch(""), Err(Error::EmptyKey)));
+    let err = l.get("").await.unwrap_err();
+    assert!(err.is_invalid_input() && !err.is_retryable());
+    assert!(err.to_string().contains("empty"), "{err}");
+}
+
+/// A key over the store's limit is rejected, naming the limit; a key at the limit is not
+/// rejected as too long.
+pub async fn bad_input_key_too_long(h: &dyn Harness) {
+    let l = cut_off_locker(h).await;
+    let max = l.backend().limits().max_key_len;
+    let long = "k".repeat(max + 1);
+    match l.acquire(long.clone(), "v").await {
+        Err(Error::KeyTooLong { len, max: m }) => assert_eq!((len, m), (max + 1, max)),
+        other => panic!("{other:?}"),
+    }
+    let err = l.get(&long).await.unwrap_err();
+    assert!(err.to_string().contains(&max.to_string()), "{err}");
+    assert!(matches!(l.watch(&long), Err(Error::KeyTooLong { .. })));
+    // At the limit it passes validation and reaches the (cut off) store.
+    let at = "k".repeat(max);
+    let err = l.get(&at).await.unwrap_err();
+    assert!(err.is_retryable(), "a key at the limit was rejected: {err}");
+}
+
+/// A value over the store's limit is rejected, naming the limit, by lock and by set_value.
+pub async fn bad_input_value_too_large(h: &dyn Harness) {
+    let l = cut_off_locker(h).await;
+    let max = l.backend().limits().max_value_len;
+    let big = vec![b'v'; max + 1];
+    match l.lock(h.key("v"), big.clone()).await {
+        Err(Error::ValueTooLarge { len, max: m }) => assert_eq!((len, m), (max + 1, max)),
+        other => panic!("{other:?}"),
+    }
+    let err = l.try_acquire(h.key("v"), big.clone()).await.unwrap_err();
+    assert!(err.to_string().contains(&max.to_string()), "{err}");
+    // set_value on a live guard: reject before I/O.
+    let ok = h.client().await.locker(TTL);
+    let guard = ok.acquire(h.key("v"), "small").await.expect("acquire");
+    assert!(matches!(guard.set_value(big).await, Err(Error::ValueTooLarge { .. })));
+    assert_eq!(
+        ok.get(&h.key("v")).await.expect("get").expect("held").value_str(),
+        Some("small")
+    );
+    guard.release().await.expect("release");
+}
+
+/// TTLs of zero, below the store's minimum and absurdly large are rejected, naming the range.
+pub async fn bad_input_ttl_out_of_range(h: &dyn Harness) {
+    let client = h.client().await;
+    client.faults.cut(Cut::Fail).await;
+    let limits = client.backend.limits();
+    for ttl in [
+        Duration::ZERO,
+        limits.min_ttl - Duration::from_millis(1),
+        limits.max_ttl + Duration::from_secs(1),
+    ] {
+        match client.builder(ttl).build() {
+            Err(Error::TtlOutOfRange { ttl: t, min, max }) => {
+                assert_eq!((t, min, max), (ttl, limits.min_ttl, limits.max_ttl));
+            }
+            other => panic!("ttl {ttl:?}: {other:?}"),
+        }
+        let l = client.locker(TTL);
+        let err = l
+            .lock_with(h.key("t"), "v", LockOptions::new().dedicated_session(ttl))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::TtlOutOfRange { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("{:?}", limits.min_ttl)), "{err}");
+    }
+}
+
+/// A safety margin that leaves no room for keep-alives is rejected before any I/O.
+pub async fn bad_input_safety_margin(h: &dyn Harness) {
+    let client = h.client().await;
+    client.faults.cut(Cut::Fail).await;
+    for margin in [Duration::ZERO, TTL / 3, TTL] {
+        let err = client.builder(TTL).safety_margin(margin).build().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+        assert!(err.to_string().contains("third of the TTL"), "{err}");
+    }
+}
