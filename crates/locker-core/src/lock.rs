@@ -142,7 +142,11 @@ impl LockHandle {
         if !self.state.borrow().is_owned() {
             return false;
         }
-        let session = self.shared.session.lock().unwrap_or_else(|e| e.into_inner());
+        let session = self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         session
             .as_ref()
             .is_some_and(|s| s.borrow().valid_at(Instant::now()))
@@ -380,7 +384,11 @@ fn owned_changes(rx: watch::Receiver<Ownership>) -> BoxStream<'static, bool> {
             }
             st.started = true;
             let state = *st.rx.borrow_and_update();
-            let now = if state.is_owned() { state.token() } else { None };
+            let now = if state.is_owned() {
+                state.token()
+            } else {
+                None
+            };
             match st.last {
                 None => st.pending.push_back(now.is_some()),
                 Some(prev) if prev == now => {}
@@ -527,7 +535,11 @@ impl Driver {
                 HoldEnd::Lost(reason) => {
                     warn!(key = %self.key, %token, %reason, "lost");
                     self.publish(Ownership::Lost { token, reason });
-                    *self.shared.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    *self
+                        .shared
+                        .session
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
                     if reason != LossReason::EntryDeleted {
                         // The store may still have the entry (deadline passed): take it away in
                         // the background so the next holder need not wait for the lease.
@@ -578,9 +590,11 @@ impl Driver {
             return Some(Exit::Done);
         }
         let inner = &self.locker.inner;
-        let delay = inner
-            .jitter
-            .backoff(self.failures, inner.timing.retry_base, inner.timing.retry_max);
+        let delay = inner.jitter.backoff(
+            self.failures,
+            inner.timing.retry_base,
+            inner.timing.retry_max,
+        );
         self.failures = self.failures.saturating_add(1);
         debug!(key = %self.key, error = %err, ?delay, "store call failed; retrying");
         let sleep = tokio::time::sleep(delay);
@@ -628,8 +642,8 @@ impl Driver {
             Ok(false) | Err(Error::LeaseLost { .. }) => {
                 self.held = None;
                 Err(Error::NotOwned {
-                key: self.key.clone(),
-                reason: LossReason::EntryDeleted,
+                    key: self.key.clone(),
+                    reason: LossReason::EntryDeleted,
                 })
             }
             Err(err) => Err(err),
@@ -701,10 +715,19 @@ impl Driver {
     }
 
     /// Holds the lock until it is lost or the task is told to stop, publishing every change.
-    async fn hold(&mut self, session: &Arc<Session>, entry: &Entry, sub: &mut Subscription) -> HoldEnd {
+    async fn hold(
+        &mut self,
+        session: &Arc<Session>,
+        entry: &Entry,
+        sub: &mut Subscription,
+    ) -> HoldEnd {
         let token = FencingToken(entry.create_revision);
         let mut session_rx = session.subscribe();
-        *self.shared.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.subscribe());
+        *self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(session.subscribe());
         loop {
             match *session_rx.borrow_and_update() {
                 SessionState::Live { .. } => self.publish(Ownership::Owned { token }),
@@ -769,10 +792,11 @@ impl Driver {
                 Ok(_) | Err(Error::LeaseLost { .. }) => return Ok(()),
                 Err(err) if err.is_retryable() && !session.is_lost() => {
                     let inner = &self.locker.inner;
-                    let delay =
-                        inner
-                            .jitter
-                            .backoff(failures, inner.timing.retry_base, inner.timing.retry_max);
+                    let delay = inner.jitter.backoff(
+                        failures,
+                        inner.timing.retry_base,
+                        inner.timing.retry_max,
+                    );
                     failures = failures.saturating_add(1);
                     debug!(key = %self.key, error = %err, ?delay, "release failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -788,13 +812,19 @@ impl Driver {
         if let Some((_, entry)) = self.held.take() {
             let backend = self.locker.inner.backend.clone();
             tokio::spawn(async move {
-                let _ = backend.delete_entry(&entry.key, entry.create_revision).await;
+                let _ = backend
+                    .delete_entry(&entry.key, entry.create_revision)
+                    .await;
             });
         }
     }
 
     async fn finish(&mut self, exit: Exit) {
-        *self.shared.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         match exit {
             Exit::Release(reply) => {
                 let result = self.delete_held().await;
@@ -819,7 +849,9 @@ impl Driver {
                     let ttl = session.ttl();
                     tokio::spawn(async move {
                         tokio::time::sleep(ttl).await;
-                        let _ = backend.delete_entry(&entry.key, entry.create_revision).await;
+                        let _ = backend
+                            .delete_entry(&entry.key, entry.create_revision)
+                            .await;
                         drop(session);
                     });
                 }

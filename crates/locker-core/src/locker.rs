@@ -249,7 +249,11 @@ impl Locker {
     /// # Errors
     ///
     /// Bad input ([`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::ValueTooLarge`]), before any I/O.
-    pub async fn lock(&self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Result<LockHandle> {
+    pub async fn lock(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<LockHandle> {
         self.lock_with(key, value, LockOptions::new()).await
     }
 
@@ -264,7 +268,13 @@ impl Locker {
         value: impl Into<Vec<u8>>,
         options: LockOptions,
     ) -> Result<LockHandle> {
-        lock::start(self.clone(), key.into(), value.into(), options, Mode::Persistent)
+        lock::start(
+            self.clone(),
+            key.into(),
+            value.into(),
+            options,
+            Mode::Persistent,
+        )
     }
 
     /// Waits until `key` is owned with `value` and returns a guard: mutex style.
@@ -277,7 +287,11 @@ impl Locker {
     /// # Errors
     ///
     /// Bad input before any I/O; a permanent store error (permission denied, ...).
-    pub async fn acquire(&self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Result<LockGuard> {
+    pub async fn acquire(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<LockGuard> {
         self.acquire_with(key, value, LockOptions::new()).await
     }
 
@@ -321,7 +335,13 @@ impl Locker {
         value: impl Into<Vec<u8>>,
         options: LockOptions,
     ) -> Result<Option<LockGuard>> {
-        let handle = lock::start(self.clone(), key.into(), value.into(), options, Mode::TryOnce)?;
+        let handle = lock::start(
+            self.clone(),
+            key.into(),
+            value.into(),
+            options,
+            Mode::TryOnce,
+        )?;
         handle.into_guard().await
     }
 
@@ -366,7 +386,10 @@ impl Locker {
         }
         let max = self.inner.backend.limits().max_key_len;
         if key.len() > max {
-            return Err(Error::KeyTooLong { len: key.len(), max });
+            return Err(Error::KeyTooLong {
+                len: key.len(),
+                max,
+            });
         }
         Ok(())
     }

@@ -67,7 +67,10 @@ mod tests {
         for attempt in 0..40 {
             let d = j.backoff(attempt, base, max);
             let cap = base.saturating_mul(1u32 << attempt.min(16)).min(max);
-            assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?} vs cap {cap:?}");
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} vs cap {cap:?}"
+            );
         }
     }
 }

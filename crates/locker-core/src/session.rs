@@ -151,7 +151,12 @@ struct Keeper {
 }
 
 impl Keeper {
-    async fn run(self, mut last_sent: Instant, mut deadline: Instant, mut stop: oneshot::Receiver<Stop>) {
+    async fn run(
+        self,
+        mut last_sent: Instant,
+        mut deadline: Instant,
+        mut stop: oneshot::Receiver<Stop>,
+    ) {
         let lease = format_args!("{:x}", self.lease).to_string();
         let mut failures: u32 = 0;
         let mut next = last_sent + self.ttl / 3;
@@ -206,7 +211,8 @@ impl Keeper {
                 }
                 Ok(Err(err)) => {
                     warn!(%lease, error = %err, remaining = ?deadline.saturating_duration_since(Instant::now()), "keep-alive failed");
-                    self.state.send_replace(SessionState::Unconfirmed { deadline });
+                    self.state
+                        .send_replace(SessionState::Unconfirmed { deadline });
                     let delay = self.jitter.backoff(
                         failures,
                         self.timing.retry_base,

@@ -97,7 +97,10 @@ pub enum Ownership {
 impl Ownership {
     /// Whether this state claims ownership ([`Ownership::Owned`] or [`Ownership::Unconfirmed`]).
     pub fn is_owned(&self) -> bool {
-        matches!(self, Ownership::Owned { .. } | Ownership::Unconfirmed { .. })
+        matches!(
+            self,
+            Ownership::Owned { .. } | Ownership::Unconfirmed { .. }
+        )
     }
 
     /// The fencing token of the current or last tenure, if any.

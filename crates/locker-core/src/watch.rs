@@ -22,7 +22,10 @@ struct Queue {
 impl Queue {
     fn from_entries(entries: Vec<Entry>) -> Self {
         Queue {
-            by_revision: entries.into_iter().map(|e| (e.create_revision, e)).collect(),
+            by_revision: entries
+                .into_iter()
+                .map(|e| (e.create_revision, e))
+                .collect(),
         }
     }
 
@@ -65,11 +68,7 @@ pub(crate) fn holder_stream(
     .boxed()
 }
 
-async fn feed(
-    locker: Locker,
-    key: String,
-    tx: mpsc::UnboundedSender<Result<Option<Holder>>>,
-) {
+async fn feed(locker: Locker, key: String, tx: mpsc::UnboundedSender<Result<Option<Holder>>>) {
     let inner = &locker.inner;
     let mut sub = inner.hub.subscribe(&key).await;
     let mut last: Option<Option<Holder>> = None;

@@ -165,7 +165,9 @@ pub async fn queue_len(h: &dyn Harness, key: &str, n: usize) {
 }
 
 /// The next item of a holder stream, bounded.
-pub async fn next_holder(stream: &mut BoxStream<'static, Result<Option<Holder>>>) -> Option<Holder> {
+pub async fn next_holder(
+    stream: &mut BoxStream<'static, Result<Option<Holder>>>,
+) -> Option<Holder> {
     timeout(PATIENCE, stream.next())
         .await
         .expect("watch yielded nothing in time")
@@ -174,7 +176,9 @@ pub async fn next_holder(stream: &mut BoxStream<'static, Result<Option<Holder>>>
 }
 
 fn value_of(holder: &Option<Holder>) -> Option<String> {
-    holder.as_ref().map(|h| String::from_utf8_lossy(&h.value).into_owned())
+    holder
+        .as_ref()
+        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
 }
 
 /// Waits until nothing of the test is left in the store (keys under its prefix, `leases`).
@@ -185,7 +189,11 @@ pub async fn assert_clean(h: &dyn Harness, leases: &[LeaseId]) {
         if left.is_empty() {
             return;
         }
-        assert!(start.elapsed() < PATIENCE, "left behind in {}: {left:?}", h.name());
+        assert!(
+            start.elapsed() < PATIENCE,
+            "left behind in {}: {left:?}",
+            h.name()
+        );
         sleep(Duration::from_millis(20)).await;
     }
 }
@@ -208,14 +216,18 @@ pub async fn mutual_exclusion_under_many_contenders(h: &dyn Harness) {
     let mut leases = Vec::new();
     for i in 0..8 {
         let locker = h.client().await.locker(TTL);
-        let (key, inside, done, tokens) = (key.clone(), inside.clone(), done.clone(), tokens.clone());
+        let (key, inside, done, tokens) =
+            (key.clone(), inside.clone(), done.clone(), tokens.clone());
         tasks.push(tokio::spawn(async move {
             let mut my_leases = Vec::new();
             for round in 0..3 {
-                let guard = timeout(PATIENCE, locker.acquire(key.clone(), format!("c{i}-r{round}")))
-                    .await
-                    .expect("acquired in time")
-                    .expect("acquire");
+                let guard = timeout(
+                    PATIENCE,
+                    locker.acquire(key.clone(), format!("c{i}-r{round}")),
+                )
+                .await
+                .expect("acquired in time")
+                .expect("acquire");
                 assert!(
                     !inside.swap(true, Ordering::SeqCst),
                     "two holders inside the critical section"
@@ -252,7 +264,10 @@ pub async fn waiters_own_in_fifo_order(h: &dyn Harness) {
     let mut handles = Vec::new();
     for i in 0..4 {
         let locker = h.client().await.locker(TTL);
-        let handle = locker.lock(key.clone(), format!("w{i}")).await.expect("lock");
+        let handle = locker
+            .lock(key.clone(), format!("w{i}"))
+            .await
+            .expect("lock");
         queue_len(h, &key, i + 2).await;
         handles.push((locker, handle));
     }
@@ -279,7 +294,11 @@ pub async fn fencing_tokens_strictly_increase(h: &dyn Harness) {
         let locker = if round % 2 == 0 { &a } else { &b };
         let guard = if round == 3 {
             locker
-                .acquire_with(key.clone(), "own", LockOptions::new().dedicated_session(TTL))
+                .acquire_with(
+                    key.clone(),
+                    "own",
+                    LockOptions::new().dedicated_session(TTL),
+                )
                 .await
         } else {
             locker.acquire(key.clone(), "x").await
@@ -324,7 +343,10 @@ pub async fn value_change_while_holding_is_seen_by_get_and_watch(h: &dyn Harness
     let b = h.client().await.locker(TTL);
     let guard = a.acquire(key.clone(), "v1").await.expect("acquire");
     let mut stream = b.watch(&key).expect("watch");
-    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("v1"));
+    assert_eq!(
+        value_of(&next_holder(&mut stream).await).as_deref(),
+        Some("v1")
+    );
     guard.set_value("v2").await.expect("set_value");
     let seen = next_holder(&mut stream).await.expect("held");
     assert_eq!(seen.value_str(), Some("v2"));
@@ -344,7 +366,10 @@ pub async fn set_value_while_waiting_is_used_when_owned(h: &dyn Harness) {
     let guard = a.acquire(key.clone(), "a").await.expect("acquire");
     let handle = b.lock(key.clone(), "b-old").await.expect("lock");
     queue_len(h, &key, 2).await;
-    handle.set_value("b-new").await.expect("set_value while waiting");
+    handle
+        .set_value("b-new")
+        .await
+        .expect("set_value while waiting");
     guard.release().await.expect("release");
     owned(&handle).await;
     let holder = a.get(&key).await.expect("get").expect("held");
@@ -383,9 +408,15 @@ pub async fn watch_sees_put_change_and_delete(h: &dyn Harness) {
     assert_eq!(next_holder(&mut stream).await, None);
     let a = h.client().await.locker(TTL);
     let guard = a.acquire(key.clone(), "one").await.expect("acquire");
-    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("one"));
+    assert_eq!(
+        value_of(&next_holder(&mut stream).await).as_deref(),
+        Some("one")
+    );
     guard.set_value("two").await.expect("set_value");
-    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("two"));
+    assert_eq!(
+        value_of(&next_holder(&mut stream).await).as_deref(),
+        Some("two")
+    );
     guard.release().await.expect("release");
     assert_eq!(next_holder(&mut stream).await, None);
 }
@@ -399,7 +430,13 @@ pub async fn watch_misses_no_change_in_a_burst_of_handoffs(h: &dyn Harness) {
     let mut handles = Vec::new();
     for i in 0..6 {
         let locker = h.client().await.locker(TTL);
-        handles.push((locker.lock(key.clone(), format!("h{i}")).await.expect("lock"), locker));
+        handles.push((
+            locker
+                .lock(key.clone(), format!("h{i}"))
+                .await
+                .expect("lock"),
+            locker,
+        ));
         queue_len(h, &key, i + 1).await;
     }
     // Release every holder as soon as it owns, without waiting for the watcher.
@@ -408,13 +445,13 @@ pub async fn watch_misses_no_change_in_a_burst_of_handoffs(h: &dyn Harness) {
         handle.release().await.expect("release");
     }
     let mut seen = Vec::new();
-    loop {
-        match next_holder(&mut stream).await {
-            Some(holder) => seen.push(holder),
-            None => break,
-        }
+    while let Some(holder) = next_holder(&mut stream).await {
+        seen.push(holder);
     }
-    let values: Vec<_> = seen.iter().map(|h| h.value_str().unwrap_or("?").to_owned()).collect();
+    let values: Vec<_> = seen
+        .iter()
+        .map(|h| h.value_str().unwrap_or("?").to_owned())
+        .collect();
     assert_eq!(values, ["h0", "h1", "h2", "h3", "h4", "h5"]);
     assert!(seen.windows(2).all(|w| w[0].token < w[1].token));
 }
@@ -438,11 +475,9 @@ pub async fn watch_resumes_after_compaction(h: &dyn Harness) {
     // Whatever it saw in between, the stream ends up at the current holder.
     loop {
         let holder = next_holder(&mut stream).await;
-        if let Some(holder) = holder {
-            if holder.value_str() == Some("current") {
-                assert_eq!(holder.token, guard.token());
-                break;
-            }
+        if let Some(holder) = holder.filter(|h| h.value_str() == Some("current")) {
+            assert_eq!(holder.token, guard.token());
+            break;
         }
     }
     guard.release().await.expect("release");
@@ -504,7 +539,10 @@ pub async fn abandon_on_shared_session_hands_off_after_ttl(h: &dyn Harness) {
     let other_key = h.key("other");
     let a = h.client().await.locker(TTL);
     let b = h.client().await.locker(TTL);
-    let other = a.acquire(other_key.clone(), "stays").await.expect("acquire");
+    let other = a
+        .acquire(other_key.clone(), "stays")
+        .await
+        .expect("acquire");
     let handle = a.lock(key.clone(), "a").await.expect("lock");
     owned(&handle).await;
     let waiter = b.lock(key.clone(), "b").await.expect("lock");
@@ -542,7 +580,10 @@ pub async fn dropped_handle_releases(h: &dyn Harness) {
     let handle = a.lock(key.clone(), "a").await.expect("lock");
     owned(&handle).await;
     drop(handle);
-    eventually("the entry is gone", || async { h.entries(&key).await.is_empty() }).await;
+    eventually("the entry is gone", || async {
+        h.entries(&key).await.is_empty()
+    })
+    .await;
     assert!(a.get(&key).await.expect("get").is_none());
 }
 
@@ -560,17 +601,29 @@ pub async fn seed_two_competing_clients(h: &dyn Harness) {
     queue_len(h, &key, 2).await;
     assert!(h1.is_owned());
     assert!(!h2.is_owned());
-    assert_eq!(c2.get(&key).await.expect("get").expect("held").value_str(), Some("value-1"));
+    assert_eq!(
+        c2.get(&key).await.expect("get").expect("held").value_str(),
+        Some("value-1")
+    );
     // owned channels: 1 says true, 2 says false.
     let mut last1 = None;
     while let Ok(Some(b)) = timeout(Duration::from_millis(1), owned1.next()).await {
         last1 = Some(b);
     }
     assert_eq!(last1, Some(true));
-    assert_eq!(timeout(PATIENCE, owned2.next()).await.expect("in time"), Some(false));
+    assert_eq!(
+        timeout(PATIENCE, owned2.next()).await.expect("in time"),
+        Some(false)
+    );
     h1.release().await.expect("quit");
-    assert_eq!(timeout(PATIENCE, owned2.next()).await.expect("in time"), Some(true));
-    assert_eq!(c1.get(&key).await.expect("get").expect("held").value_str(), Some("value-2"));
+    assert_eq!(
+        timeout(PATIENCE, owned2.next()).await.expect("in time"),
+        Some(true)
+    );
+    assert_eq!(
+        c1.get(&key).await.expect("get").expect("held").value_str(),
+        Some("value-2")
+    );
     h2.release().await.expect("release");
 }
 
@@ -589,11 +642,16 @@ pub async fn partitioned_holder_stops_owning_before_lease_expires(h: &dyn Harnes
     let waiter = b.lock(key.clone(), "b").await.expect("lock");
     queue_len(h, &key, 2).await;
     let mut stream = observer.watch(&key).expect("watch");
-    assert_eq!(value_of(&next_holder(&mut stream).await).as_deref(), Some("a"));
+    assert_eq!(
+        value_of(&next_holder(&mut stream).await).as_deref(),
+        Some("a")
+    );
 
     a_client.faults.cut(Cut::Hang).await;
     let lost_at = {
-        let reason = timeout(PATIENCE, guard.lost()).await.expect("loss reported");
+        let reason = timeout(PATIENCE, guard.lost())
+            .await
+            .expect("loss reported");
         assert_eq!(reason, LossReason::DeadlinePassed);
         Instant::now()
     };
@@ -604,7 +662,10 @@ pub async fn partitioned_holder_stops_owning_before_lease_expires(h: &dyn Harnes
     assert_eq!(value_of(&next).as_deref(), Some("b"));
     owned(&waiter).await;
     let b_owned_at = Instant::now();
-    assert!(lost_at < store_moved_at, "the store moved on before a stopped claiming");
+    assert!(
+        lost_at < store_moved_at,
+        "the store moved on before a stopped claiming"
+    );
     assert!(lost_at < b_owned_at, "b owned before a stopped claiming");
     a_client.faults.heal().await;
     waiter.release().await.expect("release");
@@ -620,7 +681,10 @@ pub async fn keepalive_failures_show_unconfirmed_before_loss(h: &dyn Harness) {
     client.faults.cut(Cut::Fail).await;
     let mut saw_unconfirmed = false;
     loop {
-        timeout(PATIENCE, states.changed()).await.expect("a change").expect("running");
+        timeout(PATIENCE, states.changed())
+            .await
+            .expect("a change")
+            .expect("running");
         let state = *states.borrow_and_update();
         match state {
             Ownership::Unconfirmed { token, deadline } => {
@@ -636,7 +700,10 @@ pub async fn keepalive_failures_show_unconfirmed_before_loss(h: &dyn Harness) {
             other => panic!("unexpected state {other:?}"),
         }
     }
-    assert!(saw_unconfirmed, "went from owned to lost without Unconfirmed");
+    assert!(
+        saw_unconfirmed,
+        "went from owned to lost without Unconfirmed"
+    );
     client.faults.heal().await;
 }
 
@@ -652,11 +719,16 @@ pub async fn lost_lease_reacquires_when_fault_heals(h: &dyn Harness) {
     assert_eq!(changes.next().await, Some(true));
     client.faults.cut(Cut::Fail).await;
     assert_eq!(
-        timeout(PATIENCE, changes.next()).await.expect("lost in time"),
+        timeout(PATIENCE, changes.next())
+            .await
+            .expect("lost in time"),
         Some(false)
     );
     assert!(!handle.is_owned());
-    eventually("the old lease expired", || async { !h.lease_exists(lease).await }).await;
+    eventually("the old lease expired", || async {
+        !h.lease_exists(lease).await
+    })
+    .await;
     client.faults.heal().await;
     let second = owned(&handle).await;
     assert!(second > first);
@@ -673,12 +745,17 @@ pub async fn operator_deleted_entry_means_loss(h: &dyn Harness) {
     let guard = a.acquire(key.clone(), "a").await.expect("acquire");
     let entry = h.entries(&key).await.remove(0);
     h.delete_key(&entry.key).await;
-    let reason = timeout(PATIENCE, guard.lost()).await.expect("loss reported");
+    let reason = timeout(PATIENCE, guard.lost())
+        .await
+        .expect("loss reported");
     assert_eq!(reason, LossReason::EntryDeleted);
     assert!(!guard.is_owned());
     assert!(matches!(
         guard.release().await,
-        Err(Error::NotOwned { reason: LossReason::EntryDeleted, .. })
+        Err(Error::NotOwned {
+            reason: LossReason::EntryDeleted,
+            ..
+        })
     ));
 }
 
@@ -692,8 +769,14 @@ pub async fn operator_deleted_entry_makes_handle_rejoin(h: &dyn Harness) {
     assert_eq!(changes.next().await, Some(true));
     let entry = h.entries(&key).await.remove(0);
     h.delete_key(&entry.key).await;
-    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(false));
-    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(true));
+    assert_eq!(
+        timeout(PATIENCE, changes.next()).await.expect("in time"),
+        Some(false)
+    );
+    assert_eq!(
+        timeout(PATIENCE, changes.next()).await.expect("in time"),
+        Some(true)
+    );
     let second = owned(&handle).await;
     assert!(second > first);
     handle.release().await.expect("release");
@@ -714,7 +797,10 @@ pub async fn cancelled_acquire_leaves_no_entry(h: &dyn Harness) {
         }
     } // cancelled here
     queue_len(h, &key, 1).await;
-    assert_eq!(h.entries(&key).await[0].create_revision, guard.token().as_i64());
+    assert_eq!(
+        h.entries(&key).await[0].create_revision,
+        guard.token().as_i64()
+    );
     guard.release().await.expect("release");
     assert!(a.get(&key).await.expect("get").is_none());
 }
@@ -774,7 +860,12 @@ pub async fn try_acquire_on_held_key_answers_none(h: &dyn Harness) {
     let a = h.client().await.locker(TTL);
     let b = h.client().await.locker(TTL);
     let guard = a.acquire(key.clone(), "a").await.expect("acquire");
-    assert!(b.try_acquire(key.clone(), "b").await.expect("try_acquire").is_none());
+    assert!(
+        b.try_acquire(key.clone(), "b")
+            .await
+            .expect("try_acquire")
+            .is_none()
+    );
     queue_len(h, &key, 1).await;
     guard.release().await.expect("release");
 }
@@ -789,7 +880,10 @@ pub async fn try_acquire_on_free_key_owns(h: &dyn Harness) {
         .expect("try_acquire")
         .expect("owned");
     assert!(guard.is_owned());
-    assert_eq!(a.get(&key).await.expect("get").expect("held").token, guard.token());
+    assert_eq!(
+        a.get(&key).await.expect("get").expect("held").token,
+        guard.token()
+    );
     guard.release().await.expect("release");
 }
 
@@ -798,7 +892,11 @@ pub async fn many_locks_on_one_session_expire_together(h: &dyn Harness) {
     let a = h.client().await.locker(TTL);
     let mut guards = Vec::new();
     for i in 0..5 {
-        guards.push(a.acquire(h.key(&format!("many-{i}")), "a").await.expect("acquire"));
+        guards.push(
+            a.acquire(h.key(&format!("many-{i}")), "a")
+                .await
+                .expect("acquire"),
+        );
     }
     let lease = holder_lease(&a, &h.key("many-0")).await;
     for i in 1..5 {
@@ -813,7 +911,12 @@ pub async fn many_locks_on_one_session_expire_together(h: &dyn Harness) {
         );
     }
     for i in 0..5 {
-        assert!(a.get(&h.key(&format!("many-{i}"))).await.expect("get").is_none());
+        assert!(
+            a.get(&h.key(&format!("many-{i}")))
+                .await
+                .expect("get")
+                .is_none()
+        );
     }
 }
 
@@ -829,10 +932,23 @@ pub async fn prefix_keys_never_see_each_other(h: &dyn Harness) {
     let g_a_b = l3.acquire(a_b.clone(), "a/b").await.expect("acquire a/b");
     // Nobody holds `a` yet, whatever `a/b` and `ab` do.
     assert!(l1.get(&a).await.expect("get").is_none());
-    let g_a = l1.try_acquire(a.clone(), "a").await.expect("try").expect("a is free");
-    assert_eq!(value_of(&next_holder(&mut watch_a).await).as_deref(), Some("a"));
-    assert_eq!(l2.get(&a_b).await.expect("get").expect("held").value_str(), Some("a/b"));
-    assert_eq!(l3.get(&ab).await.expect("get").expect("held").value_str(), Some("ab"));
+    let g_a = l1
+        .try_acquire(a.clone(), "a")
+        .await
+        .expect("try")
+        .expect("a is free");
+    assert_eq!(
+        value_of(&next_holder(&mut watch_a).await).as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        l2.get(&a_b).await.expect("get").expect("held").value_str(),
+        Some("a/b")
+    );
+    assert_eq!(
+        l3.get(&ab).await.expect("get").expect("held").value_str(),
+        Some("ab")
+    );
     g_a_b.release().await.expect("release");
     g_ab.release().await.expect("release");
     assert!(g_a.is_owned());
@@ -877,12 +993,21 @@ pub async fn owned_changes_report_every_transition(h: &dyn Harness) {
     let mut changes = handle.owned_changes();
     assert_eq!(changes.next().await, Some(false));
     guard.release().await.expect("release");
-    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(true));
+    assert_eq!(
+        timeout(PATIENCE, changes.next()).await.expect("in time"),
+        Some(true)
+    );
     let sub = handle.subscribe();
     handle.release().await.expect("release");
     assert_eq!(*sub.borrow(), Ownership::Released);
-    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), Some(false));
-    assert_eq!(timeout(PATIENCE, changes.next()).await.expect("in time"), None);
+    assert_eq!(
+        timeout(PATIENCE, changes.next()).await.expect("in time"),
+        Some(false)
+    );
+    assert_eq!(
+        timeout(PATIENCE, changes.next()).await.expect("in time"),
+        None
+    );
 }
 
 /// Releasing a guard that already lost the lock says so.
@@ -905,13 +1030,20 @@ pub async fn dedicated_session_release_revokes_its_lease(h: &dyn Harness) {
     let a = h.client().await.locker(TTL);
     let shared = a.acquire(h.key("on-shared"), "s").await.expect("acquire");
     let guard = a
-        .acquire_with(key.clone(), "d", LockOptions::new().dedicated_session(TTL * 2))
+        .acquire_with(
+            key.clone(),
+            "d",
+            LockOptions::new().dedicated_session(TTL * 2),
+        )
         .await
         .expect("acquire");
     let lease = holder_lease(&a, &key).await;
     assert_ne!(lease, holder_lease(&a, &h.key("on-shared")).await);
     guard.release().await.expect("release");
-    eventually("the dedicated lease is revoked", || async { !h.lease_exists(lease).await }).await;
+    eventually("the dedicated lease is revoked", || async {
+        !h.lease_exists(lease).await
+    })
+    .await;
     assert!(shared.is_owned());
     shared.release().await.expect("release");
 }
@@ -924,7 +1056,10 @@ pub async fn close_releases_default_session_locks(h: &dyn Harness) {
     let lease = holder_lease(&a, &key).await;
     a.close().await;
     let reason = timeout(PATIENCE, guard.lost()).await.expect("lost in time");
-    assert!(matches!(reason, LossReason::LeaseGone | LossReason::EntryDeleted), "{reason:?}");
+    assert!(
+        matches!(reason, LossReason::LeaseGone | LossReason::EntryDeleted),
+        "{reason:?}"
+    );
     drop(guard);
     assert_clean(h, &[lease]).await;
 }
@@ -984,9 +1119,16 @@ pub async fn bad_input_value_too_large(h: &dyn Harness) {
     // set_value on a live guard: reject before I/O.
     let ok = h.client().await.locker(TTL);
     let guard = ok.acquire(h.key("v"), "small").await.expect("acquire");
-    assert!(matches!(guard.set_value(big).await, Err(Error::ValueTooLarge { .. })));
+    assert!(matches!(
+        guard.set_value(big).await,
+        Err(Error::ValueTooLarge { .. })
+    ));
     assert_eq!(
-        ok.get(&h.key("v")).await.expect("get").expect("held").value_str(),
+        ok.get(&h.key("v"))
+            .await
+            .expect("get")
+            .expect("held")
+            .value_str(),
         Some("small")
     );
     guard.release().await.expect("release");
@@ -1014,7 +1156,10 @@ pub async fn bad_input_ttl_out_of_range(h: &dyn Harness) {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::TtlOutOfRange { .. }), "{err}");
-        assert!(err.to_string().contains(&format!("{:?}", limits.min_ttl)), "{err}");
+        assert!(
+            err.to_string().contains(&format!("{:?}", limits.min_ttl)),
+            "{err}"
+        );
     }
 }
 
@@ -1023,7 +1168,11 @@ pub async fn bad_input_safety_margin(h: &dyn Harness) {
     let client = h.client().await;
     client.faults.cut(Cut::Fail).await;
     for margin in [Duration::ZERO, TTL / 3, TTL] {
-        let err = client.builder(TTL).safety_margin(margin).build().unwrap_err();
+        let err = client
+            .builder(TTL)
+            .safety_margin(margin)
+            .build()
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
         assert!(err.to_string().contains("third of the TTL"), "{err}");
     }

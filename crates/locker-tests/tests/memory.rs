@@ -6,4 +6,7 @@ async fn harness(name: &str) -> MemoryHarness {
     MemoryHarness::new(name)
 }
 
-locker_tests::conformance_suite!(#[tokio::test(start_paused = true)] harness);
+locker_tests::conformance_suite!(
+    #[tokio::test(start_paused = true)]
+    harness
+);

@@ -1,0 +1,153 @@
+//! The seed's mesh health monitoring: each service holds a lock on its own health record while it
+//! is healthy; services watch the records of the services they depend on and react when one goes
+//! offline.
+//!
+//! service-a depends on service-b and service-c; service-c depends on service-b and chooses to
+//! go dark with it (the seed's "cascading blackout"). service-b becomes unhealthy, then recovers.
+//!
+//! ```text
+//! cargo run --example health_mesh                                        # memory backend
+//! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --example health_mesh   # a real etcd
+//! ```
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Store, Timeline};
+use futures::StreamExt;
+use locker_core::Locker;
+use tokio::sync::mpsc;
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn record(service: &str) -> String {
+    format!("health/{service}")
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Report {
+    watcher: &'static str,
+    service: &'static str,
+    healthy: bool,
+}
+
+/// Watches `service`'s health record on behalf of `watcher`, reporting each change of health.
+fn watch_dependency(
+    locker: &Locker,
+    watcher: &'static str,
+    service: &'static str,
+    t: Timeline,
+    reports: mpsc::UnboundedSender<Report>,
+) -> Result<(), locker_core::Error> {
+    let mut changes = locker.watch(&record(service))?;
+    tokio::spawn(async move {
+        let mut last = None;
+        while let Some(Ok(holder)) = changes.next().await {
+            let healthy = holder.is_some();
+            if last == Some(healthy) {
+                continue;
+            }
+            if reports.is_closed() {
+                break;
+            }
+            last = Some(healthy);
+            if healthy {
+                t.say(watcher, format!("sees {service} healthy: calling it"));
+            } else {
+                t.say(watcher, format!("sees {service} OFFLINE: stops calling it"));
+            }
+            let _ = reports.send(Report {
+                watcher,
+                service,
+                healthy,
+            });
+        }
+    });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let store = Store::from_env();
+    let t = Timeline::start();
+    t.say("setup", format!("health mesh on {}", store.describe()));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+
+    let a = store.process(TTL).await?;
+    let b = store.process(TTL).await?;
+    let c = store.process(TTL).await?;
+
+    // Healthy services hold their records.
+    let a_health = a.lock(record("service-a"), "ok").await?;
+    let mut b_health = b.lock(record("service-b"), "ok").await?;
+    let c_health = c.lock(record("service-c"), "ok").await?;
+    for h in [&a_health, &b_health, &c_health] {
+        h.wait_owned().await?;
+    }
+    t.say("mesh", "service-a, service-b and service-c are healthy");
+
+    watch_dependency(&a, "service-a", "service-b", t, tx.clone())?;
+    watch_dependency(&a, "service-a", "service-c", t, tx.clone())?;
+    watch_dependency(&c, "service-c", "service-b", t, tx.clone())?;
+    for _ in 0..3 {
+        wait_report(&mut rx).await?;
+    }
+
+    t.say("service-b", "becomes unhealthy: gives up its health lock");
+    b_health.release().await?;
+
+    // service-c reacts to service-b going away by going dark itself.
+    let mut c_health = Some(c_health);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let report = wait_report(&mut rx).await?;
+        if report
+            == (Report {
+                watcher: "service-c",
+                service: "service-b",
+                healthy: false,
+            })
+        {
+            if let Some(h) = c_health.take() {
+                t.say(
+                    "service-c",
+                    "cannot work without service-b: gives up its own health lock",
+                );
+                h.release().await?;
+            }
+        }
+        if !report.healthy {
+            seen.push(report);
+        }
+    }
+
+    t.say("service-b", "recovers: takes its health lock again");
+    b_health = b.lock(record("service-b"), "ok").await?;
+    b_health.wait_owned().await?;
+    let mut recovered = 0;
+    while recovered < 2 {
+        let report = wait_report(&mut rx).await?;
+        if report.healthy && report.service == "service-b" {
+            recovered += 1;
+        }
+    }
+    t.say(
+        "done",
+        "both dependants reacted to the outage and to the recovery",
+    );
+    drop(rx); // the watchers stop reporting
+    b_health.release().await?;
+    a_health.release().await?;
+    Ok(())
+}
+
+async fn wait_report(
+    rx: &mut mpsc::UnboundedReceiver<Report>,
+) -> Result<Report, Box<dyn std::error::Error>> {
+    match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+        Ok(Some(report)) => Ok(report),
+        Ok(None) => Err("the watchers stopped".into()),
+        Err(_) => Err("no reaction within 30 s".into()),
+    }
+}
