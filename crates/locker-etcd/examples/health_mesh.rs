@@ -25,7 +25,7 @@ fn record(service: &str) -> String {
     format!("health/{service}")
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Report {
     watcher: &'static str,
     service: &'static str,
@@ -102,20 +102,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut seen = Vec::new();
     while seen.len() < 3 {
         let report = wait_report(&mut rx).await?;
-        if report
-            == (Report {
-                watcher: "service-c",
-                service: "service-b",
-                healthy: false,
-            })
-        {
-            if let Some(h) = c_health.take() {
-                t.say(
-                    "service-c",
-                    "cannot work without service-b: gives up its own health lock",
-                );
-                h.release().await?;
-            }
+        let b_offline_seen_by_c =
+            report.watcher == "service-c" && report.service == "service-b" && !report.healthy;
+        if let Some(h) = c_health.take_if(|_| b_offline_seen_by_c) {
+            t.say(
+                "service-c",
+                "cannot work without service-b: gives up its own health lock",
+            );
+            h.release().await?;
         }
         if !report.healthy {
             seen.push(report);

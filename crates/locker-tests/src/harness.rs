@@ -91,3 +91,14 @@ pub trait Harness: Send + Sync {
     /// still alive. Empty when the test cleaned up after itself.
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String>;
 }
+
+/// Sends `tracing` output to the test's captured output, filtered by `RUST_LOG` (default: warn).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -4,16 +4,25 @@
 //! A backend's test file instantiates the whole suite with one macro call, which makes one named
 //! test per behaviour:
 //!
-//! ```ignore
-//! locker_tests::conformance_suite!(
-//!     #[tokio::test(start_paused = true)]
-//!     async fn harness(name) { locker_tests::memory::MemoryHarness::new(name) }
-//! );
+//! ```text
+//! async fn harness(name: &str) -> MemoryHarness {
+//!     MemoryHarness::new(name)
+//! }
+//!
+//! locker_tests::conformance_suite!(#[tokio::test(start_paused = true)] harness);
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod etcd;
+pub mod etcd_server;
 pub mod harness;
 pub mod memory;
+pub mod proxy;
 pub mod suite;
 
 pub use harness::{Client, ClientFaults, Cut, Harness};
+
+/// The examples of the workspace README, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -19,6 +19,7 @@ pub struct MemoryHarness {
 impl MemoryHarness {
     /// A fresh store for the test `name`.
     pub fn new(name: &str) -> Self {
+        crate::harness::init_logging();
         MemoryHarness {
             store: MemoryBackend::new(),
             prefix: format!("{name}/"),

@@ -1,0 +1,638 @@
+//! [`EtcdBackend`]: the locker backend contract on etcd's KV, lease and watch APIs.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, GetResponse, KeyValue, KvClient, LeaseClient,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use locker_core::backend::{
+    Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchStream, entry_key,
+    is_entry_of,
+};
+use locker_core::{Error, LockBackend, Result, Watcher};
+
+use crate::config::{EtcdBackendBuilder, Settings};
+use crate::error::{Context, map_error, timed_out};
+use crate::keepalive::{KeepAlives, revoke_result};
+use crate::watch::WatchHub;
+
+/// How many keys a holder or predecessor read asks for at first. Entries of deeper queues (`k/b/..`
+/// under `k/`) are filtered out; when a whole page is filtered away, the read pages on.
+const PAGE: i64 = 8;
+
+/// The bytes of one request kept for keys and request overhead; the rest is for the value.
+const KEY_BUDGET: usize = 16 * 1024;
+/// Request overhead counted in [`KEY_BUDGET`]: the raft request header (with the user name),
+/// protobuf tags and lengths, the lease id, sort options.
+const REQUEST_OVERHEAD: usize = 512;
+/// How often the join transaction (the largest request) carries the key: the entry key three times
+/// (compare, put, get) and the queue prefix four times (two ranges, each with a range end).
+const KEY_COPIES: usize = 7;
+/// `/` and 16 hex digits of a lease id.
+const ENTRY_SUFFIX: usize = 17;
+/// The smallest `max_request_bytes` accepted.
+const MIN_REQUEST_BYTES: usize = 2 * KEY_BUDGET;
+
+/// The TTL bounds etcd accepts: 2 s is its minimum with default settings (a shorter grant is
+/// answered with 2 s); 9,000,000,000 s is `MaxLeaseTTL`.
+const MIN_TTL: Duration = Duration::from_secs(2);
+const MAX_TTL: Duration = Duration::from_secs(9_000_000_000);
+
+/// The longest lock key for a root of `prefix_len` bytes.
+fn max_key_len(prefix_len: usize) -> usize {
+    ((KEY_BUDGET - REQUEST_OVERHEAD) / KEY_COPIES).saturating_sub(prefix_len + ENTRY_SUFFIX)
+}
+
+/// Checks that a prefix and a request limit leave room for keys and values.
+pub(crate) fn check_room(prefix: &str, max_request_bytes: usize) -> Result<()> {
+    if max_request_bytes < MIN_REQUEST_BYTES {
+        return Err(Error::InvalidConfig(format!(
+            "max_request_bytes of {max_request_bytes} is below the minimum of {MIN_REQUEST_BYTES}"
+        )));
+    }
+    if max_key_len(prefix.len()) == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "the prefix is {} bytes long, which leaves no room for keys (at most {} bytes)",
+            prefix.len(),
+            max_key_len(0) - 1
+        )));
+    }
+    Ok(())
+}
+
+/// A locker backend on etcd.
+///
+/// Cheap to clone: clones share one connection, one watch stream and one keep-alive stream per
+/// lease. See the [crate docs](crate) for the key layout and the requests each method makes.
+#[derive(Clone)]
+pub struct EtcdBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kv: KvClient,
+    lease: LeaseClient,
+    settings: Settings,
+    keep_alives: KeepAlives,
+    watches: WatchHub,
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("prefix", &self.inner.settings.prefix)
+            .field("request_timeout", &self.inner.settings.request_timeout)
+            .field("max_request_bytes", &self.inner.settings.max_request_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a paged queue read goes.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    /// From the oldest entry up: the holder.
+    Oldest,
+    /// From the newest entry down (below some create revision): the predecessor.
+    Newest,
+}
+
+impl Order {
+    fn sort(self) -> SortOrder {
+        match self {
+            Order::Oldest => SortOrder::Ascend,
+            Order::Newest => SortOrder::Descend,
+        }
+    }
+}
+
+impl EtcdBackend {
+    /// A builder: `EtcdBackend::builder().endpoints(["http://127.0.0.1:2379"]).connect().await`.
+    pub fn builder() -> EtcdBackendBuilder {
+        EtcdBackendBuilder::new()
+    }
+
+    /// A backend on a client you already have, with the default prefix `"locker/"`, request
+    /// timeout and limits. No I/O.
+    pub fn from_client(client: Client) -> Self {
+        Self::from_client_with_prefix(client, crate::config::DEFAULT_PREFIX)
+    }
+
+    /// A backend on a client you already have, under `prefix`. No I/O.
+    ///
+    /// A prefix too long to leave room for keys (over about 2,200 bytes) gives a
+    /// [`max_key_len`](Limits::max_key_len) of 0, so every key is refused by core.
+    pub fn from_client_with_prefix(client: Client, prefix: impl Into<String>) -> Self {
+        Self::from_parts(client, Settings::new(prefix.into()))
+    }
+
+    pub(crate) fn from_parts(client: Client, settings: Settings) -> Self {
+        // Reads of a whole queue and watch batches may be larger than tonic's default 4 MiB.
+        let kv = client.kv_client().max_decoding_message_size(usize::MAX);
+        let watch = client.watch_client().max_decoding_message_size(usize::MAX);
+        let watches = WatchHub::new(watch, settings.prefix.as_bytes(), settings.request_timeout);
+        EtcdBackend {
+            inner: Arc::new(Inner {
+                kv,
+                lease: client.lease_client(),
+                settings,
+                keep_alives: KeepAlives::default(),
+                watches,
+            }),
+        }
+    }
+
+    /// The key root this backend works under.
+    pub fn prefix(&self) -> &str {
+        &self.inner.settings.prefix
+    }
+
+    fn root(&self) -> &[u8] {
+        self.inner.settings.prefix.as_bytes()
+    }
+
+    /// The full etcd key of a key relative to the root.
+    fn full(&self, key: &str) -> Vec<u8> {
+        let mut full = Vec::with_capacity(self.root().len() + key.len());
+        full.extend_from_slice(self.root());
+        full.extend_from_slice(key.as_bytes());
+        full
+    }
+
+    /// The full etcd prefix of the queue of `key`: `<root><key>/`.
+    fn queue_prefix(&self, key: &str) -> Vec<u8> {
+        let mut prefix = self.full(key);
+        prefix.push(b'/');
+        prefix
+    }
+
+    /// Runs one request under the request timeout, mapping its error.
+    async fn call<T>(
+        &self,
+        ctx: Context,
+        request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.inner.settings.request_timeout, request).await {
+            Ok(result) => result.map_err(|err| map_error(err, ctx)),
+            Err(_) => Err(timed_out(ctx.op, self.inner.settings.request_timeout)),
+        }
+    }
+
+    async fn txn(&self, txn: Txn, ctx: Context) -> Result<(TxnResponse, Revision)> {
+        let mut kv = self.inner.kv.clone();
+        let response = self.call(ctx, kv.txn(txn)).await?;
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .ok_or_else(|| malformed("a txn response without a header"))?;
+        Ok((response, revision))
+    }
+
+    async fn range(
+        &self,
+        key: Vec<u8>,
+        options: GetOptions,
+        ctx: Context,
+    ) -> Result<(GetResponse, Revision)> {
+        let mut kv = self.inner.kv.clone();
+        let response = self.call(ctx, kv.get(key, Some(options))).await?;
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .ok_or_else(|| malformed("a range response without a header"))?;
+        Ok((response, revision))
+    }
+
+    /// The entry of a stored key, or `None` for a key outside the root.
+    fn entry(&self, kv: &KeyValue) -> Option<Entry> {
+        entry_from_kv(self.root(), kv)
+    }
+
+    /// Range options for a queue read: sorted by create revision, `limit` keys at most.
+    fn queue_options(order: Order, limit: i64) -> GetOptions {
+        GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, order.sort())
+            .with_limit(limit)
+    }
+
+    /// The first entry of the queue of `key` in `order`, starting from a first page read at
+    /// `revision` and paging on at that same revision while whole pages are entries of deeper
+    /// queues.
+    ///
+    /// Pages overlap by one create revision (`min/max_create_revision` inclusive) so that keys
+    /// sharing a create revision with the last key of a page are not skipped; keys already seen
+    /// are ignored, and the page size doubles when a page brings nothing new.
+    async fn first_of_queue(
+        &self,
+        key: &str,
+        order: Order,
+        first: &GetResponse,
+        revision: Revision,
+    ) -> Result<Option<Entry>> {
+        let mut page = first.clone();
+        let mut limit = PAGE;
+        let mut boundary: Option<(Revision, HashSet<Vec<u8>>)> = None;
+        loop {
+            let mut fresh = 0usize;
+            for kv in page.kvs() {
+                if let Some((at, seen)) = &boundary
+                    && kv.create_revision() == *at
+                    && seen.contains(kv.key())
+                {
+                    continue;
+                }
+                fresh += 1;
+                if let Some(entry) = self.entry(kv)
+                    && is_entry_of(&entry.key, key)
+                {
+                    return Ok(Some(entry));
+                }
+            }
+            let Some(last) = page.kvs().last() else {
+                return Ok(None);
+            };
+            if !page.more() {
+                return Ok(None);
+            }
+            let last_revision = last.create_revision();
+            let at_boundary = page
+                .kvs()
+                .iter()
+                .filter(|kv| kv.create_revision() == last_revision)
+                .map(|kv| kv.key().to_vec());
+            match &mut boundary {
+                Some((at, seen)) if *at == last_revision => seen.extend(at_boundary),
+                _ => boundary = Some((last_revision, at_boundary.collect())),
+            }
+            if fresh == 0 {
+                limit = limit.saturating_mul(2);
+            }
+            let options = Self::queue_options(order, limit).with_revision(revision);
+            let options = match order {
+                Order::Oldest => options.with_min_create_revision(last_revision),
+                Order::Newest => options.with_max_create_revision(last_revision),
+            };
+            let ctx = Context::op("queue range").revision(revision);
+            page = self.range(self.queue_prefix(key), options, ctx).await?.0;
+        }
+    }
+
+    async fn join_once(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
+        let relative = entry_key(key, lease);
+        let entry = self.full(&relative);
+        let holder = || {
+            TxnOp::get(
+                self.queue_prefix(key),
+                Some(Self::queue_options(Order::Oldest, PAGE)),
+            )
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(entry.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    entry.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                holder(),
+            ])
+            .or_else([TxnOp::get(entry, None), holder()]);
+        let (response, revision) = self.txn(txn, Context::op("join").lease(lease)).await?;
+        let ops = response.op_responses();
+        let own = if response.succeeded() {
+            Entry {
+                key: relative,
+                value: value.to_vec(),
+                lease,
+                create_revision: revision,
+                mod_revision: revision,
+            }
+        } else {
+            get_response(&ops, 0)?
+                .kvs()
+                .first()
+                .and_then(|kv| self.entry(kv))
+                .ok_or_else(|| malformed("join found its entry but read nothing"))?
+        };
+        let holder = self
+            .first_of_queue(key, Order::Oldest, get_response(&ops, 1)?, revision)
+            .await?
+            .ok_or_else(|| malformed("join left the queue empty"))?;
+        Ok(Joined {
+            entry: own,
+            holder,
+            revision,
+        })
+    }
+
+    async fn position_once(
+        &self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+    ) -> Result<Position> {
+        let mut ops = vec![TxnOp::get(self.full(entry_key), None)];
+        // `max_create_revision` 0 means "no bound" to etcd: nothing is older than revision 1.
+        let has_older = create_revision > 1;
+        if has_older {
+            ops.push(TxnOp::get(
+                self.queue_prefix(key),
+                Some(
+                    Self::queue_options(Order::Newest, PAGE)
+                        .with_max_create_revision(create_revision - 1),
+                ),
+            ));
+        }
+        let (response, revision) = self
+            .txn(Txn::new().and_then(ops), Context::op("position"))
+            .await?;
+        let ops = response.op_responses();
+        let own = get_response(&ops, 0)?
+            .kvs()
+            .first()
+            .filter(|kv| kv.create_revision() == create_revision)
+            .and_then(|kv| self.entry(kv));
+        let predecessor = if has_older {
+            self.first_of_queue(key, Order::Newest, get_response(&ops, 1)?, revision)
+                .await?
+        } else {
+            None
+        };
+        Ok(Position {
+            own,
+            predecessor,
+            revision,
+        })
+    }
+
+    async fn holder_once(&self, key: &str) -> Result<(Option<Entry>, Revision)> {
+        let (first, revision) = self
+            .range(
+                self.queue_prefix(key),
+                Self::queue_options(Order::Oldest, PAGE),
+                Context::op("holder range"),
+            )
+            .await?;
+        let holder = self
+            .first_of_queue(key, Order::Oldest, &first, revision)
+            .await?;
+        Ok((holder, revision))
+    }
+}
+
+/// Runs a paged read again when etcd compacted the revision it pages at (the first read is at the
+/// newest revision and cannot be compacted, so a retry nearly always succeeds).
+async fn retry_compacted<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Err(Error::Compacted { .. }) if tries < 3 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// The range answer at `index` of a transaction's answers.
+fn get_response(ops: &[TxnOpResponse], index: usize) -> Result<&GetResponse> {
+    match ops.get(index) {
+        Some(TxnOpResponse::Get(response)) => Ok(response),
+        _ => Err(malformed("a txn answer without the expected range")),
+    }
+}
+
+fn malformed(what: &str) -> Error {
+    Error::Backend {
+        message: format!("unexpected answer from etcd: {what}"),
+        retryable: false,
+        source: None,
+    }
+}
+
+/// The entry of a stored key, its key made relative to `root`; `None` for a key outside the root.
+/// Keys that are not UTF-8 are converted lossily, so they still count in their queue.
+pub(crate) fn entry_from_kv(root: &[u8], kv: &KeyValue) -> Option<Entry> {
+    let key = kv.key().strip_prefix(root)?;
+    Some(Entry {
+        key: String::from_utf8_lossy(key).into_owned(),
+        value: kv.value().to_vec(),
+        lease: kv.lease(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+#[async_trait]
+impl Watcher for EtcdBackend {
+    /// One watch on the backend's shared watch stream (see the [crate docs](crate)).
+    async fn watch(&self, prefix: &str, from_revision: Option<Revision>) -> Result<WatchStream> {
+        self.inner
+            .watches
+            .watch(self.full(prefix), from_revision)
+            .await
+    }
+}
+
+#[async_trait]
+impl LockBackend for EtcdBackend {
+    /// - `max_value_len` = `max_request_bytes` − 16 KiB: the join transaction carries the value
+    ///   once and keys seven times; 16 KiB are kept for keys and request overhead.
+    /// - `max_key_len` = (16 KiB − 512 B overhead) / 7 − prefix length − 17 (`/` and 16 hex digits
+    ///   of the lease id): about 2,240 bytes with the default prefix.
+    /// - TTL between 2 s (etcd's minimum) and 9,000,000,000 s (etcd's `MaxLeaseTTL`).
+    fn limits(&self) -> Limits {
+        Limits {
+            max_key_len: max_key_len(self.inner.settings.prefix.len()),
+            max_value_len: self
+                .inner
+                .settings
+                .max_request_bytes
+                .saturating_sub(KEY_BUDGET),
+            min_ttl: MIN_TTL,
+            max_ttl: MAX_TTL,
+        }
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let seconds = i64::try_from(seconds).unwrap_or(i64::MAX);
+        let mut lease = self.inner.lease.clone();
+        let response = self
+            .call(Context::op("lease grant"), lease.grant(seconds, None))
+            .await?;
+        if !response.error().is_empty() {
+            return Err(Error::Backend {
+                message: format!("etcd lease grant failed: {}", response.error()),
+                retryable: false,
+                source: None,
+            });
+        }
+        let granted = Lease {
+            id: response.id(),
+            ttl: Duration::from_secs(response.ttl().unsigned_abs()),
+        };
+        tracing::debug!(lease = format_args!("{:x}", granted.id), ttl = ?granted.ttl, "granted lease");
+        Ok(granted)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>> {
+        self.inner
+            .keep_alives
+            .keep_alive(
+                &self.inner.lease,
+                lease,
+                self.inner.settings.request_timeout,
+            )
+            .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        self.inner.keep_alives.remove(lease);
+        let mut client = self.inner.lease.clone();
+        let result =
+            match tokio::time::timeout(self.inner.settings.request_timeout, client.revoke(lease))
+                .await
+            {
+                Ok(result) => result.map(drop),
+                Err(_) => {
+                    return Err(timed_out(
+                        "lease revoke",
+                        self.inner.settings.request_timeout,
+                    ));
+                }
+            };
+        revoke_result(result, lease)?;
+        tracing::debug!(lease = format_args!("{lease:x}"), "revoked lease");
+        Ok(())
+    }
+
+    /// One transaction, like etcd's `concurrency.Election.Campaign`:
+    /// `if create_revision(entry) == 0 then [put entry value lease, range queue] else [range entry,
+    /// range queue]`; the queue range is sorted by create revision and pages on (at the same
+    /// revision) only if its first page holds nothing but entries of deeper queues.
+    async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
+        retry_compacted(|| self.join_once(key, lease, value)).await
+    }
+
+    /// One transaction with two ranges: the entry, and the queue's newest entry created before
+    /// `create_revision` (paging as for [`join`](LockBackend::join)).
+    async fn position(
+        &self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+    ) -> Result<Position> {
+        retry_compacted(|| self.position_once(key, entry_key, create_revision)).await
+    }
+
+    /// One range sorted by create revision (paging as for [`join`](LockBackend::join)).
+    async fn holder(&self, key: &str) -> Result<(Option<Entry>, Revision)> {
+        retry_compacted(|| self.holder_once(key)).await
+    }
+
+    /// One range of the whole queue prefix sorted by create revision, entries of deeper queues
+    /// left out.
+    async fn entries(&self, key: &str) -> Result<Snapshot> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let (response, revision) = self
+            .range(self.queue_prefix(key), options, Context::op("queue range"))
+            .await?;
+        let entries = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.entry(kv))
+            .filter(|entry| is_entry_of(&entry.key, key))
+            .collect();
+        Ok(Snapshot { entries, revision })
+    }
+
+    /// One transaction: `if create_revision(entry) == create_revision then delete entry`.
+    async fn delete_entry(&self, entry_key: &str, create_revision: Revision) -> Result<bool> {
+        if create_revision <= 0 {
+            // `create_revision == 0` would match an absent key; no entry has such a revision.
+            return Ok(false);
+        }
+        let key = self.full(entry_key);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                create_revision,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        let (response, _) = self.txn(txn, Context::op("delete entry")).await?;
+        let deleted = response
+            .op_responses()
+            .iter()
+            .any(|op| matches!(op, TxnOpResponse::Delete(delete) if delete.deleted() > 0));
+        Ok(response.succeeded() && deleted)
+    }
+
+    /// One transaction: `if create_revision(entry) == create_revision then put entry value` with
+    /// `ignore_lease`, so the entry keeps whatever lease it is bound to (etcd ≥ 3.3).
+    async fn update_value(
+        &self,
+        entry_key: &str,
+        create_revision: Revision,
+        value: &[u8],
+    ) -> Result<bool> {
+        if create_revision <= 0 {
+            return Ok(false);
+        }
+        let key = self.full(entry_key);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                create_revision,
+            )])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        let (response, _) = self.txn(txn, Context::op("update value")).await?;
+        Ok(response.succeeded())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_leave_room_for_the_join_transaction() {
+        let prefix = "locker/";
+        let key = max_key_len(prefix.len());
+        assert_eq!(key, (KEY_BUDGET - REQUEST_OVERHEAD) / KEY_COPIES - 7 - 17);
+        let entry = prefix.len() + key + ENTRY_SUFFIX;
+        let queue = prefix.len() + key + 1;
+        let value = crate::config::DEFAULT_MAX_REQUEST_BYTES - KEY_BUDGET;
+        assert!(3 * entry + 4 * queue + value + REQUEST_OVERHEAD <= 1_572_864);
+    }
+
+    #[test]
+    fn room_checks() {
+        assert!(check_room("locker/", 1_572_864).is_ok());
+        assert!(check_room("", MIN_REQUEST_BYTES).is_ok());
+        assert!(matches!(
+            check_room("locker/", MIN_REQUEST_BYTES - 1),
+            Err(Error::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            check_room(&"p".repeat(3000), 1_572_864),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+}

@@ -1,0 +1,226 @@
+//! The conformance harness of the etcd backend: one shared real etcd per test binary, a unique key
+//! prefix per test, and a TCP [`Proxy`] per client for faults.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{CompactionOptions, GetOptions, SortOrder, SortTarget};
+use locker_core::backend::{Entry, LeaseId, is_entry_of};
+use locker_etcd::EtcdBackend;
+use tokio::sync::Mutex;
+
+use crate::etcd_server::{EtcdTarget, shared_etcd, unique_prefix};
+use crate::harness::{Client, ClientFaults, Cut, Harness};
+use crate::proxy::{LinkState, Proxy};
+
+/// A harness over the shared etcd, for one test: everything it makes lives under its own prefix.
+pub struct EtcdHarness {
+    target: &'static EtcdTarget,
+    prefix: String,
+    admin: Mutex<etcd_client::Client>,
+}
+
+impl std::fmt::Debug for EtcdHarness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdHarness")
+            .field("target", &self.target.describe())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl EtcdHarness {
+    /// A harness for the test `name` on the shared etcd (started on first use).
+    ///
+    /// # Panics
+    ///
+    /// If no etcd can be found; the message says how to get one.
+    pub async fn new(name: &str) -> Self {
+        let target = shared_etcd().await;
+        crate::harness::init_logging();
+        EtcdHarness {
+            target,
+            prefix: format!("locker-test/{}", unique_prefix(name)),
+            admin: Mutex::new(target.client().await),
+        }
+    }
+
+    /// The etcd under test.
+    pub fn target(&self) -> &'static EtcdTarget {
+        self.target
+    }
+
+    /// This test's key prefix in etcd (every backend of the test uses it as its root).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full etcd key of the lock `key` (what `etcdctl lock`/`elect` would be given).
+    pub fn etcd_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// An etcd client for what locker does not do (raw reads, compaction, leases).
+    pub async fn admin(&self) -> etcd_client::Client {
+        self.admin.lock().await.clone()
+    }
+
+    async fn upstream(&self) -> SocketAddr {
+        let endpoint = self.target.endpoints().remove(0);
+        let host = endpoint
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned();
+        let mut addrs = tokio::net::lookup_host(host.as_str())
+            .await
+            .unwrap_or_else(|e| panic!("cannot resolve etcd endpoint {endpoint}: {e}"));
+        addrs
+            .next()
+            .unwrap_or_else(|| panic!("etcd endpoint {endpoint} resolves to nothing"))
+    }
+}
+
+struct ProxyFaults(Proxy);
+
+#[async_trait]
+impl ClientFaults for ProxyFaults {
+    async fn cut(&self, how: Cut) {
+        self.0.set(match how {
+            Cut::Fail => LinkState::Cut,
+            Cut::Hang => LinkState::BlackHole,
+        });
+    }
+
+    async fn heal(&self) {
+        self.0.set(LinkState::Up);
+    }
+
+    async fn set_latency(&self, latency: Duration) {
+        self.0.set_latency(latency);
+    }
+}
+
+#[async_trait]
+impl Harness for EtcdHarness {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn key(&self, name: &str) -> String {
+        name.to_owned()
+    }
+
+    async fn client(&self) -> Client {
+        let proxy = Proxy::start(self.upstream().await)
+            .await
+            .expect("start a proxy on loopback");
+        let backend = EtcdBackend::builder()
+            .endpoints([proxy.endpoint()])
+            .prefix(self.prefix.clone())
+            .request_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connect through the proxy to {}: {e}",
+                    self.target.describe()
+                )
+            });
+        Client {
+            backend: Arc::new(backend),
+            faults: Arc::new(ProxyFaults(proxy)),
+        }
+    }
+
+    fn virtual_time(&self) -> bool {
+        false
+    }
+
+    async fn entries(&self, key: &str) -> Vec<Entry> {
+        let queue = self.etcd_key(key);
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let response = self
+            .admin()
+            .await
+            .get(format!("{queue}/"), Some(options))
+            .await
+            .expect("list entries");
+        response
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let full = kv.key_str().ok()?;
+                if !is_entry_of(full, &queue) {
+                    return None;
+                }
+                Some(Entry {
+                    key: full.strip_prefix(&self.prefix)?.to_owned(),
+                    value: kv.value().to_vec(),
+                    lease: kv.lease(),
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                })
+            })
+            .collect()
+    }
+
+    async fn lease_exists(&self, lease: LeaseId) -> bool {
+        match self.admin().await.lease_time_to_live(lease, None).await {
+            Ok(response) => response.ttl() > 0,
+            Err(_) => false,
+        }
+    }
+
+    async fn expire_lease(&self, lease: LeaseId) {
+        // etcd cannot be told to expire a lease; revoking it has the same effect on the store.
+        let _ = self.admin().await.lease_revoke(lease).await;
+    }
+
+    async fn delete_key(&self, key: &str) {
+        self.admin()
+            .await
+            .delete(self.etcd_key(key), None)
+            .await
+            .expect("delete");
+    }
+
+    async fn compact(&self) {
+        let mut admin = self.admin().await;
+        let revision = admin
+            .get(self.prefix.clone(), None)
+            .await
+            .expect("read the revision")
+            .header()
+            .expect("a header")
+            .revision();
+        admin
+            .compact(revision, Some(CompactionOptions::new().with_physical()))
+            .await
+            .expect("compact");
+    }
+
+    async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String> {
+        let response = self
+            .admin()
+            .await
+            .get(self.prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("list the prefix");
+        let mut left: Vec<String> = response
+            .kvs()
+            .iter()
+            .map(|kv| format!("key {}", String::from_utf8_lossy(kv.key())))
+            .collect();
+        for &lease in leases {
+            if self.lease_exists(lease).await {
+                left.push(format!("lease {lease:x}"));
+            }
+        }
+        left
+    }
+}

@@ -1,0 +1,623 @@
+//! A real etcd for tests.
+//!
+//! [`shared_etcd`] gives one etcd per test binary, found in this order:
+//!
+//! 1. `LOCKER_ETCD_ENDPOINTS` (comma-separated): an existing cluster; nothing is started.
+//! 2. An `etcd` binary (`LOCKER_ETCD_BIN`, else `etcd` on `PATH`), started on free loopback ports in
+//!    a temporary directory with `--unsafe-no-fsync`.
+//! 3. Docker, through `testcontainers`: image `LOCKER_ETCD_IMAGE` (default
+//!    `quay.io/coreos/etcd:v3.5.17`), running `LOCKER_ETCD_DOCKER_BIN` (default
+//!    `/usr/local/bin/etcd`).
+//!
+//! With none of them the call panics with a message saying how to get etcd: an etcd test never
+//! passes by skipping its work.
+//!
+//! # Cleaning up
+//!
+//! A static is never dropped, so the shared server cannot be stopped by a destructor. Instead the
+//! etcd process is started by a small `sh` supervisor whose standard input is a pipe held by the
+//! test process. When the test process ends, however it ends (even killed with `SIGKILL`), the
+//! kernel closes the pipe; the supervisor reads end-of-file, kills etcd by its PID, waits for it and
+//! removes the temporary directory. A Docker container gets the same kind of guard, running
+//! `docker rm -f <id>`. No process is ever killed by name.
+//!
+//! [`start_etcd_binary`] starts a dedicated server the same way, for tests that stop, kill or
+//! restart it; dropping the [`EtcdProcess`] stops it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{Client, ConnectOptions};
+use locker_etcd::EtcdBackend;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+/// How long a started etcd may take to answer.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// The supervisor of one etcd process. Arguments: `<dir> <etcd> <args..>`. Commands on stdin, one
+/// a line: `start`, `stop` (SIGTERM), `kill` (SIGKILL); it answers `started <pid>` or `stopped` on
+/// stdout. At end-of-file it stops etcd, waits for it and removes `<dir>`.
+const SUPERVISOR: &str = r#"
+dir=$1; shift
+pid=
+start() { "$@" >>"$dir/etcd.log" 2>&1 & pid=$!; echo "started $pid"; }
+stop() {
+  if [ -n "$pid" ]; then kill "$1" "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; pid=; fi
+  echo stopped
+}
+start "$@"
+while read -r cmd; do
+  case "$cmd" in
+    start) [ -n "$pid" ] || start "$@" ;;
+    stop) stop -TERM ;;
+    kill) stop -KILL ;;
+  esac
+done
+stop -TERM >/dev/null
+rm -rf "$dir"
+"#;
+
+/// Removes a container when the test process ends. Argument: the container id.
+const DOCKER_GUARD: &str = r#"cat >/dev/null; docker rm -f "$1" >/dev/null 2>&1"#;
+
+/// An etcd the tests can use.
+#[derive(Debug)]
+pub struct EtcdTarget {
+    endpoints: Vec<String>,
+    origin: Origin,
+}
+
+#[derive(Debug)]
+enum Origin {
+    Existing,
+    Binary(EtcdProcess),
+    Docker {
+        id: String,
+        // Held for its stdin: when the test process ends, the guard removes the container.
+        _guard: Option<Child>,
+    },
+}
+
+impl EtcdTarget {
+    /// The client endpoints (`http://host:port`).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints.clone()
+    }
+
+    /// Where this etcd comes from, for messages.
+    pub fn describe(&self) -> String {
+        match &self.origin {
+            Origin::Existing => format!("existing etcd at {:?}", self.endpoints),
+            Origin::Binary(process) => format!(
+                "etcd process {} at {:?}",
+                process.pid.unwrap_or_default(),
+                self.endpoints
+            ),
+            Origin::Docker { id, .. } => format!("etcd container {id} at {:?}", self.endpoints),
+        }
+    }
+
+    /// A backend on this etcd under `prefix` (use a unique one per test: [`unique_prefix`]).
+    ///
+    /// # Panics
+    ///
+    /// If the backend cannot connect.
+    pub async fn backend(&self, prefix: &str) -> EtcdBackend {
+        match EtcdBackend::builder()
+            .endpoints(self.endpoints())
+            .prefix(prefix)
+            .connect()
+            .await
+        {
+            Ok(backend) => backend,
+            Err(err) => panic!("cannot connect to the {}: {err}", self.describe()),
+        }
+    }
+
+    /// A plain etcd client on this etcd, for what the backend does not do (compaction, raw puts).
+    ///
+    /// # Panics
+    ///
+    /// If the client cannot be made.
+    pub async fn client(&self) -> Client {
+        match Client::connect(self.endpoints(), None).await {
+            Ok(client) => client,
+            Err(err) => panic!("cannot make a client for the {}: {err}", self.describe()),
+        }
+    }
+}
+
+/// A key prefix no other test (in this process or another) uses: `<name>-<pid>-<time>-<n>/`.
+pub fn unique_prefix(name: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() % 1_000_000_000_000);
+    format!("{name}-{}-{nanos:x}-{n}/", std::process::id())
+}
+
+/// The etcd shared by every test of this binary, started on first use (see the
+/// [module docs](self) for where it comes from).
+///
+/// # Panics
+///
+/// If no etcd can be found or started; the message says how to get one.
+pub async fn shared_etcd() -> &'static EtcdTarget {
+    static SHARED: OnceCell<EtcdTarget> = OnceCell::const_new();
+    SHARED.get_or_init(find_etcd).await
+}
+
+async fn find_etcd() -> EtcdTarget {
+    if let Ok(endpoints) = std::env::var("LOCKER_ETCD_ENDPOINTS") {
+        let endpoints: Vec<String> = endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            !endpoints.is_empty(),
+            "LOCKER_ETCD_ENDPOINTS is set but names no endpoint"
+        );
+        return EtcdTarget {
+            endpoints,
+            origin: Origin::Existing,
+        };
+    }
+    if let Some(binary) = etcd_binary() {
+        match start_etcd_binary_at(&binary, &[]).await {
+            Ok(process) => {
+                return EtcdTarget {
+                    endpoints: process.endpoints(),
+                    origin: Origin::Binary(process),
+                };
+            }
+            Err(err) => panic!("could not start {}: {err}", binary.display()),
+        }
+    }
+    match start_docker().await {
+        Ok(target) => target,
+        Err(docker) => panic!(
+            "the etcd tests need etcd, and none was found:\n\
+             - set LOCKER_ETCD_ENDPOINTS=http://host:2379[,..] to use a running cluster, or\n\
+             - install an etcd binary (Debian/Ubuntu: `apt-get install etcd-server`; or set \
+               LOCKER_ETCD_BIN=/path/to/etcd), or\n\
+             - make Docker available (image LOCKER_ETCD_IMAGE, default {DEFAULT_IMAGE}).\n\
+             Docker failed with: {docker}"
+        ),
+    }
+}
+
+/// The etcd binary to start: `LOCKER_ETCD_BIN`, else `etcd` on `PATH`.
+///
+/// # Panics
+///
+/// If `LOCKER_ETCD_BIN` names no file.
+pub fn etcd_binary() -> Option<PathBuf> {
+    if let Some(binary) = std::env::var_os("LOCKER_ETCD_BIN") {
+        let binary = PathBuf::from(binary);
+        assert!(
+            binary.is_file(),
+            "LOCKER_ETCD_BIN={} is not a file",
+            binary.display()
+        );
+        return Some(binary);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("etcd"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A dedicated etcd process, started by [`start_etcd_binary`]. Dropping it stops etcd (by its PID)
+/// and removes its directory.
+#[derive(Debug)]
+pub struct EtcdProcess {
+    supervisor: Child,
+    commands: Option<ChildStdin>,
+    replies: BufReader<ChildStdout>,
+    pid: Option<u32>,
+    client_url: String,
+    dir: PathBuf,
+}
+
+/// Starts a dedicated etcd from the binary [`etcd_binary`] finds, with `--unsafe-no-fsync`, on
+/// free loopback ports, and waits until it answers.
+///
+/// # Errors
+///
+/// If there is no binary, or it does not start and answer within 20 s (the error quotes its log).
+pub async fn start_etcd_binary() -> std::io::Result<EtcdProcess> {
+    start_etcd_binary_with_args(&[]).await
+}
+
+/// Like [`start_etcd_binary`], with extra etcd flags (`--max-request-bytes=..`, say).
+///
+/// # Errors
+///
+/// As [`start_etcd_binary`].
+pub async fn start_etcd_binary_with_args(extra: &[&str]) -> std::io::Result<EtcdProcess> {
+    let binary = etcd_binary().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no etcd binary: install etcd (apt-get install etcd-server) or set LOCKER_ETCD_BIN",
+        )
+    })?;
+    start_etcd_binary_at(&binary, extra).await
+}
+
+async fn start_etcd_binary_at(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess> {
+    // The ports are picked by binding port 0 and released before etcd binds them, so another
+    // process may take one meanwhile: try a few times.
+    let mut last = None;
+    for _ in 0..3 {
+        match try_start(binary, extra).await {
+            Ok(process) => return Ok(process),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("etcd did not start")))
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn try_start(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess> {
+    let dir = tempfile::Builder::new()
+        .prefix("locker-etcd-")
+        .tempdir()?
+        .keep();
+    let client_port = free_port()?;
+    let mut peer_port = free_port()?;
+    while peer_port == client_port {
+        peer_port = free_port()?;
+    }
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let data_dir = dir.join("data");
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(SUPERVISOR)
+        .arg("locker-etcd-supervisor")
+        .arg(&dir)
+        .arg(binary)
+        .args(["--name", "locker-test", "--data-dir"])
+        .arg(&data_dir)
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("locker-test={peer_url}")])
+        .args([
+            "--unsafe-no-fsync",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut supervisor = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(err);
+        }
+    };
+    let (Some(commands), Some(stdout)) = (supervisor.stdin.take(), supervisor.stdout.take()) else {
+        return Err(std::io::Error::other("the supervisor has no pipes"));
+    };
+    let mut process = EtcdProcess {
+        supervisor,
+        commands: Some(commands),
+        replies: BufReader::new(stdout),
+        pid: None,
+        client_url,
+        dir,
+    };
+    process.pid = Some(process.read_started()?);
+    // On failure `process` is dropped here, which stops etcd and removes its directory.
+    process.wait_ready().await?;
+    Ok(process)
+}
+
+impl EtcdProcess {
+    /// The client endpoint, `http://127.0.0.1:<port>`.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.client_url.clone()]
+    }
+
+    /// The PID of the running etcd, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// The directory holding etcd's data and its log (`etcd.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A backend on this etcd under `prefix`.
+    ///
+    /// # Panics
+    ///
+    /// If the backend cannot connect.
+    pub async fn backend(&self, prefix: &str) -> EtcdBackend {
+        match EtcdBackend::builder()
+            .endpoints(self.endpoints())
+            .prefix(prefix)
+            .connect()
+            .await
+        {
+            Ok(backend) => backend,
+            Err(err) => panic!("cannot connect to etcd at {}: {err}", self.client_url),
+        }
+    }
+
+    fn send(&mut self, command: &str) -> std::io::Result<String> {
+        let commands = self
+            .commands
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the etcd supervisor is closed"))?;
+        writeln!(commands, "{command}")?;
+        commands.flush()?;
+        let mut line = String::new();
+        self.replies.read_line(&mut line)?;
+        Ok(line.trim().to_owned())
+    }
+
+    fn read_started(&mut self) -> std::io::Result<u32> {
+        let mut line = String::new();
+        self.replies.read_line(&mut line)?;
+        parse_started(&line)
+    }
+
+    /// Stops etcd gracefully (SIGTERM to its PID) and waits for it to exit. Its data is kept.
+    ///
+    /// # Errors
+    ///
+    /// If the supervisor is gone.
+    pub fn stop(&mut self) -> std::io::Result<()> {
+        self.send("stop")?;
+        self.pid = None;
+        Ok(())
+    }
+
+    /// Kills etcd at once (SIGKILL to its PID) and waits for it to exit. Its data is kept.
+    ///
+    /// # Errors
+    ///
+    /// If the supervisor is gone.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.send("kill")?;
+        self.pid = None;
+        Ok(())
+    }
+
+    /// Starts etcd again (same ports, same data) after [`stop`](Self::stop) or
+    /// [`kill`](Self::kill), and waits until it answers.
+    ///
+    /// # Errors
+    ///
+    /// If it does not start and answer within 20 s.
+    pub async fn start(&mut self) -> std::io::Result<()> {
+        if self.pid.is_some() {
+            return Ok(());
+        }
+        let reply = self.send("start")?;
+        self.pid = Some(parse_started(&reply)?);
+        self.wait_ready().await
+    }
+
+    /// Waits until etcd answers a status request, failing early if it exits.
+    async fn wait_ready(&self) -> std::io::Result<()> {
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if answers(&self.client_url).await {
+                return Ok(());
+            }
+            if let Some(pid) = self.pid
+                && has_exited(pid)
+            {
+                return Err(std::io::Error::other(format!(
+                    "etcd exited before answering; its log ends with:\n{}",
+                    self.log_tail()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::other(format!(
+                    "etcd did not answer at {} within {READY_WITHIN:?}; its log ends with:\n{}",
+                    self.client_url,
+                    self.log_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of etcd's log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        // End-of-file on its stdin makes the supervisor stop etcd, wait and remove the directory.
+        drop(self.commands.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.supervisor.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(None) => break,
+            }
+        }
+        // etcd ignored SIGTERM for 10 s: kill it, by its PID, and then the supervisor.
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let _ = self.supervisor.kill();
+        let _ = self.supervisor.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn parse_started(line: &str) -> std::io::Result<u32> {
+    line.trim()
+        .strip_prefix("started ")
+        .and_then(|pid| pid.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("unexpected supervisor answer {line:?}")))
+}
+
+/// Whether the process `pid` has exited (it is gone, or a zombie not yet reaped).
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state == 'Z' || state == 'X'),
+        // Without /proc (not Linux) we cannot tell; rely on the deadline.
+        Err(_) => Path::new("/proc/self").exists(),
+    }
+}
+
+/// Whether etcd answers a status request at `endpoint` within a second.
+async fn answers(endpoint: &str) -> bool {
+    let attempt = async {
+        let options = ConnectOptions::new().with_connect_timeout(Duration::from_millis(500));
+        let mut client = Client::connect([endpoint], Some(options)).await?;
+        client.status().await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Ok(_))
+    )
+}
+
+const DEFAULT_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
+
+/// Splits `registry/name:tag` into name and tag (`latest` if none).
+fn split_image(image: &str) -> (String, String) {
+    let slash = image.rfind('/').map_or(0, |at| at + 1);
+    match image[slash..].rfind(':') {
+        Some(colon) => (
+            image[..slash + colon].to_owned(),
+            image[slash + colon + 1..].to_owned(),
+        ),
+        None => (image.to_owned(), "latest".to_owned()),
+    }
+}
+
+async fn start_docker() -> Result<EtcdTarget, String> {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers::{GenericImage, ImageExt};
+
+    let image = std::env::var("LOCKER_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
+    let binary = std::env::var("LOCKER_ETCD_DOCKER_BIN")
+        .unwrap_or_else(|_| "/usr/local/bin/etcd".to_owned());
+    let (name, tag) = split_image(&image);
+    // GenericImage's own settings (port, wait) must come before ImageExt's (cmd, env).
+    let container = GenericImage::new(name, tag)
+        .with_exposed_port(2379.tcp())
+        .with_wait_for(WaitFor::message_on_stderr("ready to serve client requests"))
+        .with_cmd([
+            binary.as_str(),
+            "--name",
+            "locker-test",
+            "--data-dir",
+            "/tmp/locker-etcd-data",
+            "--listen-client-urls",
+            "http://0.0.0.0:2379",
+            "--advertise-client-urls",
+            "http://127.0.0.1:2379",
+            "--unsafe-no-fsync",
+        ])
+        .with_label("locker-tests", "etcd")
+        .with_startup_timeout(Duration::from_secs(120))
+        .start()
+        .await
+        .map_err(|err| format!("starting {image}: {err}"))?;
+    let id = container.id().to_owned();
+    let guard = Command::new("sh")
+        .arg("-c")
+        .arg(DOCKER_GUARD)
+        .arg("locker-etcd-docker-guard")
+        .arg(&id)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|err| {
+            eprintln!("locker-tests: cannot start the guard that removes container {id}: {err}");
+        })
+        .ok();
+    let endpoint = async {
+        let host = container.get_host().await?;
+        let port = container.get_host_port_ipv4(2379.tcp()).await?;
+        Ok::<_, testcontainers::TestcontainersError>(format!("http://{host}:{port}"))
+    }
+    .await;
+    // The guard removes the container when the process ends; the handle's own drop (which needs
+    // the runtime it was made on) must never run.
+    std::mem::forget(container);
+    let endpoint = endpoint.map_err(|err| format!("reading the port of container {id}: {err}"))?;
+    let deadline = Instant::now() + READY_WITHIN;
+    while !answers(&endpoint).await {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "container {id} of {image} does not answer at {endpoint}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(EtcdTarget {
+        endpoints: vec![endpoint],
+        origin: Origin::Docker { id, _guard: guard },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_split() {
+        assert_eq!(
+            split_image("quay.io/coreos/etcd:v3.5.17"),
+            ("quay.io/coreos/etcd".to_owned(), "v3.5.17".to_owned())
+        );
+        assert_eq!(
+            split_image("localhost:5000/etcd"),
+            ("localhost:5000/etcd".to_owned(), "latest".to_owned())
+        );
+        assert_eq!(
+            split_image("etcd:3.4"),
+            ("etcd".to_owned(), "3.4".to_owned())
+        );
+    }
+
+    #[test]
+    fn prefixes_are_unique() {
+        assert_ne!(unique_prefix("a"), unique_prefix("a"));
+        assert!(unique_prefix("a").ends_with('/'));
+    }
+}
