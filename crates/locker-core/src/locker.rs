@@ -371,12 +371,17 @@ impl Locker {
         Ok(watch::holder_stream(self.clone(), key.to_owned()))
     }
 
-    /// Stops the default session now, revoking its lease: every lock on it is released.
-    /// Locks on dedicated sessions are not affected.
+    /// Stops the default session now, revoking its lease: every lock on it is released (their
+    /// handles report the loss). Returns once the store has answered, or after at most the TTL
+    /// if it cannot be reached (the lease then expires by itself). Locks on dedicated sessions
+    /// are not affected. The locker stays usable: a later lock starts a new session.
+    ///
+    /// Dropping every clone of a locker (and its handles) revokes the session in the background;
+    /// call `close` before a process exits to be sure the lease is gone.
     pub async fn close(&self) {
         let session = self.inner.default_session.lock().await.take();
         if let Some(session) = session {
-            session.close();
+            session.close().await;
         }
     }
 

@@ -56,7 +56,8 @@ pub(crate) struct Session {
 
 #[derive(Debug)]
 enum Stop {
-    Revoke,
+    /// Revoke the lease; answer on the sender (if any) once done.
+    Revoke(Option<oneshot::Sender<()>>),
     Abandon,
 }
 
@@ -116,9 +117,12 @@ impl Session {
         self.send_stop(Stop::Abandon);
     }
 
-    /// Revokes the lease now, whoever else still uses the session.
-    pub(crate) fn close(&self) {
-        self.send_stop(Stop::Revoke);
+    /// Revokes the lease now, whoever else still uses the session, and waits until the store
+    /// answered (or the attempt, bounded by the TTL, gave up: the lease then expires by itself).
+    pub(crate) async fn close(&self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.send_stop(Stop::Revoke(Some(done_tx)));
+        let _ = done_rx.await;
     }
 
     fn send_stop(&self, stop: Stop) {
@@ -131,7 +135,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.send_stop(Stop::Revoke);
+        self.send_stop(Stop::Revoke(None));
     }
 }
 
@@ -168,7 +172,8 @@ impl Keeper {
                         Ok(Stop::Abandon) => {
                             debug!(%lease, "session abandoned: the lease will expire");
                         }
-                        Ok(Stop::Revoke) | Err(_) => self.revoke(&lease).await,
+                        Ok(Stop::Revoke(done)) => self.revoke(&lease, done).await,
+                        Err(_) => self.revoke(&lease, None).await,
                     }
                     return;
                 }
@@ -184,7 +189,8 @@ impl Keeper {
                 msg = &mut stop => {
                     match msg {
                         Ok(Stop::Abandon) => {}
-                        Ok(Stop::Revoke) | Err(_) => self.revoke(&lease).await,
+                        Ok(Stop::Revoke(done)) => self.revoke(&lease, done).await,
+                        Err(_) => self.revoke(&lease, None).await,
                     }
                     return;
                 }
@@ -230,7 +236,7 @@ impl Keeper {
         self.state.send_replace(SessionState::Lost(reason));
     }
 
-    async fn revoke(&self, lease: &str) {
+    async fn revoke(&self, lease: &str, done: Option<oneshot::Sender<()>>) {
         self.state
             .send_replace(SessionState::Lost(LossReason::Released));
         // Best effort and bounded: if the store cannot be reached, the lease expires by itself.
@@ -239,6 +245,9 @@ impl Keeper {
             Ok(Ok(())) => debug!(%lease, "session revoked"),
             Ok(Err(err)) => debug!(%lease, error = %err, "revoke failed; the lease will expire"),
             Err(_) => debug!(%lease, "revoke timed out; the lease will expire"),
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
         }
     }
 }

@@ -12,7 +12,7 @@ use locker_etcd::EtcdBackend;
 use tokio::sync::Mutex;
 
 use crate::etcd_server::{EtcdTarget, shared_etcd, unique_prefix};
-use crate::harness::{Client, ClientFaults, Cut, Harness};
+use crate::harness::{Client, ClientFaults, Cut, Harness, RecordingBackend};
 use crate::proxy::{LinkState, Proxy};
 
 /// A harness over the shared etcd, for one test: everything it makes lives under its own prefix.
@@ -20,6 +20,7 @@ pub struct EtcdHarness {
     target: &'static EtcdTarget,
     prefix: String,
     admin: Mutex<etcd_client::Client>,
+    granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
 }
 
 impl std::fmt::Debug for EtcdHarness {
@@ -44,6 +45,7 @@ impl EtcdHarness {
             target,
             prefix: format!("locker-test/{}", unique_prefix(name)),
             admin: Mutex::new(target.client().await),
+            granted: Arc::default(),
         }
     }
 
@@ -130,7 +132,10 @@ impl Harness for EtcdHarness {
                 )
             });
         Client {
-            backend: Arc::new(backend),
+            backend: Arc::new(RecordingBackend::new(
+                Arc::new(backend),
+                self.granted.clone(),
+            )),
             faults: Arc::new(ProxyFaults(proxy)),
         }
     }
@@ -202,6 +207,13 @@ impl Harness for EtcdHarness {
             .compact(revision, Some(CompactionOptions::new().with_physical()))
             .await
             .expect("compact");
+    }
+
+    fn granted_leases(&self) -> Vec<LeaseId> {
+        self.granted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String> {

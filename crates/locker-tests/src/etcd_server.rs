@@ -7,7 +7,8 @@
 //!    a temporary directory with `--unsafe-no-fsync`.
 //! 3. Docker, through `testcontainers`: image `LOCKER_ETCD_IMAGE` (default
 //!    `quay.io/coreos/etcd:v3.5.17`), running `LOCKER_ETCD_DOCKER_BIN` (default
-//!    `/usr/local/bin/etcd`).
+//!    `/usr/local/bin/etcd`) as the entrypoint. On a machine without a registry,
+//!    `scripts/etcd-image.sh` builds such an image from the local etcd binary.
 //!
 //! With none of them the call panics with a message saying how to get etcd: an etcd test never
 //! passes by skipping its work.
@@ -22,7 +23,8 @@
 //! `docker rm -f <id>`. No process is ever killed by name.
 //!
 //! [`start_etcd_binary`] starts a dedicated server the same way, for tests that stop, kill or
-//! restart it; dropping the [`EtcdProcess`] stops it.
+//! restart it; dropping the [`EtcdProcess`] stops it. [`start_docker_etcd`] starts a dedicated
+//! container of a given image; dropping its [`EtcdTarget`] removes the container.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -75,11 +77,7 @@ pub struct EtcdTarget {
 enum Origin {
     Existing,
     Binary(EtcdProcess),
-    Docker {
-        id: String,
-        // Held for its stdin: when the test process ends, the guard removes the container.
-        _guard: Option<Child>,
-    },
+    Docker(DockerContainer),
 }
 
 impl EtcdTarget {
@@ -97,7 +95,18 @@ impl EtcdTarget {
                 process.pid.unwrap_or_default(),
                 self.endpoints
             ),
-            Origin::Docker { id, .. } => format!("etcd container {id} at {:?}", self.endpoints),
+            Origin::Docker(container) => format!(
+                "etcd container {} of {} at {:?}",
+                container.id, container.image, self.endpoints
+            ),
+        }
+    }
+
+    /// The id of the Docker container this etcd runs in, if it does.
+    pub fn container_id(&self) -> Option<&str> {
+        match &self.origin {
+            Origin::Docker(container) => Some(&container.id),
+            _ => None,
         }
     }
 
@@ -527,20 +536,107 @@ fn split_image(image: &str) -> (String, String) {
 }
 
 async fn start_docker() -> Result<EtcdTarget, String> {
+    let image = std::env::var("LOCKER_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
+    start_docker_etcd(&image).await
+}
+
+/// A container started by [`start_docker_etcd`]. A guard process removes it when the test process
+/// ends, however it ends; dropping this removes it at once (and waits for `docker rm`).
+#[derive(Debug)]
+struct DockerContainer {
+    id: String,
+    image: String,
+    // Held for its stdin: end-of-file makes the guard run `docker rm -f <id>`.
+    guard: Option<Child>,
+}
+
+impl DockerContainer {
+    fn new(id: String, image: &str) -> Self {
+        let guard = Command::new("sh")
+            .arg("-c")
+            .arg(DOCKER_GUARD)
+            .arg("locker-etcd-docker-guard")
+            .arg(&id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|err| {
+                eprintln!(
+                    "locker-tests: cannot start the guard that removes container {id}: {err}"
+                );
+            })
+            .ok();
+        DockerContainer {
+            id,
+            image: image.to_owned(),
+            guard,
+        }
+    }
+
+    /// The last lines of the container's output (etcd logs on stderr).
+    fn log_tail(&self) -> String {
+        let output = Command::new("docker")
+            .args(["logs", "--tail", "20", &self.id])
+            .output();
+        match output {
+            Ok(output) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            Err(err) => format!("(docker logs failed: {err})"),
+        }
+    }
+}
+
+impl Drop for DockerContainer {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", &self.id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            return;
+        };
+        drop(guard.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while matches!(guard.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Starts a dedicated etcd in a Docker container of `image` (through `testcontainers`; it is
+/// pulled only if it is not there already) and waits until it answers a status request.
+///
+/// The image's etcd is started as `LOCKER_ETCD_DOCKER_BIN` (default `/usr/local/bin/etcd`, where
+/// the `quay.io/coreos/etcd` images and `scripts/etcd-image.sh` put it), set as the entrypoint,
+/// listening on port 2379 of the container with its data in `/tmp` and `--unsafe-no-fsync`.
+/// Readiness is a successful status call on the mapped port, not a log line, so any etcd 3.4+
+/// image works. Dropping the returned target removes the container; so does the end of the test
+/// process.
+///
+/// # Errors
+///
+/// If Docker is not reachable, the image is missing and cannot be pulled, or etcd exits or does
+/// not answer within 60 s (the message quotes its log).
+pub async fn start_docker_etcd(image: &str) -> Result<EtcdTarget, String> {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::AsyncRunner;
     use testcontainers::{GenericImage, ImageExt};
 
-    let image = std::env::var("LOCKER_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
+    const DOCKER_READY_WITHIN: Duration = Duration::from_secs(60);
     let binary = std::env::var("LOCKER_ETCD_DOCKER_BIN")
         .unwrap_or_else(|_| "/usr/local/bin/etcd".to_owned());
-    let (name, tag) = split_image(&image);
-    // GenericImage's own settings (port, wait) must come before ImageExt's (cmd, env).
+    let (name, tag) = split_image(image);
+    // GenericImage's own settings (port, wait, entrypoint) must come before ImageExt's (cmd, ..).
     let container = GenericImage::new(name, tag)
         .with_exposed_port(2379.tcp())
-        .with_wait_for(WaitFor::message_on_stderr("ready to serve client requests"))
+        .with_wait_for(WaitFor::Nothing)
+        .with_entrypoint(&binary)
         .with_cmd([
-            binary.as_str(),
             "--name",
             "locker-test",
             "--data-dir",
@@ -549,50 +645,68 @@ async fn start_docker() -> Result<EtcdTarget, String> {
             "http://0.0.0.0:2379",
             "--advertise-client-urls",
             "http://127.0.0.1:2379",
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "locker-test=http://127.0.0.1:2380",
             "--unsafe-no-fsync",
         ])
         .with_label("locker-tests", "etcd")
         .with_startup_timeout(Duration::from_secs(120))
         .start()
         .await
-        .map_err(|err| format!("starting {image}: {err}"))?;
-    let id = container.id().to_owned();
-    let guard = Command::new("sh")
-        .arg("-c")
-        .arg(DOCKER_GUARD)
-        .arg("locker-etcd-docker-guard")
-        .arg(&id)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|err| {
-            eprintln!("locker-tests: cannot start the guard that removes container {id}: {err}");
-        })
-        .ok();
+        .map_err(|err| format!("Docker could not start a container of {image}: {err}"))?;
+    let docker = DockerContainer::new(container.id().to_owned(), image);
     let endpoint = async {
         let host = container.get_host().await?;
         let port = container.get_host_port_ipv4(2379.tcp()).await?;
         Ok::<_, testcontainers::TestcontainersError>(format!("http://{host}:{port}"))
     }
     .await;
-    // The guard removes the container when the process ends; the handle's own drop (which needs
-    // the runtime it was made on) must never run.
+    // `docker` removes the container; the handle's own drop (which needs the runtime it was made
+    // on) must never run.
     std::mem::forget(container);
-    let endpoint = endpoint.map_err(|err| format!("reading the port of container {id}: {err}"))?;
-    let deadline = Instant::now() + READY_WITHIN;
+    let endpoint =
+        endpoint.map_err(|err| format!("reading the port of container {}: {err}", docker.id))?;
+    let deadline = Instant::now() + DOCKER_READY_WITHIN;
+    let mut checked = Instant::now();
     while !answers(&endpoint).await {
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= checked + Duration::from_millis(500) {
+            checked = now;
+            if !container_runs(&docker.id) {
+                return Err(format!(
+                    "etcd in container {} of {image} exited before answering; its log ends \
+                     with:\n{}",
+                    docker.id,
+                    docker.log_tail()
+                ));
+            }
+        }
+        if now >= deadline {
             return Err(format!(
-                "container {id} of {image} does not answer at {endpoint}"
+                "etcd in container {} of {image} did not answer at {endpoint} within \
+                 {DOCKER_READY_WITHIN:?}; its log ends with:\n{}",
+                docker.id,
+                docker.log_tail()
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(EtcdTarget {
         endpoints: vec![endpoint],
-        origin: Origin::Docker { id, _guard: guard },
+        origin: Origin::Docker(docker),
     })
+}
+
+/// Whether the container `id` is running (false if `docker inspect` fails).
+fn container_runs(id: &str) -> bool {
+    Command::new("docker")
+        .args(["inspect", "--format", "{{.State.Running}}", id])
+        .output()
+        .is_ok_and(|output| output.status.success() && output.stdout.starts_with(b"true"))
 }
 
 #[cfg(test)]

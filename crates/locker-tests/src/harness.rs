@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use locker_core::backend::{Entry, LeaseId, LockBackend};
-use locker_core::{Locker, LockerBuilder};
+use locker_core::backend::{
+    Entry, Joined, Lease, LeaseId, Limits, LockBackend, Position, Revision, Snapshot, WatchStream,
+    Watcher,
+};
+use locker_core::{Locker, LockerBuilder, Result};
 
 /// How a client is cut off from the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +90,9 @@ pub trait Harness: Send + Sync {
     /// Compacts the store's history up to its current revision.
     async fn compact(&self);
 
+    /// Every lease granted to this test's clients so far (see [`RecordingBackend`]).
+    fn granted_leases(&self) -> Vec<LeaseId>;
+
     /// What is left of this test in the store: keys under its prefix, and those of `leases`
     /// still alive. Empty when the test cleaned up after itself.
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String>;
@@ -101,4 +107,85 @@ pub fn init_logging() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// A backend that records the leases it grants, so a test can check that none outlives it.
+#[derive(Debug)]
+pub struct RecordingBackend {
+    inner: Arc<dyn LockBackend>,
+    granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+}
+
+impl RecordingBackend {
+    /// Wraps `inner`, adding each lease it grants to `granted`.
+    pub fn new(inner: Arc<dyn LockBackend>, granted: Arc<std::sync::Mutex<Vec<LeaseId>>>) -> Self {
+        RecordingBackend { inner, granted }
+    }
+}
+
+#[async_trait]
+impl Watcher for RecordingBackend {
+    async fn watch(&self, prefix: &str, from_revision: Option<Revision>) -> Result<WatchStream> {
+        self.inner.watch(prefix, from_revision).await
+    }
+}
+
+#[async_trait]
+impl LockBackend for RecordingBackend {
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+        let lease = self.inner.grant_lease(ttl).await?;
+        self.granted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(lease.id);
+        Ok(lease)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>> {
+        self.inner.keep_alive(lease).await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        self.inner.revoke_lease(lease).await
+    }
+
+    async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
+        self.inner.join(key, lease, value).await
+    }
+
+    async fn position(
+        &self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+    ) -> Result<Position> {
+        self.inner.position(key, entry_key, create_revision).await
+    }
+
+    async fn holder(&self, key: &str) -> Result<(Option<Entry>, Revision)> {
+        self.inner.holder(key).await
+    }
+
+    async fn entries(&self, key: &str) -> Result<Snapshot> {
+        self.inner.entries(key).await
+    }
+
+    async fn delete_entry(&self, entry_key: &str, create_revision: Revision) -> Result<bool> {
+        self.inner.delete_entry(entry_key, create_revision).await
+    }
+
+    async fn update_value(
+        &self,
+        entry_key: &str,
+        create_revision: Revision,
+        value: &[u8],
+    ) -> Result<bool> {
+        self.inner
+            .update_value(entry_key, create_revision, value)
+            .await
+    }
 }

@@ -16,6 +16,7 @@
 pub mod etcd;
 pub mod etcd_server;
 pub mod harness;
+pub mod interop;
 pub mod memory;
 pub mod proxy;
 pub mod suite;

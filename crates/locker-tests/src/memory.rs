@@ -7,13 +7,14 @@ use async_trait::async_trait;
 use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_memory::{Faults, MemoryBackend, PartitionMode};
 
-use crate::harness::{Client, ClientFaults, Cut, Harness};
+use crate::harness::{Client, ClientFaults, Cut, Harness, RecordingBackend};
 
 /// A harness over one [`MemoryBackend`] store, for one test.
 #[derive(Debug)]
 pub struct MemoryHarness {
     store: MemoryBackend,
     prefix: String,
+    granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
 }
 
 impl MemoryHarness {
@@ -23,6 +24,7 @@ impl MemoryHarness {
         MemoryHarness {
             store: MemoryBackend::new(),
             prefix: format!("{name}/"),
+            granted: Arc::default(),
         }
     }
 
@@ -66,7 +68,10 @@ impl Harness for MemoryHarness {
         let backend = self.store.new_client();
         Client {
             faults: Arc::new(MemoryFaults(backend.faults())),
-            backend: Arc::new(backend),
+            backend: Arc::new(RecordingBackend::new(
+                Arc::new(backend),
+                self.granted.clone(),
+            )),
         }
     }
 
@@ -101,6 +106,13 @@ impl Harness for MemoryHarness {
         self.store
             .compact(self.store.current_revision())
             .expect("compact at the current revision");
+    }
+
+    fn granted_leases(&self) -> Vec<LeaseId> {
+        self.granted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String> {

@@ -126,6 +126,7 @@ macro_rules! conformance_suite {
             async fn $name() {
                 let harness = $make(stringify!($name)).await;
                 $crate::suite::$name(&harness).await;
+                $crate::suite::assert_test_left_nothing(&harness).await;
             }
         )*
     };
@@ -196,6 +197,12 @@ pub async fn assert_clean(h: &dyn Harness, leases: &[LeaseId]) {
         );
         sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// After a behaviour: every lease its clients were granted is gone (revoked, or expired for
+/// what was abandoned or cut off), and no key is left under its prefix.
+pub async fn assert_test_left_nothing(h: &dyn Harness) {
+    assert_clean(h, &h.granted_leases()).await;
 }
 
 async fn holder_lease(locker: &Locker, key: &str) -> LeaseId {

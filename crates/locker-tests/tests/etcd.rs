@@ -11,3 +11,29 @@ locker_tests::conformance_suite!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     harness
 );
+
+/// Interop with etcd's own recipes, through `etcdctl lock` and `etcdctl elect`.
+mod interop {
+    use locker_tests::etcd::EtcdHarness;
+    use locker_tests::interop;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn locker_waits_for_etcdctl_lock() {
+        interop::locker_waits_for_etcdctl_lock(&EtcdHarness::new("interop-1").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcdctl_lock_waits_for_locker() {
+        interop::etcdctl_lock_waits_for_locker(&EtcdHarness::new("interop-2").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcdctl_elect_is_seen_as_holder() {
+        interop::etcdctl_elect_is_seen_as_holder(&EtcdHarness::new("interop-3").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn locker_holder_is_etcdctl_elect_leader() {
+        interop::locker_holder_is_etcdctl_elect_leader(&EtcdHarness::new("interop-4").await).await;
+    }
+}

@@ -1,0 +1,223 @@
+//! Interoperability with clients we did not write: `etcdctl lock` and `etcdctl elect` (etcd's own
+//! Go `concurrency` recipes) use the same key layout as locker, so each respects the other.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use locker_core::Locker;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::time::{sleep, timeout};
+
+use crate::etcd::EtcdHarness;
+use crate::harness::Harness;
+use crate::suite::{PATIENCE, TTL, assert_test_left_nothing, next_holder, owned, queue_len};
+
+/// The `etcdctl` to run: `LOCKER_ETCDCTL_BIN`, else `etcdctl` on `PATH`.
+///
+/// # Panics
+///
+/// If there is none, saying how to get one.
+pub fn etcdctl() -> PathBuf {
+    if let Some(path) = std::env::var_os("LOCKER_ETCDCTL_BIN") {
+        return PathBuf::from(path);
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("etcdctl"))
+            .find(|candidate| candidate.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "the interop tests need etcd's etcdctl: install it (Debian/Ubuntu: \
+             `apt-get install etcd-client`) or set LOCKER_ETCDCTL_BIN=/path/to/etcdctl"
+        )
+    })
+}
+
+/// A running `etcdctl` with its output read line by line.
+struct Etcdctl {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Etcdctl {
+    fn spawn(h: &EtcdHarness, args: &[&str]) -> Etcdctl {
+        let endpoints = h.target().endpoints().join(",");
+        let mut child = Command::new(etcdctl())
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoints}"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run etcdctl: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        Etcdctl {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("etcdctl printed nothing in time")
+            .expect("read etcdctl's output")
+            .expect("etcdctl ended early")
+    }
+
+    /// Interrupts etcdctl (as Ctrl-C would: it resigns and revokes its lease) and waits for it.
+    async fn interrupt(mut self) {
+        let pid = self.child.id().expect("etcdctl is running");
+        let sent = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(sent.success());
+        timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("etcdctl ended in time")
+            .expect("wait for etcdctl");
+    }
+}
+
+async fn locker(h: &EtcdHarness) -> Locker {
+    h.client().await.locker(TTL)
+}
+
+/// The leases in etcd now.
+async fn lease_ids(h: &EtcdHarness) -> HashSet<i64> {
+    let leases = h.admin().await.leases().await.expect("list leases");
+    leases.leases().iter().map(|l| l.id()).collect()
+}
+
+/// Runs one interop test alone (so the leases etcdctl makes can be told apart), then removes
+/// what etcdctl leaves behind and checks that nothing of the test is left.
+///
+/// etcdctl never closes its session: after `lock` or `elect` ends, its lease lives on for its
+/// TTL (10 s for `lock`, 60 s for `elect`). The test revokes those leases, recognised as the
+/// ones created during the test with a TTL of 10 s or more (locker's here have 2 s).
+async fn isolated(h: &EtcdHarness, steps: impl Future<Output = Locker>) {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _alone = SERIAL.lock().await;
+    let before = lease_ids(h).await;
+    let locker = steps.await;
+    locker.close().await;
+    let mut admin = h.admin().await;
+    for lease in lease_ids(h).await.difference(&before) {
+        let Ok(ttl) = admin.lease_time_to_live(*lease, None).await else {
+            continue;
+        };
+        if ttl.granted_ttl() >= 10 {
+            let _ = admin.lease_revoke(*lease).await;
+        }
+    }
+    assert_test_left_nothing(h).await;
+}
+
+/// While `etcdctl lock` holds the lock, a locker client waits; it owns once etcdctl lets go.
+pub async fn locker_waits_for_etcdctl_lock(h: &EtcdHarness) {
+    isolated(h, locker_waits_for_etcdctl_lock_steps(h)).await;
+}
+
+async fn locker_waits_for_etcdctl_lock_steps(h: &EtcdHarness) -> Locker {
+    let key = h.key("etcdctl-holds");
+    let name = h.etcd_key(&key);
+    let mut held = Etcdctl::spawn(h, &["lock", &name]);
+    let held_key = held.line().await;
+    assert!(held_key.starts_with(&format!("{name}/")), "{held_key}");
+    let l = locker(h).await;
+    let etcdctl_holder = l.get(&key).await.expect("get").expect("etcdctl holds it");
+    let handle = l.lock(key.clone(), "locker").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    sleep(Duration::from_millis(200)).await;
+    assert!(!handle.is_owned(), "owned while etcdctl holds the lock");
+    held.interrupt().await;
+    let token = owned(&handle).await;
+    assert!(token > etcdctl_holder.token);
+    handle.release().await.expect("release");
+    queue_len(h, &key, 0).await;
+    l
+}
+
+/// While locker holds the lock, `etcdctl lock` waits; it gets the lock once locker releases.
+pub async fn etcdctl_lock_waits_for_locker(h: &EtcdHarness) {
+    isolated(h, etcdctl_lock_waits_for_locker_steps(h)).await;
+}
+
+async fn etcdctl_lock_waits_for_locker_steps(h: &EtcdHarness) -> Locker {
+    let key = h.key("locker-holds");
+    let name = h.etcd_key(&key);
+    let l = locker(h).await;
+    let guard = l.acquire(key.clone(), "locker").await.expect("acquire");
+    let mut waiting = Etcdctl::spawn(h, &["lock", &name]);
+    queue_len(h, &key, 2).await;
+    let early = timeout(Duration::from_millis(300), waiting.lines.next_line()).await;
+    assert!(
+        early.is_err(),
+        "etcdctl got the lock while locker held it: {early:?}"
+    );
+    guard.release().await.expect("release");
+    let held_key = waiting.line().await;
+    assert!(held_key.starts_with(&format!("{name}/")), "{held_key}");
+    waiting.interrupt().await;
+    queue_len(h, &key, 0).await;
+    l
+}
+
+/// A leader elected with `etcdctl elect` is the holder `get` and `watch` report, with its value.
+pub async fn etcdctl_elect_is_seen_as_holder(h: &EtcdHarness) {
+    isolated(h, etcdctl_elect_is_seen_as_holder_steps(h)).await;
+}
+
+async fn etcdctl_elect_is_seen_as_holder_steps(h: &EtcdHarness) -> Locker {
+    let key = h.key("elected");
+    let name = h.etcd_key(&key);
+    let l = locker(h).await;
+    let mut stream = l.watch(&key).expect("watch");
+    assert_eq!(next_holder(&mut stream).await, None);
+    let mut leader = Etcdctl::spawn(h, &["elect", &name, "10.0.0.7"]);
+    let elected_key = leader.line().await;
+    assert!(
+        elected_key.starts_with(&format!("{name}/")),
+        "{elected_key}"
+    );
+    assert_eq!(leader.line().await, "10.0.0.7");
+    let holder = l.get(&key).await.expect("get").expect("a leader");
+    assert_eq!(holder.value_str(), Some("10.0.0.7"));
+    assert_eq!(format!("{name}/{:x}", holder.lease), elected_key);
+    let seen = next_holder(&mut stream).await.expect("a leader");
+    assert_eq!(seen.value_str(), Some("10.0.0.7"));
+    leader.interrupt().await;
+    assert_eq!(next_holder(&mut stream).await, None);
+    l
+}
+
+/// A locker holder is the leader `etcdctl elect -l` observes, with its value.
+pub async fn locker_holder_is_etcdctl_elect_leader(h: &EtcdHarness) {
+    isolated(h, locker_holder_is_etcdctl_elect_leader_steps(h)).await;
+}
+
+async fn locker_holder_is_etcdctl_elect_leader_steps(h: &EtcdHarness) -> Locker {
+    let key = h.key("observed");
+    let name = h.etcd_key(&key);
+    let l = locker(h).await;
+    let guard = l.acquire(key.clone(), "10.1.1.1").await.expect("acquire");
+    let lease = l.get(&key).await.expect("get").expect("held").lease;
+    let mut observer = Etcdctl::spawn(h, &["elect", "-l", &name]);
+    assert_eq!(observer.line().await, format!("{name}/{lease:x}"));
+    assert_eq!(observer.line().await, "10.1.1.1");
+    guard.set_value("10.1.1.2").await.expect("set_value");
+    assert_eq!(observer.line().await, format!("{name}/{lease:x}"));
+    assert_eq!(observer.line().await, "10.1.1.2");
+    observer.interrupt().await;
+    guard.release().await.expect("release");
+    l
+}
