@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::backend::{LockBackend, Revision, WatchEvent, queue_of};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::retry::Jitter;
 
 /// What a subscriber receives.
@@ -28,6 +28,41 @@ pub(crate) enum HubMsg {
 }
 
 type Subscribers = HashMap<String, Vec<(u64, mpsc::UnboundedSender<HubMsg>)>>;
+
+/// Whether the hub's watch is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    /// Being established (or re-established after a compaction).
+    Starting,
+    /// Established: every event after this reaches subscribers.
+    Up,
+    /// The store refused the watch for good (permission denied, ...): the message and whether
+    /// it was a permission error. The task has ended; the next subscriber starts a new one.
+    Failed { message: String, permission: bool },
+}
+
+impl Status {
+    fn error(&self) -> Option<Error> {
+        match self {
+            Status::Failed {
+                message,
+                permission: true,
+            } => Some(Error::PermissionDenied {
+                message: message.clone(),
+                source: None,
+            }),
+            Status::Failed {
+                message,
+                permission: false,
+            } => Some(Error::Backend {
+                message: message.clone(),
+                retryable: false,
+                source: None,
+            }),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -42,8 +77,8 @@ pub(crate) struct Hub {
     jitter: Arc<Jitter>,
     retry: (Duration, Duration),
     state: Arc<Mutex<State>>,
-    /// `true` once the watch is established; every event after that reaches subscribers.
-    ready: watch::Sender<bool>,
+    /// Whether the watch is established; every event after that reaches subscribers.
+    status: watch::Sender<Status>,
 }
 
 /// A subscription to one queue's events. Dropping it unsubscribes.
@@ -87,7 +122,7 @@ impl Hub {
             jitter,
             retry,
             state: Arc::new(Mutex::new(State::default())),
-            ready: watch::channel(false).0,
+            status: watch::channel(Status::Starting).0,
         }
     }
 
@@ -98,7 +133,7 @@ impl Hub {
     /// # Cancel safety
     ///
     /// Cancel safe: a dropped call leaves no subscription behind.
-    pub(crate) async fn subscribe(&self, key: &str) -> Subscription {
+    pub(crate) async fn subscribe(&self, key: &str) -> Result<Subscription> {
         let (tx, rx) = mpsc::unbounded_channel();
         let sub = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,13 +144,16 @@ impl Hub {
                 .entry(key.to_owned())
                 .or_default()
                 .push((id, tx));
-            if state.task.is_none() {
+            // Start the watch task on first use, and again if it ended (a permanent error, or
+            // the runtime that ran it shut down).
+            if state.task.as_ref().is_none_or(|t| t.is_finished()) {
+                self.status.send_replace(Status::Starting);
                 let task = tokio::spawn(run(
                     self.backend.clone(),
                     self.jitter.clone(),
                     self.retry,
                     Arc::downgrade(&self.state),
-                    self.ready.clone(),
+                    self.status.clone(),
                 ));
                 state.task = Some(task.abort_handle());
             }
@@ -126,10 +164,17 @@ impl Hub {
                 state: Arc::downgrade(&self.state),
             }
         };
-        let mut ready = self.ready.subscribe();
-        // The sender lives in `self`, so this only ends when the watch is up.
-        let _ = ready.wait_for(|up| *up).await;
-        sub
+        let mut status = self.status.subscribe();
+        // The sender lives in `self`, so this only ends when the watch is up or has failed.
+        let status = status
+            .wait_for(|s| *s != Status::Starting)
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(Status::Up);
+        match status.error() {
+            Some(err) => Err(err),
+            None => Ok(sub),
+        }
     }
 }
 
@@ -147,7 +192,7 @@ async fn run(
     jitter: Arc<Jitter>,
     (retry_base, retry_max): (Duration, Duration),
     state: Weak<Mutex<State>>,
-    ready: watch::Sender<bool>,
+    status: watch::Sender<Status>,
 ) {
     let mut from: Option<Revision> = None;
     let mut resync = false;
@@ -160,6 +205,23 @@ async fn run(
                 from = None;
                 resync = true;
                 continue;
+            }
+            Err(err) if !err.is_retryable() => {
+                warn!(error = %err, "hub watch refused by the store");
+                let permission = matches!(err, Error::PermissionDenied { .. });
+                status.send_replace(Status::Failed {
+                    message: err.to_string(),
+                    permission,
+                });
+                // Subscribers see their channel close and subscribe again (starting a new task).
+                if let Some(state) = state.upgrade() {
+                    state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .subscribers
+                        .clear();
+                }
+                return;
             }
             Err(err) => {
                 let delay = jitter.backoff(failures, retry_base, retry_max);
@@ -177,7 +239,7 @@ async fn run(
                 return;
             }
         }
-        ready.send_replace(true);
+        status.send_replace(Status::Up);
         let mut events = stream.events;
         while let Some(batch) = events.next().await {
             match batch {

@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{Entry, EventKind};
+use crate::backend::{Entry, EventKind, entry_key};
 use crate::error::{Error, LossReason, Result};
 use crate::hub::{HubMsg, Subscription};
-use crate::locker::{LockOptions, Locker, check_ttl};
+use crate::locker::{KeyClaim, LockOptions, Locker, check_ttl};
 use crate::session::{Session, SessionState};
 use crate::types::{FencingToken, Ownership};
 
@@ -84,6 +84,8 @@ pub(crate) fn start(
         mode,
         dedicated_ttl: options.ttl,
         own_session: None,
+        claim: None,
+        pending: None,
         held: None,
         state: state_tx,
         cmds: cmd_rx,
@@ -180,7 +182,10 @@ impl LockHandle {
         loop {
             let state = *rx.borrow_and_update();
             match state {
-                Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
+                // Owned by the published state *and* within the local deadline.
+                Ownership::Owned { token } | Ownership::Unconfirmed { token, .. }
+                    if self.is_owned() =>
+                {
                     return Ok(token);
                 }
                 Ownership::Released => return Err(self.take_error()),
@@ -193,7 +198,8 @@ impl LockHandle {
     }
 
     /// Changes the value: at once in the store if the handle has an entry (owned or waiting),
-    /// and for every later tenure.
+    /// and for every later tenure. The new value is taken for later tenures even if writing it
+    /// to the current entry fails.
     ///
     /// # Errors
     ///
@@ -427,6 +433,9 @@ enum Turn {
 /// The outcome of holding.
 enum HoldEnd {
     Lost(LossReason),
+    /// The session was no longer valid when ownership would have begun: nothing was published
+    /// as owned, so join again.
+    NeverOwned,
     Exit(Exit),
 }
 
@@ -437,6 +446,11 @@ struct Driver {
     mode: Mode,
     dedicated_ttl: Option<Duration>,
     own_session: Option<Arc<Session>>,
+    /// This task's claim on `key` in the locker's default session (one lock per key per
+    /// session: the entry name comes from the lease).
+    claim: Option<KeyClaim>,
+    /// A join sent whose answer was not seen (the entry may exist): its session and entry key.
+    pending: Option<(Arc<Session>, String)>,
     /// The entry this task has in the store, with the session it is under.
     held: Option<(Arc<Session>, Entry)>,
     state: watch::Sender<Ownership>,
@@ -468,6 +482,14 @@ impl Driver {
         self.locker.inner.backend.as_ref()
     }
 
+    fn set_reader_session(&self, session: Option<watch::Receiver<SessionState>>) {
+        *self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = session;
+    }
+
     async fn main(&mut self) -> Exit {
         loop {
             self.publish(Ownership::Acquiring);
@@ -479,13 +501,21 @@ impl Driver {
                 },
             };
             // Subscribe before joining: every change after the join is then seen.
-            let mut sub = tokio::select! {
+            let subscribed = tokio::select! {
                 sub = self.locker.inner.hub.subscribe(&self.key) => sub,
                 cmd = self.cmds.recv() => match self.command(cmd).await {
                     Some(exit) => return exit,
                     None => continue,
                 },
             };
+            let mut sub = match subscribed {
+                Ok(sub) => sub,
+                Err(err) => match self.failed(err).await {
+                    Some(exit) => return exit,
+                    None => continue,
+                },
+            };
+            self.pending = Some((session.clone(), entry_key(&self.key, session.lease())));
             let joined = match self
                 .locker
                 .inner
@@ -495,6 +525,7 @@ impl Driver {
             {
                 Ok(joined) => joined,
                 Err(Error::LeaseLost { .. }) => {
+                    self.pending = None;
                     self.drop_session(&session).await;
                     continue;
                 }
@@ -503,8 +534,10 @@ impl Driver {
                     None => continue,
                 },
             };
+            self.pending = None;
             self.failures = 0;
             let mut entry = joined.entry;
+            self.held = Some((session.clone(), entry.clone()));
             if entry.value != self.value {
                 // A retried join found our entry from before, with an older value.
                 if let Ok(true) = self
@@ -515,7 +548,6 @@ impl Driver {
                     entry.value = self.value.clone();
                 }
             }
-            self.held = Some((session.clone(), entry.clone()));
             if joined.holder.key != entry.key {
                 if self.mode == Mode::TryOnce {
                     debug!(key = %self.key, "try_acquire: held by another");
@@ -529,23 +561,20 @@ impl Driver {
                 }
             }
             let token = FencingToken(entry.create_revision);
-            info!(key = %self.key, %token, "owned");
             match self.hold(&session, &entry, &mut sub).await {
                 HoldEnd::Exit(exit) => return exit,
+                HoldEnd::NeverOwned => {
+                    debug!(key = %self.key, "session ended before owning; joining again");
+                    self.forget_entry_in_background();
+                    self.drop_session(&session).await;
+                }
                 HoldEnd::Lost(reason) => {
                     warn!(key = %self.key, %token, %reason, "lost");
+                    self.set_reader_session(None);
                     self.publish(Ownership::Lost { token, reason });
-                    *self
-                        .shared
-                        .session
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = None;
-                    if reason != LossReason::EntryDeleted {
-                        // The store may still have the entry (deadline passed): take it away in
-                        // the background so the next holder need not wait for the lease.
-                        self.forget_entry_in_background();
-                    }
-                    self.held = None;
+                    // The store may still have the entry (deadline passed, or a stale view):
+                    // take it away (guarded) so the next holder need not wait for the lease.
+                    self.forget_entry_in_background();
                     if matches!(reason, LossReason::LeaseGone | LossReason::DeadlinePassed) {
                         self.drop_session(&session).await;
                     }
@@ -557,38 +586,62 @@ impl Driver {
         }
     }
 
-    /// The session to use: the locker's default one, or this lock's own.
+    /// The session to use: the locker's default one, or this lock's own. A second lock on the
+    /// same key in the same locker gets a session of its own, so that the two have two entries.
     async fn session(&mut self) -> Result<Arc<Session>> {
-        match self.dedicated_ttl {
-            None => self.locker.default_session().await,
-            Some(ttl) => {
-                if let Some(session) = self.own_session.as_ref().filter(|s| !s.is_lost()) {
-                    return Ok(session.clone());
-                }
-                let session = self.locker.new_session(ttl).await?;
-                self.own_session = Some(session.clone());
-                Ok(session)
+        if self.dedicated_ttl.is_none() {
+            if self.claim.is_none() {
+                self.claim = self.locker.claim_key(&self.key);
+            }
+            if self.claim.is_some() {
+                return self.locker.default_session().await;
             }
         }
+        if let Some(session) = self.own_session.as_ref().filter(|s| !s.is_lost()) {
+            return Ok(session.clone());
+        }
+        let ttl = self.dedicated_ttl.unwrap_or(self.locker.inner.ttl);
+        let session = self.locker.new_session(ttl).await?;
+        self.own_session = Some(session.clone());
+        Ok(session)
     }
 
-    /// Stops using a session whose lease is gone.
+    /// Stops using a session whose lease is gone (or whose deadline passed).
     async fn drop_session(&mut self, session: &Arc<Session>) {
-        if self.dedicated_ttl.is_some() {
+        if self
+            .own_session
+            .as_ref()
+            .is_some_and(|own| Arc::ptr_eq(own, session))
+        {
             self.own_session = None;
         } else {
             self.locker.forget_default_session(session).await;
         }
     }
 
-    /// Handles a failed store call: a one-shot attempt fails on a permanent error; otherwise
-    /// waits a jittered back-off (serving commands) and goes on.
+    /// Handles a failed store call: `try_acquire` gives up on any error, `acquire` on a
+    /// permanent one; otherwise waits a jittered back-off (serving commands) and goes on.
     async fn failed(&mut self, err: Error) -> Option<Exit> {
-        if !err.is_retryable() && self.mode != Mode::Persistent {
+        let give_up = match self.mode {
+            Mode::TryOnce => true,
+            Mode::Once => !err.is_retryable(),
+            Mode::Persistent => false,
+        };
+        if give_up {
             warn!(key = %self.key, error = %err, "lock attempt failed");
             *self.shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
             return Some(Exit::Done);
         }
+        if err.is_retryable() {
+            debug!(key = %self.key, error = %err, "store call failed; retrying");
+        } else {
+            warn!(key = %self.key, error = %err, "store call failed; the handle keeps trying");
+        }
+        self.pause().await
+    }
+
+    /// Sleeps a jittered back-off, serving commands; `Some` if told to stop meanwhile.
+    async fn pause(&mut self) -> Option<Exit> {
         let inner = &self.locker.inner;
         let delay = inner.jitter.backoff(
             self.failures,
@@ -596,7 +649,6 @@ impl Driver {
             inner.timing.retry_max,
         );
         self.failures = self.failures.saturating_add(1);
-        debug!(key = %self.key, error = %err, ?delay, "store call failed; retrying");
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -625,6 +677,8 @@ impl Driver {
         }
     }
 
+    /// Takes `value` as the value of this and every later tenure, and writes it to the entry
+    /// this task has now, if any (guarded by the entry's create revision).
     async fn set_value(&mut self, value: Vec<u8>) -> Result<()> {
         self.locker.check_value(&value)?;
         self.value = value;
@@ -661,6 +715,7 @@ impl Driver {
         let mut session_rx = session.subscribe();
         loop {
             if session.is_lost() {
+                self.forget_entry_in_background();
                 return Turn::Rejoin;
             }
             let position = match self
@@ -669,7 +724,10 @@ impl Driver {
                 .await
             {
                 Ok(position) => position,
-                Err(Error::LeaseLost { .. }) => return Turn::Rejoin,
+                Err(Error::LeaseLost { .. }) => {
+                    self.held = None;
+                    return Turn::Rejoin;
+                }
                 Err(err) => match self.failed(err).await {
                     Some(exit) => return Turn::Exit(exit),
                     None => continue,
@@ -688,6 +746,13 @@ impl Driver {
             // Wait for the predecessor (or our own entry) to go, after the read.
             loop {
                 tokio::select! {
+                    biased;
+                    changed = session_rx.changed() => {
+                        if changed.is_err() || session.is_lost() {
+                            self.forget_entry_in_background();
+                            return Turn::Rejoin;
+                        }
+                    }
                     msg = sub.recv() => match msg {
                         Some(HubMsg::Event(event)) => {
                             if event.kind == EventKind::Delete
@@ -697,13 +762,11 @@ impl Driver {
                                 break;
                             }
                         }
-                        Some(HubMsg::Resync) | None => break,
+                        Some(HubMsg::Resync) => break,
+                        // The hub's watch failed: subscribe again by joining again (the join
+                        // finds our entry where it is).
+                        None => return Turn::Rejoin,
                     },
-                    changed = session_rx.changed() => {
-                        if changed.is_err() || session.is_lost() {
-                            return Turn::Rejoin;
-                        }
-                    }
                     cmd = self.cmds.recv() => {
                         if let Some(exit) = self.command(cmd).await {
                             return Turn::Exit(exit);
@@ -723,13 +786,19 @@ impl Driver {
     ) -> HoldEnd {
         let token = FencingToken(entry.create_revision);
         let mut session_rx = session.subscribe();
-        *self
-            .shared
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(session.subscribe());
+        if !session_rx.borrow_and_update().valid_at(Instant::now()) {
+            return HoldEnd::NeverOwned;
+        }
+        self.set_reader_session(Some(session.subscribe()));
+        info!(key = %self.key, %token, "owned");
         loop {
-            match *session_rx.borrow_and_update() {
+            let state = *session_rx.borrow_and_update();
+            match state {
+                SessionState::Live { deadline } | SessionState::Unconfirmed { deadline }
+                    if Instant::now() >= deadline =>
+                {
+                    return HoldEnd::Lost(LossReason::DeadlinePassed);
+                }
                 SessionState::Live { .. } => self.publish(Ownership::Owned { token }),
                 SessionState::Unconfirmed { deadline } => {
                     self.publish(Ownership::Unconfirmed { token, deadline })
@@ -739,30 +808,38 @@ impl Driver {
                 }
                 SessionState::Lost(reason) => return HoldEnd::Lost(reason),
             }
-            tokio::select! {
+            let resync = tokio::select! {
+                biased;
                 changed = session_rx.changed() => {
                     if changed.is_err() && !matches!(*session_rx.borrow(), SessionState::Lost(_)) {
                         return HoldEnd::Lost(LossReason::DeadlinePassed);
                     }
+                    false
                 }
                 msg = sub.recv() => match msg {
                     Some(HubMsg::Event(event)) => {
-                        if event.entry.key == entry.key && event.kind == EventKind::Delete {
+                        // A delete of our key from before this tenure (same lease, earlier
+                        // entry) is not about this entry.
+                        if event.entry.key == entry.key
+                            && event.kind == EventKind::Delete
+                            && event.entry.mod_revision > entry.create_revision
+                        {
                             return HoldEnd::Lost(if session.is_lost() {
                                 LossReason::LeaseGone
                             } else {
                                 LossReason::EntryDeleted
                             });
                         }
+                        false
                     }
-                    Some(HubMsg::Resync) | None => {
-                        match self.backend().position(&self.key, &entry.key, entry.create_revision).await {
-                            Ok(position) if position.own.is_none() => {
-                                return HoldEnd::Lost(LossReason::EntryDeleted);
-                            }
-                            Err(Error::LeaseLost { .. }) => return HoldEnd::Lost(LossReason::LeaseGone),
-                            _ => {}
+                    Some(HubMsg::Resync) => true,
+                    None => {
+                        // The hub's watch failed: subscribe again, then check what was missed.
+                        match self.locker.inner.hub.subscribe(&self.key).await {
+                            Ok(fresh) => *sub = fresh,
+                            Err(err) => warn!(key = %self.key, error = %err, "cannot watch the lock"),
                         }
+                        true
                     }
                 },
                 cmd = self.cmds.recv() => {
@@ -772,13 +849,74 @@ impl Driver {
                     if self.held.is_none() {
                         return HoldEnd::Lost(LossReason::EntryDeleted);
                     }
+                    false
+                }
+            };
+            if resync && let Some(end) = self.check_still_there(session, entry).await {
+                return end;
+            }
+        }
+    }
+
+    /// After a gap in the watch: reads whether our entry is still there, retrying until the
+    /// store answers (or the session ends). `Some` if holding must end.
+    async fn check_still_there(
+        &mut self,
+        session: &Arc<Session>,
+        entry: &Entry,
+    ) -> Option<HoldEnd> {
+        let mut session_rx = session.subscribe();
+        let mut failures = 0u32;
+        loop {
+            match self
+                .backend()
+                .position(&self.key, &entry.key, entry.create_revision)
+                .await
+            {
+                Ok(position) if position.own.is_none() => {
+                    return Some(HoldEnd::Lost(LossReason::EntryDeleted));
+                }
+                Ok(_) => return None,
+                Err(Error::LeaseLost { .. }) => return Some(HoldEnd::Lost(LossReason::LeaseGone)),
+                Err(err) => {
+                    let inner = &self.locker.inner;
+                    let delay = inner.jitter.backoff(
+                        failures,
+                        inner.timing.retry_base,
+                        inner.timing.retry_max,
+                    );
+                    failures = failures.saturating_add(1);
+                    debug!(key = %self.key, error = %err, ?delay, "cannot check the entry; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = session_rx.changed() => {
+                            if let SessionState::Lost(reason) = *session_rx.borrow() {
+                                return Some(HoldEnd::Lost(match reason {
+                                    LossReason::Released => LossReason::LeaseGone,
+                                    other => other,
+                                }));
+                            }
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
         }
     }
 
-    /// Deletes the held entry (guarded), retrying until it is gone or its lease is.
+    /// Deletes what this task has in the store: the held entry (guarded by its create
+    /// revision), or the entry of a join whose answer was not seen. Retries transient errors
+    /// until the entry or its lease is gone; after a permanent error keeps retrying in the
+    /// background for as long as the session lives.
     async fn delete_held(&mut self) -> Result<()> {
+        if self.held.is_none()
+            && let Some((session, key)) = self.pending.take()
+            && let Ok(snapshot) = self.backend().entries(&self.key).await
+            && let Some(entry) = snapshot.entries.into_iter().find(|e| e.key == key)
+        {
+            // The join went through although its answer was not seen.
+            self.held = Some((session, entry));
+        }
         let Some((session, entry)) = self.held.take() else {
             return Ok(());
         };
@@ -790,7 +928,9 @@ impl Driver {
                 .await
             {
                 Ok(_) | Err(Error::LeaseLost { .. }) => return Ok(()),
-                Err(err) if err.is_retryable() && !session.is_lost() => {
+                // The lease is no longer renewed, so the entry goes with it.
+                Err(_) if session.is_lost() => return Ok(()),
+                Err(err) if err.is_retryable() => {
                     let inner = &self.locker.inner;
                     let delay = inner.jitter.backoff(
                         failures,
@@ -801,39 +941,69 @@ impl Driver {
                     debug!(key = %self.key, error = %err, ?delay, "release failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
-                // The lease is no longer renewed, so the entry goes with it.
-                Err(_) if session.is_lost() => return Ok(()),
-                Err(err) => return Err(err),
+                Err(err) => {
+                    self.delete_in_background(session, entry, true);
+                    return Err(err);
+                }
             }
         }
     }
 
-    fn forget_entry_in_background(&mut self) {
-        if let Some((_, entry)) = self.held.take() {
-            let backend = self.locker.inner.backend.clone();
-            tokio::spawn(async move {
-                let _ = backend
+    /// Deletes the held entry (guarded) in the background, so that a loss or an exit never waits
+    /// for the store. With `until_gone`, retries (with back-off) while the session lives.
+    fn delete_in_background(&self, session: Arc<Session>, entry: Entry, until_gone: bool) {
+        let backend = self.locker.inner.backend.clone();
+        let jitter = self.locker.inner.jitter.clone();
+        let timing = self.locker.inner.timing;
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                match backend
                     .delete_entry(&entry.key, entry.create_revision)
-                    .await;
-            });
+                    .await
+                {
+                    Ok(_) | Err(Error::LeaseLost { .. }) => return,
+                    Err(_) if !until_gone || session.is_lost() => return,
+                    Err(_) => {
+                        let delay = jitter.backoff(failures, timing.retry_base, timing.retry_max);
+                        failures = failures.saturating_add(1);
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn forget_entry_in_background(&mut self) {
+        if let Some((session, entry)) = self.held.take() {
+            self.delete_in_background(session, entry, false);
         }
     }
 
     async fn finish(&mut self, exit: Exit) {
-        *self
+        let was_owned = self.state.borrow().is_owned();
+        let still_valid = self
             .shared
             .session
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|s| s.borrow().valid_at(Instant::now()));
+        self.set_reader_session(None);
         match exit {
             Exit::Release(reply) => {
-                let result = self.delete_held().await;
+                let mut result = self.delete_held().await;
                 if let Err(err) = &result {
-                    warn!(key = %self.key, error = %err, "release failed; the lease will expire");
+                    warn!(key = %self.key, error = %err, "release failed; retrying in the background");
                 }
-                if let Some(session) = self.own_session.take() {
-                    drop(session); // revokes the dedicated lease
+                if result.is_ok() && was_owned && !still_valid {
+                    // Released, but ownership had already ended (deadline passed) before it.
+                    result = Err(Error::NotOwned {
+                        key: self.key.clone(),
+                        reason: LossReason::DeadlinePassed,
+                    });
                 }
+                self.own_session = None; // revokes a dedicated lease
                 self.publish(Ownership::Released);
                 info!(key = %self.key, "released");
                 if let Some(reply) = reply {
@@ -845,14 +1015,18 @@ impl Driver {
                     session.abandon();
                     self.held = None;
                 } else if let Some((session, entry)) = self.held.take() {
+                    // The shared session lives on: delete the entry when its lease would have
+                    // expired. Keep the claim on the key until then, so that a new lock on the
+                    // same key in this locker does not take this entry for its own.
                     let backend = self.locker.inner.backend.clone();
+                    let claim = self.claim.take();
                     let ttl = session.ttl();
                     tokio::spawn(async move {
                         tokio::time::sleep(ttl).await;
                         let _ = backend
                             .delete_entry(&entry.key, entry.create_revision)
                             .await;
-                        drop(session);
+                        drop((session, claim));
                     });
                 }
                 self.publish(Ownership::Released);
@@ -861,9 +1035,7 @@ impl Driver {
             Exit::Done => {
                 // A one-shot attempt: clean up whatever is left, keep a published loss visible.
                 let _ = self.delete_held().await;
-                if let Some(session) = self.own_session.take() {
-                    drop(session);
-                }
+                self.own_session = None;
                 if !matches!(*self.state.borrow(), Ownership::Lost { .. }) {
                     self.publish(Ownership::Released);
                 }

@@ -58,6 +58,24 @@ pub(crate) struct Inner {
     pub(crate) ttl: Duration,
     pub(crate) timing: Timing,
     default_session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// Keys with a lock on the default session (one entry per key per lease).
+    claims: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// A lock task's claim on a key in its locker's default session; released on drop.
+#[derive(Debug)]
+pub(crate) struct KeyClaim {
+    key: String,
+    claims: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
 }
 
 impl fmt::Debug for Locker {
@@ -149,6 +167,7 @@ impl LockerBuilder {
                 ttl: self.ttl,
                 timing,
                 default_session: tokio::sync::Mutex::new(None),
+                claims: Arc::default(),
             }),
         })
     }
@@ -371,8 +390,8 @@ impl Locker {
         Ok(watch::holder_stream(self.clone(), key.to_owned()))
     }
 
-    /// Stops the default session now, revoking its lease: every lock on it is released (their
-    /// handles report the loss). Returns once the store has answered, or after at most the TTL
+    /// Stops the default session now, revoking its lease: every lock on it loses ownership
+    /// (guards stay lost; handles, which keep trying, join again on a new session). Returns once the store has answered, or after at most the TTL
     /// if it cannot be reached (the lease then expires by itself). Locks on dedicated sessions
     /// are not affected. The locker stays usable: a later lock starts a new session.
     ///
@@ -443,6 +462,19 @@ impl Holder {
 }
 
 impl Locker {
+    /// Claims `key` in the default session, unless another lock of this locker has it.
+    pub(crate) fn claim_key(&self, key: &str) -> Option<KeyClaim> {
+        let claims = &self.inner.claims;
+        let fresh = claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned());
+        fresh.then(|| KeyClaim {
+            key: key.to_owned(),
+            claims: claims.clone(),
+        })
+    }
+
     /// Stops using `session` as the default session (its lease is gone).
     pub(crate) async fn forget_default_session(&self, session: &Arc<Session>) {
         let mut slot = self.inner.default_session.lock().await;

@@ -70,48 +70,68 @@ pub(crate) fn holder_stream(
 
 async fn feed(locker: Locker, key: String, tx: mpsc::UnboundedSender<Result<Option<Holder>>>) {
     let inner = &locker.inner;
-    let mut sub = inner.hub.subscribe(&key).await;
     let mut last: Option<Option<Holder>> = None;
     let mut failures = 0u32;
-    'resync: loop {
-        let snapshot = match inner.backend.entries(&key).await {
-            Ok(snapshot) => snapshot,
-            Err(err) if err.is_retryable() => {
-                let delay =
-                    inner
-                        .jitter
-                        .backoff(failures, inner.timing.retry_base, inner.timing.retry_max);
-                failures = failures.saturating_add(1);
-                debug!(%key, error = %err, ?delay, "watch: read failed; retrying");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-            Err(err) => {
+    // Each round: subscribe (again after the hub's watch failed), read the queue, follow events.
+    loop {
+        let backoff = |failures: &mut u32| {
+            let delay =
+                inner
+                    .jitter
+                    .backoff(*failures, inner.timing.retry_base, inner.timing.retry_max);
+            *failures = failures.saturating_add(1);
+            delay
+        };
+        let mut sub = match inner.hub.subscribe(&key).await {
+            Ok(sub) => sub,
+            Err(err) if !err.is_retryable() => {
                 let _ = tx.send(Err(err));
                 return;
             }
+            Err(err) => {
+                let delay = backoff(&mut failures);
+                debug!(%key, error = %err, ?delay, "watch: subscribe failed; retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
         };
-        failures = 0;
-        let read_at = snapshot.revision;
-        let mut queue = Queue::from_entries(snapshot.entries);
-        if !emit(&tx, &mut last, queue.holder()) {
-            return;
-        }
-        while let Some(msg) = sub.recv().await {
-            match msg {
-                HubMsg::Event(event) => {
-                    if event.entry.mod_revision <= read_at {
-                        continue;
-                    }
-                    queue.apply(event.kind, event.entry);
-                    if !emit(&tx, &mut last, queue.holder()) {
-                        return;
-                    }
+        'resync: loop {
+            let snapshot = match inner.backend.entries(&key).await {
+                Ok(snapshot) => snapshot,
+                Err(err) if err.is_retryable() => {
+                    let delay = backoff(&mut failures);
+                    debug!(%key, error = %err, ?delay, "watch: read failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    continue;
                 }
-                HubMsg::Resync => continue 'resync,
+                Err(err) => {
+                    let _ = tx.send(Err(err));
+                    return;
+                }
+            };
+            failures = 0;
+            let read_at = snapshot.revision;
+            let mut queue = Queue::from_entries(snapshot.entries);
+            if !emit(&tx, &mut last, queue.holder()) {
+                return;
+            }
+            loop {
+                match sub.recv().await {
+                    Some(HubMsg::Event(event)) => {
+                        if event.entry.mod_revision <= read_at {
+                            continue;
+                        }
+                        queue.apply(event.kind, event.entry);
+                        if !emit(&tx, &mut last, queue.holder()) {
+                            return;
+                        }
+                    }
+                    Some(HubMsg::Resync) => continue 'resync,
+                    // The hub's watch failed: subscribe again.
+                    None => break 'resync,
+                }
             }
         }
-        return;
     }
 }
 

@@ -63,6 +63,9 @@ pub const BEHAVIOURS: &[&str] = &[
     "release_of_lost_guard_reports_not_owned",
     "dedicated_session_release_revokes_its_lease",
     "close_releases_default_session_locks",
+    "reacquire_on_the_same_locker_after_a_drop",
+    "two_locks_on_one_key_in_one_locker_exclude_each_other",
+    "try_acquire_fails_fast_when_the_store_is_unreachable",
     "bad_input_empty_key",
     "bad_input_key_too_long",
     "bad_input_value_too_large",
@@ -113,6 +116,9 @@ macro_rules! conformance_suite {
             release_of_lost_guard_reports_not_owned,
             dedicated_session_release_revokes_its_lease,
             close_releases_default_session_locks,
+            reacquire_on_the_same_locker_after_a_drop,
+            two_locks_on_one_key_in_one_locker_exclude_each_other,
+            try_acquire_fails_fast_when_the_store_is_unreachable,
             bad_input_empty_key,
             bad_input_key_too_long,
             bad_input_value_too_large,
@@ -1069,6 +1075,72 @@ pub async fn close_releases_default_session_locks(h: &dyn Harness) {
     );
     drop(guard);
     assert_clean(h, &[lease]).await;
+}
+
+/// Acquiring and dropping a guard on one key over and over on the same locker (same lease, so
+/// the same entry name each time) works every time and leaves the key free.
+pub async fn reacquire_on_the_same_locker_after_a_drop(h: &dyn Harness) {
+    let key = h.key("again");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let mut last = None;
+    for round in 0..10 {
+        let guard = timeout(PATIENCE, a.acquire(key.clone(), format!("r{round}")))
+            .await
+            .expect("acquired in time")
+            .expect("acquire");
+        assert!(guard.is_owned());
+        if let Some(last) = last {
+            assert!(guard.token() > last);
+        }
+        last = Some(guard.token());
+        drop(guard);
+    }
+    let guard = timeout(PATIENCE, b.acquire(key.clone(), "b"))
+        .await
+        .expect("the key is free again")
+        .expect("acquire");
+    assert_eq!(h.entries(&key).await.len(), 1);
+    guard.release().await.expect("release");
+}
+
+/// Two locks on one key from the same locker are two contenders (two entries), never two
+/// owners.
+pub async fn two_locks_on_one_key_in_one_locker_exclude_each_other(h: &dyn Harness) {
+    let key = h.key("same-locker");
+    let a = h.client().await.locker(TTL);
+    let first = a.acquire(key.clone(), "first").await.expect("acquire");
+    assert!(
+        a.try_acquire(key.clone(), "second")
+            .await
+            .expect("try")
+            .is_none()
+    );
+    let second = a.lock(key.clone(), "second").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    assert!(!second.is_owned());
+    assert_eq!(
+        a.get(&key).await.expect("get").expect("held").value_str(),
+        Some("first")
+    );
+    first.release().await.expect("release");
+    let token = owned(&second).await;
+    let holder = a.get(&key).await.expect("get").expect("held");
+    assert_eq!((holder.value_str(), holder.token), (Some("second"), token));
+    second.release().await.expect("release");
+}
+
+/// `try_acquire` answers a store error, not a wait, when the store cannot be reached.
+pub async fn try_acquire_fails_fast_when_the_store_is_unreachable(h: &dyn Harness) {
+    let client = h.client().await;
+    client.faults.cut(Cut::Fail).await;
+    let l = client.locker(TTL);
+    let err = timeout(PATIENCE, l.try_acquire(h.key("unreachable"), "v"))
+        .await
+        .expect("answered in time")
+        .expect_err("the store is unreachable");
+    assert!(err.is_retryable(), "{err}");
+    client.faults.heal().await;
 }
 
 // ---------------------------------------------------------------------------------------------
