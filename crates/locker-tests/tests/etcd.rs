@@ -37,3 +37,8 @@ mod interop {
         interop::locker_holder_is_etcdctl_elect_leader(&EtcdHarness::new("interop-4").await).await;
     }
 }
+
+/// The testcontainers path: etcd in a Docker container (`LOCKER_ETCD_IMAGE`, or a local image
+/// built from the etcd binary), and a lock hand-off through it.
+#[path = "etcd/docker.rs"]
+mod docker;

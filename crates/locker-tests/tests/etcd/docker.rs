@@ -3,7 +3,7 @@
 //! The image is `LOCKER_ETCD_IMAGE`; without it the test builds one from the local etcd binary
 //! with `scripts/etcd-image.sh` (no registry needed). Without a reachable Docker engine the test
 //! fails: it never passes by skipping.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::Command;
