@@ -6,7 +6,7 @@
 //! resumes it from the last revision seen when it breaks, and hands each event to the subscribers
 //! of the event's queue.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ pub(crate) enum HubMsg {
     Resync,
 }
 
-type Subscribers = HashMap<String, Vec<(u64, mpsc::UnboundedSender<HubMsg>)>>;
+type Subscribers = BTreeMap<String, Vec<(u64, mpsc::UnboundedSender<HubMsg>)>>;
 
 /// Whether the hub's watch is up.
 #[derive(Debug, Clone, PartialEq, Eq)]

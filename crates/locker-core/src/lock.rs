@@ -502,6 +502,7 @@ impl Driver {
             };
             // Subscribe before joining: every change after the join is then seen.
             let subscribed = tokio::select! {
+                biased;
                 sub = self.locker.inner.hub.subscribe(&self.key) => sub,
                 cmd = self.cmds.recv() => match self.command(cmd).await {
                     Some(exit) => return exit,
@@ -653,6 +654,7 @@ impl Driver {
         tokio::pin!(sleep);
         loop {
             tokio::select! {
+                biased;
                 _ = &mut sleep => return None,
                 cmd = self.cmds.recv() => {
                     if let Some(exit) = self.command(cmd).await {
@@ -992,6 +994,9 @@ impl Driver {
         self.set_reader_session(None);
         match exit {
             Exit::Release(reply) => {
+                // Stop claiming ownership before the entry goes: the next holder may own as
+                // soon as it is deleted.
+                self.publish(Ownership::Released);
                 let mut result = self.delete_held().await;
                 if let Err(err) = &result {
                     warn!(key = %self.key, error = %err, "release failed; retrying in the background");
@@ -1004,7 +1009,6 @@ impl Driver {
                     });
                 }
                 self.own_session = None; // revokes a dedicated lease
-                self.publish(Ownership::Released);
                 info!(key = %self.key, "released");
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
@@ -1034,11 +1038,11 @@ impl Driver {
             }
             Exit::Done => {
                 // A one-shot attempt: clean up whatever is left, keep a published loss visible.
-                let _ = self.delete_held().await;
-                self.own_session = None;
                 if !matches!(*self.state.borrow(), Ownership::Lost { .. }) {
                     self.publish(Ownership::Released);
                 }
+                let _ = self.delete_held().await;
+                self.own_session = None;
                 // Serve a late release() with the loss.
                 self.cmds.close();
                 while let Some(cmd) = self.cmds.recv().await {

@@ -11,3 +11,6 @@ pub use config::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREFIX, DEFAULT_REQUEST_TIMEOUT,
     EtcdBackendBuilder,
 };
+/// etcd-client's TLS types, for [`EtcdBackendBuilder::tls`] (feature `tls`).
+#[cfg(feature = "tls")]
+pub use etcd_client::{Certificate, Identity, TlsOptions};

@@ -164,6 +164,7 @@ async fn expiry_loop(store: Weak<Store>, wake: Arc<Notify>) {
         match next {
             Some(deadline) => {
                 tokio::select! {
+                    biased;
                     () = tokio::time::sleep_until(deadline) => {}
                     () = wake.notified() => {}
                 }

@@ -279,6 +279,52 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// Starts one member of a cluster under a supervisor, without waiting for it to answer (the
+/// members of a new cluster wait for each other). `args` are the member's own flags.
+pub(crate) fn spawn_member(
+    binary: &Path,
+    dir: PathBuf,
+    client_url: String,
+    args: &[String],
+) -> std::io::Result<EtcdProcess> {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(SUPERVISOR)
+        .arg("locker-etcd-supervisor")
+        .arg(&dir)
+        .arg(binary)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut supervisor = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(err);
+        }
+    };
+    let (Some(commands), Some(stdout)) = (supervisor.stdin.take(), supervisor.stdout.take()) else {
+        return Err(std::io::Error::other("the supervisor has no pipes"));
+    };
+    let mut process = EtcdProcess {
+        supervisor,
+        commands: Some(commands),
+        replies: BufReader::new(stdout),
+        pid: None,
+        client_url,
+        dir,
+    };
+    process.pid = Some(process.read_started()?);
+    Ok(process)
+}
+
+/// A free loopback port (bound, then released: another process may take it meanwhile).
+pub(crate) fn free_loopback_port() -> std::io::Result<u16> {
+    free_port()
+}
+
 async fn try_start(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess> {
     let dir = tempfile::Builder::new()
         .prefix("locker-etcd-")
@@ -429,8 +475,17 @@ impl EtcdProcess {
         self.wait_ready().await
     }
 
+    /// Starts etcd again without waiting for it to answer (a cluster member waits for its peers).
+    pub(crate) fn start_no_wait(&mut self) -> std::io::Result<()> {
+        if self.pid.is_none() {
+            let reply = self.send("start")?;
+            self.pid = Some(parse_started(&reply)?);
+        }
+        Ok(())
+    }
+
     /// Waits until etcd answers a status request, failing early if it exits.
-    async fn wait_ready(&self) -> std::io::Result<()> {
+    pub(crate) async fn wait_ready(&self) -> std::io::Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
             if answers(&self.client_url).await {
@@ -452,6 +507,40 @@ impl EtcdProcess {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Freezes etcd (SIGSTOP to its PID): it keeps its sockets but answers nothing.
+    ///
+    /// # Errors
+    ///
+    /// If it is not running or the signal cannot be sent.
+    pub fn pause(&self) -> std::io::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Thaws etcd after [`pause`](Self::pause) (SIGCONT to its PID).
+    ///
+    /// # Errors
+    ///
+    /// If it is not running or the signal cannot be sent.
+    pub fn resume(&self) -> std::io::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let pid = self
+            .pid
+            .ok_or_else(|| std::io::Error::other("etcd is not running"))?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "kill {signal} {pid}: {status}"
+            )))
         }
     }
 
@@ -707,6 +796,140 @@ fn container_runs(id: &str) -> bool {
         .args(["inspect", "--format", "{{.State.Running}}", id])
         .output()
         .is_ok_and(|output| output.status.success() && output.stdout.starts_with(b"true"))
+}
+
+/// Starts a dedicated etcd, from the binary [`etcd_binary`] finds, that serves clients over TLS
+/// only, at `https://127.0.0.1:<port>` ([`EtcdProcess::endpoints`]), with `--unsafe-no-fsync`.
+///
+/// `flags` are the server's TLS flags (`--cert-file`, `--key-file`; for client certificates
+/// `--client-cert-auth` and `--trusted-ca-file`) and any others. Readiness is a status call made
+/// with `probe`: TLS options the server accepts. Dropping the process stops etcd. (Its
+/// [`start`](EtcdProcess::start) after a stop waits with a plain-HTTP probe: not for TLS servers.)
+///
+/// # Errors
+///
+/// If there is no binary, or etcd does not start and answer within 20 s (the error quotes its
+/// log).
+pub async fn start_etcd_binary_tls(
+    flags: &[&str],
+    probe: locker_etcd::TlsOptions,
+) -> std::io::Result<EtcdProcess> {
+    let binary = etcd_binary().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no etcd binary: install etcd (apt-get install etcd-server) or set LOCKER_ETCD_BIN",
+        )
+    })?;
+    let mut last = None;
+    // Free ports may be taken between the pick and etcd's bind: try a few times.
+    for _ in 0..3 {
+        match try_start_tls(&binary, flags, &probe).await {
+            Ok(process) => return Ok(process),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("etcd did not start")))
+}
+
+async fn try_start_tls(
+    binary: &Path,
+    flags: &[&str],
+    probe: &locker_etcd::TlsOptions,
+) -> std::io::Result<EtcdProcess> {
+    let dir = tempfile::Builder::new()
+        .prefix("locker-etcd-tls-")
+        .tempdir()?
+        .keep();
+    let client_port = free_port()?;
+    let mut peer_port = free_port()?;
+    while peer_port == client_port {
+        peer_port = free_port()?;
+    }
+    let client_url = format!("https://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(SUPERVISOR)
+        .arg("locker-etcd-supervisor")
+        .arg(&dir)
+        .arg(binary)
+        .args(["--name", "locker-test", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("locker-test={peer_url}")])
+        .args([
+            "--unsafe-no-fsync",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+        ])
+        .args(flags)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut supervisor = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(err);
+        }
+    };
+    let (Some(commands), Some(stdout)) = (supervisor.stdin.take(), supervisor.stdout.take()) else {
+        return Err(std::io::Error::other("the supervisor has no pipes"));
+    };
+    let mut process = EtcdProcess {
+        supervisor,
+        commands: Some(commands),
+        replies: BufReader::new(stdout),
+        pid: None,
+        client_url,
+        dir,
+    };
+    process.pid = Some(process.read_started()?);
+    // On failure `process` is dropped, which stops etcd and removes its directory.
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        if answers_tls(&process.client_url, probe).await {
+            return Ok(process);
+        }
+        if let Some(pid) = process.pid
+            && has_exited(pid)
+        {
+            return Err(std::io::Error::other(format!(
+                "etcd exited before answering; its log ends with:\n{}",
+                process.log_tail()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(std::io::Error::other(format!(
+                "etcd did not answer at {} over TLS within {READY_WITHIN:?}; its log ends \
+                 with:\n{}",
+                process.client_url,
+                process.log_tail()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether etcd answers a status request over TLS at `endpoint` within a second.
+async fn answers_tls(endpoint: &str, tls: &locker_etcd::TlsOptions) -> bool {
+    let attempt = async {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_tls(tls.clone());
+        let mut client = Client::connect([endpoint], Some(options)).await?;
+        client.status().await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Ok(_))
+    )
 }
 
 #[cfg(test)]

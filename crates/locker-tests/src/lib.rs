@@ -13,12 +13,15 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod chaos;
+pub mod cluster;
 pub mod etcd;
 pub mod etcd_server;
 pub mod harness;
 pub mod interop;
 pub mod memory;
 pub mod proxy;
+pub mod record;
 pub mod suite;
 
 pub use harness::{Client, ClientFaults, Cut, Harness};

@@ -42,3 +42,7 @@ mod interop {
 /// built from the etcd binary), and a lock hand-off through it.
 #[path = "etcd/docker.rs"]
 mod docker;
+
+/// TLS and auth on dedicated etcd servers.
+#[path = "etcd/security.rs"]
+mod security;

@@ -1,0 +1,721 @@
+//! A chaos run with a safety checker.
+//!
+//! Several clients contend for a few keys under a seeded random schedule of faults. Every client
+//! records the intervals in which it believed it owned each key (on the process's one monotonic
+//! clock) and writes to a *protected resource* that accepts a write only with a fencing token at
+//! least as high as any it has seen. The checker asserts that:
+//!
+//! - no two clients' believed-ownership intervals on a key overlap;
+//! - fencing tokens strictly increase in acquisition order;
+//! - the resource never accepts a stale token (its accepted tokens never go down);
+//! - after the faults heal, every key gets an owner again within the TTL and a few round trips;
+//! - nothing is left in the store (checked by the caller's world).
+//!
+//! The world (a real etcd cluster, or the memory backend) supplies clients, faults and the
+//! resource; the schedule and the checker are written once, here.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use locker_core::{FencingToken, Locker};
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::record::{Tenure, Tenures};
+
+/// A seeded random source (splitmix64): the schedule of a run is a function of its seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A source seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// A duration between `lo` and `hi`.
+    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let span = hi.saturating_sub(lo).as_micros() as u64;
+        lo + Duration::from_micros(self.below(span + 1))
+    }
+}
+
+/// One fault the schedule can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Kill a store member and restart it after a while.
+    KillMember(usize),
+    /// Freeze a store member for a while.
+    PauseMember(usize),
+    /// Cut one client off (fail fast) for a while.
+    CutClient(usize),
+    /// Black-hole one client for a while.
+    BlackHoleClient(usize),
+    /// Slow one client's link for a while.
+    SlowClient(usize),
+    /// Compact the store's history.
+    Compact,
+    /// End a client's lease now (as an expiry would).
+    ExpireLease(usize),
+}
+
+/// Where a chaos run happens.
+#[async_trait]
+pub trait World: Send + Sync {
+    /// How many store members can be killed or paused (0 for the memory backend).
+    fn members(&self) -> usize;
+    /// Client `i`'s locker (made once per client, at the start).
+    async fn locker(&self, client: usize) -> Locker;
+    /// Starts a fault; [`World::heal`] ends it.
+    async fn inject(&self, fault: Fault);
+    /// Ends a fault started by [`World::inject`] (no-op for instantaneous ones).
+    async fn heal(&self, fault: Fault);
+    /// Writes `(client, token)` to the protected resource of `key`, which accepts it only if
+    /// `token` is at least the highest token it has accepted for `key`. Answers whether it did.
+    async fn write_resource(&self, key: &str, client: usize, token: FencingToken) -> bool;
+    /// Every write the resource accepted for `key`, in order: (client, token).
+    async fn resource_log(&self, key: &str) -> Vec<(usize, FencingToken)>;
+}
+
+/// The shape of a run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The seed of the fault schedule and of every random choice.
+    pub seed: u64,
+    /// How long clients contend while faults happen.
+    pub duration: Duration,
+    /// How many clients.
+    pub clients: usize,
+    /// How many keys.
+    pub keys: usize,
+    /// The TTL of every client's locker.
+    pub ttl: Duration,
+}
+
+impl Plan {
+    /// The plan from `LOCKER_CHAOS_SEED` and `LOCKER_CHAOS_SECS`, with these defaults.
+    pub fn from_env(default_seed: u64, default_secs: u64) -> Plan {
+        let seed = std::env::var("LOCKER_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_seed);
+        let secs = std::env::var("LOCKER_CHAOS_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_secs);
+        Plan {
+            seed,
+            duration: Duration::from_secs(secs),
+            clients: 4,
+            keys: 3,
+            ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Per key, the tenures as (client, token, start offset µs, end offset µs).
+pub type History = BTreeMap<String, Vec<(usize, i64, u128, Option<u128>)>>;
+
+/// The leases a client was granted, in order.
+type Granted = Arc<Mutex<Vec<i64>>>;
+
+/// Per client: its proxies (one per member) and its granted leases.
+type Links = BTreeMap<usize, (Vec<Arc<crate::proxy::Proxy>>, Granted)>;
+
+/// What a run did and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Tenures begun, over all keys.
+    pub acquisitions: usize,
+    /// Tenures that followed another client's on the same key.
+    pub handoffs: usize,
+    /// Faults injected.
+    pub faults: usize,
+    /// Writes the resource accepted.
+    pub writes: usize,
+    /// Every violation found (empty for a safe run).
+    pub violations: Vec<String>,
+    /// The history: per key, the tenures as (client, token, start offset, end offset) in
+    /// microseconds from the start of the run. On virtual time it is the same for the same seed.
+    pub history: History,
+}
+
+impl Report {
+    /// The one summary line.
+    pub fn summary(&self) -> String {
+        format!(
+            "chaos: seed={} acquisitions={} handoffs={} faults={} writes={} violations={}",
+            self.seed,
+            self.acquisitions,
+            self.handoffs,
+            self.faults,
+            self.writes,
+            self.violations.len()
+        )
+    }
+}
+
+/// Runs the plan in the world and checks the history. Every client's locks are released and its
+/// locker closed before it returns.
+pub async fn run(world: Arc<dyn World>, plan: &Plan) -> Report {
+    let start = Instant::now();
+    let end = start + plan.duration;
+    let keys: Vec<String> = (0..plan.keys).map(|k| format!("key-{k}")).collect();
+    let tenures: Vec<Tenures> = keys.iter().map(|_| Tenures::default()).collect();
+    let faults = Arc::new(AtomicU64::new(0));
+    let mut rng = Rng::new(plan.seed);
+
+    let mut lockers = Vec::new();
+    for c in 0..plan.clients {
+        lockers.push(world.locker(c).await);
+    }
+
+    // Contenders: one task per (client, key), each with its own seeded source.
+    let mut tasks = Vec::new();
+    for (c, locker) in lockers.iter().enumerate() {
+        for (k, key) in keys.iter().enumerate() {
+            let (locker, key, world) = (locker.clone(), key.clone(), world.clone());
+            let tenures = tenures[k].clone();
+            let mut rng = Rng::new(rng.next_u64());
+            tasks.push(tokio::spawn(async move {
+                contend(world, locker, c, key, tenures, &mut rng, end).await;
+            }));
+        }
+    }
+
+    // The fault schedule.
+    let schedule = {
+        let world = world.clone();
+        let faults = faults.clone();
+        let mut rng = Rng::new(rng.next_u64());
+        let clients = plan.clients;
+        let ttl = plan.ttl;
+        tokio::spawn(async move {
+            while Instant::now() + Duration::from_millis(500) < end {
+                sleep(rng.between(Duration::from_millis(200), Duration::from_millis(1200))).await;
+                let fault = pick(&mut rng, world.members(), clients);
+                let lasts = match fault {
+                    Fault::Compact | Fault::ExpireLease(_) => Duration::ZERO,
+                    // Sometimes longer than the TTL, so that leases run out.
+                    _ => rng.between(Duration::from_millis(100), ttl * 2),
+                };
+                let lasts = lasts.min(end.saturating_duration_since(Instant::now()));
+                world.inject(fault).await;
+                faults.fetch_add(1, Ordering::Relaxed);
+                sleep(lasts).await;
+                world.heal(fault).await;
+            }
+        })
+    };
+
+    let _ = schedule.await;
+    for task in tasks {
+        let _ = task.await;
+    }
+
+    // After the faults heal, every key gets an owner again: a fresh client takes each in turn.
+    let mut violations = Vec::new();
+    let checker = world.locker(plan.clients).await;
+    for key in &keys {
+        match timeout(
+            plan.ttl * 3 + Duration::from_secs(2),
+            checker.acquire(key.clone(), "check"),
+        )
+        .await
+        {
+            Ok(Ok(guard)) => {
+                let _ = guard.release().await;
+            }
+            Ok(Err(err)) => violations.push(format!("{key}: no owner after healing: {err}")),
+            Err(_) => violations.push(format!(
+                "{key}: nobody could own it within the TTL and a few round trips after healing"
+            )),
+        }
+    }
+    checker.close().await;
+    for locker in &lockers {
+        locker.close().await;
+    }
+
+    let mut report = Report {
+        seed: plan.seed,
+        faults: faults.load(Ordering::Relaxed) as usize,
+        ..Report::default()
+    };
+    for (k, key) in keys.iter().enumerate() {
+        let all = tenures[k].all();
+        check_tenures(key, &all, &mut violations);
+        report.acquisitions += all.len();
+        report.handoffs += all
+            .windows(2)
+            .filter(|w| w[0].client != w[1].client)
+            .count();
+        let log = world.resource_log(key).await;
+        report.writes += log.len();
+        for w in log.windows(2) {
+            if w[1].1 < w[0].1 {
+                violations.push(format!(
+                    "{key}: the resource accepted stale token {} (client {}) after {} (client {})",
+                    w[1].1, w[1].0, w[0].1, w[0].0
+                ));
+            }
+        }
+        report.history.insert(
+            key.clone(),
+            all.iter()
+                .map(|t| {
+                    (
+                        t.client,
+                        t.token.as_i64(),
+                        t.from.duration_since(start).as_micros(),
+                        t.until.map(|u| u.duration_since(start).as_micros()),
+                    )
+                })
+                .collect(),
+        );
+    }
+    report.violations = violations;
+    report
+}
+
+fn pick(rng: &mut Rng, members: usize, clients: usize) -> Fault {
+    let client = rng.below(clients as u64) as usize;
+    loop {
+        // Not `ExpireLease`: a lease ended early by the store (an operator's revoke) is not a
+        // fault the local deadline can guard against; the suite tests it on its own.
+        let fault = match rng.below(6) {
+            0 if members > 0 => Fault::KillMember(rng.below(members as u64) as usize),
+            1 if members > 0 => Fault::PauseMember(rng.below(members as u64) as usize),
+            2 => Fault::CutClient(client),
+            3 => Fault::BlackHoleClient(client),
+            4 => Fault::SlowClient(client),
+            5 => Fault::Compact,
+            _ => continue,
+        };
+        return fault;
+    }
+}
+
+/// One client's contention for one key: acquire, write to the resource while owning, release.
+async fn contend(
+    world: Arc<dyn World>,
+    locker: Locker,
+    client: usize,
+    key: String,
+    tenures: Tenures,
+    rng: &mut Rng,
+    end: Instant,
+) {
+    while Instant::now() < end {
+        let handle = match locker.lock(key.clone(), format!("client-{client}")).await {
+            Ok(handle) => handle,
+            Err(_) => return,
+        };
+        tenures.follow(client, &handle);
+        let remaining = end.saturating_duration_since(Instant::now());
+        let token = match timeout(remaining, handle.wait_owned()).await {
+            Ok(Ok(token)) => token,
+            _ => {
+                let _ = handle.release().await;
+                continue;
+            }
+        };
+        // Work while owning: a few fenced writes, each only while still owning.
+        for _ in 0..=rng.below(3) {
+            if !handle.is_owned() {
+                break;
+            }
+            world.write_resource(&key, client, token).await;
+            sleep(rng.between(Duration::from_millis(5), Duration::from_millis(60))).await;
+        }
+        let _ = handle.release().await;
+        sleep(rng.between(Duration::ZERO, Duration::from_millis(100))).await;
+    }
+}
+
+fn check_tenures(key: &str, all: &[Tenure], violations: &mut Vec<String>) {
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            match a.until {
+                Some(until) if b.client != a.client && b.from < until => violations.push(format!(
+                    "{key}: client {} believed it owned (token {}) until {:?} after client {} \
+                     began (token {})",
+                    a.client,
+                    a.token,
+                    until.duration_since(b.from),
+                    b.client,
+                    b.token
+                )),
+                None if b.client != a.client => violations.push(format!(
+                    "{key}: client {}'s tenure (token {}) never ended, yet client {} owned",
+                    a.client, a.token, b.client
+                )),
+                _ => {}
+            }
+            if b.token <= a.token {
+                violations.push(format!(
+                    "{key}: token {} began after token {}",
+                    b.token, a.token
+                ));
+            }
+        }
+    }
+}
+
+/// A protected resource kept in memory: accepts a write only with a token at least the highest
+/// it has accepted for the key.
+#[derive(Debug, Default)]
+pub struct MemoryResource(Mutex<BTreeMap<String, Vec<(usize, FencingToken)>>>);
+
+impl MemoryResource {
+    /// Writes `(client, token)` to `key` if the token is not stale.
+    pub fn write(&self, key: &str, client: usize, token: FencingToken) -> bool {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let log = all.entry(key.to_owned()).or_default();
+        if log.last().is_some_and(|(_, last)| token < *last) {
+            return false;
+        }
+        log.push((client, token));
+        true
+    }
+
+    /// What it accepted for `key`.
+    pub fn log(&self, key: &str) -> Vec<(usize, FencingToken)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// The chaos world of the memory backend: one store, one client (with its own faults) per
+/// contender, virtual time. No members to kill.
+pub struct MemoryWorld {
+    store: locker_memory::MemoryBackend,
+    clients: Mutex<BTreeMap<usize, (locker_memory::MemoryBackend, Granted)>>,
+    resource: MemoryResource,
+    ttl: Duration,
+}
+
+impl MemoryWorld {
+    /// A fresh store.
+    pub fn new(ttl: Duration) -> Self {
+        MemoryWorld {
+            store: locker_memory::MemoryBackend::new(),
+            clients: Mutex::default(),
+            resource: MemoryResource::default(),
+            ttl,
+        }
+    }
+
+    /// The store (to check what is left in it).
+    pub fn store(&self) -> &locker_memory::MemoryBackend {
+        &self.store
+    }
+
+    fn client(&self, i: usize) -> Option<(locker_memory::MemoryBackend, Granted)> {
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&i)
+            .cloned()
+    }
+}
+
+#[async_trait]
+impl World for MemoryWorld {
+    fn members(&self) -> usize {
+        0
+    }
+
+    async fn locker(&self, client: usize) -> Locker {
+        let backend = self.store.new_client();
+        let granted = Arc::new(Mutex::new(Vec::new()));
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client, (backend.clone(), granted.clone()));
+        let recording = crate::harness::RecordingBackend::new(Arc::new(backend), granted);
+        Locker::builder_arc(Arc::new(recording))
+            .ttl(self.ttl)
+            .jitter_seed(client as u64)
+            .retry_delays(Duration::from_millis(20), Duration::from_millis(250))
+            .build()
+            .expect("valid options")
+    }
+
+    async fn inject(&self, fault: Fault) {
+        use locker_memory::PartitionMode;
+        match fault {
+            Fault::KillMember(_) | Fault::PauseMember(_) => {}
+            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
+                if let Some((backend, _)) = self.client(c) {
+                    let faults = backend.faults();
+                    match fault {
+                        Fault::CutClient(_) => faults.partition(PartitionMode::Fail),
+                        Fault::BlackHoleClient(_) => faults.partition(PartitionMode::Hang),
+                        _ => faults.set_latency(Duration::from_millis(150)),
+                    }
+                }
+            }
+            Fault::Compact => {
+                let _ = self.store.compact(self.store.current_revision());
+            }
+            Fault::ExpireLease(c) => {
+                if let Some((_, granted)) = self.client(c) {
+                    let last = granted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last()
+                        .copied();
+                    if let Some(lease) = last {
+                        self.store.expire_lease(lease);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn heal(&self, fault: Fault) {
+        if let Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) = fault
+            && let Some((backend, _)) = self.client(c)
+        {
+            backend.faults().heal();
+            backend.faults().set_latency(Duration::ZERO);
+        }
+    }
+
+    async fn write_resource(&self, key: &str, client: usize, token: FencingToken) -> bool {
+        self.resource.write(key, client, token)
+    }
+
+    async fn resource_log(&self, key: &str) -> Vec<(usize, FencingToken)> {
+        self.resource.log(key)
+    }
+}
+
+/// A write the etcd resource accepted: (revision, client, token).
+type AcceptedWrite = (i64, usize, FencingToken);
+
+/// The chaos world of a real three-node etcd cluster: each client reaches every member through
+/// proxies of its own; the resource is an etcd key written only by a transaction that compares
+/// the fencing token.
+pub struct EtcdWorld {
+    cluster: tokio::sync::Mutex<crate::cluster::EtcdCluster>,
+    endpoints: Vec<String>,
+    prefix: String,
+    admin: etcd_client::Client,
+    links: Mutex<Links>,
+    /// Per key, the writes the resource accepted: (revision, client, token).
+    accepted: Mutex<BTreeMap<String, Vec<AcceptedWrite>>>,
+    ttl: Duration,
+}
+
+impl EtcdWorld {
+    /// A world on `cluster`, with every key under `prefix`.
+    pub async fn new(cluster: crate::cluster::EtcdCluster, prefix: String, ttl: Duration) -> Self {
+        let admin = cluster.client().await;
+        EtcdWorld {
+            endpoints: cluster.endpoints(),
+            cluster: tokio::sync::Mutex::new(cluster),
+            prefix,
+            admin,
+            links: Mutex::default(),
+            accepted: Mutex::default(),
+            ttl,
+        }
+    }
+
+    /// The admin client (to check what is left).
+    pub fn admin(&self) -> etcd_client::Client {
+        self.admin.clone()
+    }
+
+    /// The prefix of every key of the run.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Every lease granted to the run's clients.
+    pub fn granted_leases(&self) -> Vec<i64> {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .values()
+            .flat_map(|(_, granted)| granted.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    fn link(&self, client: usize) -> Option<(Vec<Arc<crate::proxy::Proxy>>, Granted)> {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client)
+            .cloned()
+    }
+}
+
+#[async_trait]
+impl World for EtcdWorld {
+    fn members(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    async fn locker(&self, client: usize) -> Locker {
+        let mut proxies = Vec::new();
+        for endpoint in &self.endpoints {
+            let addr = endpoint
+                .trim_start_matches("http://")
+                .parse()
+                .expect("a loopback endpoint");
+            proxies.push(Arc::new(
+                crate::proxy::Proxy::start(addr).await.expect("a proxy"),
+            ));
+        }
+        let backend = locker_etcd::EtcdBackend::builder()
+            .endpoints(proxies.iter().map(|p| p.endpoint()))
+            .prefix(self.prefix.clone())
+            .request_timeout(Duration::from_millis(700))
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .expect("connect to the cluster");
+        let granted = Arc::new(Mutex::new(Vec::new()));
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client, (proxies, granted.clone()));
+        let recording = crate::harness::RecordingBackend::new(Arc::new(backend), granted);
+        Locker::builder_arc(Arc::new(recording))
+            .ttl(self.ttl)
+            .jitter_seed(client as u64)
+            .retry_delays(Duration::from_millis(20), Duration::from_millis(250))
+            .build()
+            .expect("valid options")
+    }
+
+    async fn inject(&self, fault: Fault) {
+        use crate::proxy::LinkState;
+        match fault {
+            Fault::KillMember(m) => {
+                let _ = self.cluster.lock().await.kill(m);
+            }
+            Fault::PauseMember(m) => {
+                let _ = self.cluster.lock().await.pause(m);
+            }
+            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
+                if let Some((proxies, _)) = self.link(c) {
+                    for proxy in proxies {
+                        match fault {
+                            Fault::CutClient(_) => proxy.set(LinkState::Cut),
+                            Fault::BlackHoleClient(_) => proxy.set(LinkState::BlackHole),
+                            _ => proxy.set_latency(Duration::from_millis(100)),
+                        }
+                    }
+                }
+            }
+            Fault::Compact => {
+                let mut admin = self.admin.clone();
+                if let Ok(read) = admin.get("chaos-revision", None).await
+                    && let Some(header) = read.header()
+                {
+                    let _ = admin.compact(header.revision(), None).await;
+                }
+            }
+            Fault::ExpireLease(c) => {
+                if let Some((_, granted)) = self.link(c) {
+                    let last = granted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last()
+                        .copied();
+                    if let Some(lease) = last {
+                        let _ = self.admin.clone().lease_revoke(lease).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn heal(&self, fault: Fault) {
+        use crate::proxy::LinkState;
+        match fault {
+            Fault::KillMember(m) => {
+                let mut cluster = self.cluster.lock().await;
+                // A member that does not come back is a failed run, not a fault to tolerate.
+                cluster.restart(m).await.expect("the member restarts");
+            }
+            Fault::PauseMember(m) => {
+                let _ = self.cluster.lock().await.resume(m);
+            }
+            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
+                if let Some((proxies, _)) = self.link(c) {
+                    for proxy in proxies {
+                        proxy.set(LinkState::Up);
+                        proxy.set_latency(Duration::ZERO);
+                    }
+                }
+            }
+            Fault::Compact | Fault::ExpireLease(_) => {}
+        }
+    }
+
+    async fn write_resource(&self, key: &str, client: usize, token: FencingToken) -> bool {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let resource = format!("chaos-resource/{}{key}", self.prefix);
+        // Zero-padded, so that the store's byte-wise compare orders tokens as numbers.
+        let padded = format!("{:020}", token.as_i64());
+        let txn = Txn::new()
+            .when([Compare::value(
+                resource.clone(),
+                CompareOp::Greater,
+                padded.clone(),
+            )])
+            .or_else([TxnOp::put(resource, padded, None)]);
+        let Ok(response) = self.admin.clone().txn(txn).await else {
+            return false;
+        };
+        if response.succeeded() {
+            return false; // the resource holds a higher token: a stale write, refused
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        self.accepted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_owned())
+            .or_default()
+            .push((revision, client, token));
+        true
+    }
+
+    async fn resource_log(&self, key: &str) -> Vec<(usize, FencingToken)> {
+        let mut log = self
+            .accepted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        log.sort_by_key(|(revision, _, _)| *revision);
+        log.into_iter().map(|(_, c, t)| (c, t)).collect()
+    }
+}

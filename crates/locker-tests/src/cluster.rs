@@ -1,0 +1,287 @@
+//! A three-node etcd cluster on loopback ports (three processes), for fault tests: kill and
+//! restart a member, kill the leader, pause a member (SIGSTOP/SIGCONT), stop the whole cluster.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use tokio::time::{Instant, sleep};
+
+use crate::etcd_server::{EtcdProcess, etcd_binary, free_loopback_port, spawn_member};
+
+/// A running cluster. Dropping it stops every member (by PID) and removes their directories.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+}
+
+#[derive(Debug)]
+struct Member {
+    process: EtcdProcess,
+    client_url: String,
+    paused: bool,
+}
+
+impl EtcdCluster {
+    /// Starts a new cluster of `size` members and waits until it has a leader.
+    ///
+    /// # Errors
+    ///
+    /// If there is no etcd binary, or the cluster does not come up within 30 s.
+    pub async fn start(size: usize) -> std::io::Result<EtcdCluster> {
+        let binary = etcd_binary().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the cluster tests need an etcd binary: install etcd (apt-get install \
+                 etcd-server) or set LOCKER_ETCD_BIN",
+            )
+        })?;
+        let mut ports = Vec::new();
+        while ports.len() < size * 2 {
+            let port = free_loopback_port()?;
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let names: Vec<String> = (1..=size).map(|i| format!("n{i}")).collect();
+        let peer_urls: Vec<String> = (0..size)
+            .map(|i| format!("http://127.0.0.1:{}", ports[2 * i + 1]))
+            .collect();
+        let initial = names
+            .iter()
+            .zip(&peer_urls)
+            .map(|(name, url)| format!("{name}={url}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("locker-{}-{}", std::process::id(), ports[0]);
+        let mut members = Vec::new();
+        for i in 0..size {
+            let dir = tempfile::Builder::new()
+                .prefix("locker-cluster-")
+                .tempdir()?
+                .keep();
+            let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
+            let args: Vec<String> = vec![
+                "--name".into(),
+                names[i].clone(),
+                "--data-dir".into(),
+                dir.join("data").display().to_string(),
+                "--listen-client-urls".into(),
+                client_url.clone(),
+                "--advertise-client-urls".into(),
+                client_url.clone(),
+                "--listen-peer-urls".into(),
+                peer_urls[i].clone(),
+                "--initial-advertise-peer-urls".into(),
+                peer_urls[i].clone(),
+                "--initial-cluster".into(),
+                initial.clone(),
+                "--initial-cluster-token".into(),
+                token.clone(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                // Short election timings: a lost leader is replaced in well under a TTL.
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+                "--unsafe-no-fsync".into(),
+                "--logger".into(),
+                "zap".into(),
+                "--log-outputs".into(),
+                "stderr".into(),
+            ];
+            let process = spawn_member(&binary, dir, client_url.clone(), &args)?;
+            members.push(Member {
+                process,
+                client_url,
+                paused: false,
+            });
+        }
+        let cluster = EtcdCluster { members };
+        for member in &cluster.members {
+            member.process.wait_ready().await?;
+        }
+        cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// Every member's client endpoint.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// The client endpoint of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        self.members[i].client_url.clone()
+    }
+
+    /// The number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the cluster has no member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The index of the current leader, as the running members see it.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut ids = Vec::new();
+        let mut leader = None;
+        for member in &self.members {
+            let status = if member.paused || member.process.pid().is_none() {
+                None
+            } else {
+                status(&member.client_url).await
+            };
+            ids.push(status.map(|(id, _)| id));
+            if let Some((_, lead)) = status
+                && lead != 0
+            {
+                leader = Some(lead);
+            }
+        }
+        let leader = leader?;
+        ids.iter().position(|id| *id == Some(leader))
+    }
+
+    /// Waits until some member is leader.
+    ///
+    /// # Errors
+    ///
+    /// If none is within `within`.
+    pub async fn wait_for_leader(&self, within: Duration) -> std::io::Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(leader) = self.leader().await {
+                return Ok(leader);
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::other(format!(
+                    "no leader within {within:?}; member 1's log ends with:\n{}",
+                    self.members[0].process.log_tail()
+                )));
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills member `i` at once (SIGKILL). Its data is kept for [`EtcdCluster::restart`].
+    ///
+    /// # Errors
+    ///
+    /// If its supervisor is gone.
+    pub fn kill(&mut self, i: usize) -> std::io::Result<()> {
+        self.members[i].process.kill()
+    }
+
+    /// Stops member `i` gracefully (SIGTERM).
+    ///
+    /// # Errors
+    ///
+    /// If its supervisor is gone.
+    pub fn stop(&mut self, i: usize) -> std::io::Result<()> {
+        self.members[i].process.stop()
+    }
+
+    /// Starts member `i` again with its data, and waits until it answers.
+    ///
+    /// # Errors
+    ///
+    /// If it does not answer within 20 s.
+    pub async fn restart(&mut self, i: usize) -> std::io::Result<()> {
+        self.members[i].process.start().await
+    }
+
+    /// Freezes member `i` (SIGSTOP).
+    ///
+    /// # Errors
+    ///
+    /// If it is not running.
+    pub fn pause(&mut self, i: usize) -> std::io::Result<()> {
+        self.members[i].process.pause()?;
+        self.members[i].paused = true;
+        Ok(())
+    }
+
+    /// Thaws member `i` (SIGCONT).
+    ///
+    /// # Errors
+    ///
+    /// If it is not running.
+    pub fn resume(&mut self, i: usize) -> std::io::Result<()> {
+        self.members[i].process.resume()?;
+        self.members[i].paused = false;
+        Ok(())
+    }
+
+    /// Stops every member (SIGTERM), keeping their data.
+    ///
+    /// # Errors
+    ///
+    /// If a supervisor is gone.
+    pub fn stop_all(&mut self) -> std::io::Result<()> {
+        for i in 0..self.members.len() {
+            self.stop(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts every stopped member again and waits for a leader.
+    ///
+    /// # Errors
+    ///
+    /// If the cluster does not come back within 30 s.
+    pub async fn restart_all(&mut self) -> std::io::Result<()> {
+        // Members of a cluster wait for each other: start all, then wait for each.
+        for member in &mut self.members {
+            if member.process.pid().is_none() {
+                member.process.start_no_wait()?;
+            }
+        }
+        for member in &self.members {
+            member.process.wait_ready().await?;
+        }
+        self.wait_for_leader(Duration::from_secs(30)).await?;
+        Ok(())
+    }
+
+    /// A plain etcd client on the whole cluster.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot be made.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.endpoints(), None)
+            .await
+            .expect("an etcd client on the cluster")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        // A frozen process ignores SIGTERM until thawed.
+        for member in &mut self.members {
+            if member.paused {
+                let _ = member.process.resume();
+            }
+        }
+    }
+}
+
+/// Member id and the leader id it knows, from a status call (bounded).
+async fn status(endpoint: &str) -> Option<(u64, u64)> {
+    let attempt = async {
+        let options = ConnectOptions::new().with_connect_timeout(Duration::from_millis(300));
+        let mut client = Client::connect([endpoint], Some(options)).await?;
+        client.status().await
+    };
+    match tokio::time::timeout(Duration::from_millis(800), attempt).await {
+        Ok(Ok(status)) => {
+            let id = status.header().map(|h| h.member_id())?;
+            Some((id, status.leader()))
+        }
+        _ => None,
+    }
+}
