@@ -66,6 +66,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "reacquire_on_the_same_locker_after_a_drop",
     "two_locks_on_one_key_in_one_locker_exclude_each_other",
     "try_acquire_fails_fast_when_the_store_is_unreachable",
+    "input_at_the_limits_is_accepted",
     "bad_input_empty_key",
     "bad_input_key_too_long",
     "bad_input_value_too_large",
@@ -119,6 +120,7 @@ macro_rules! conformance_suite {
             reacquire_on_the_same_locker_after_a_drop,
             two_locks_on_one_key_in_one_locker_exclude_each_other,
             try_acquire_fails_fast_when_the_store_is_unreachable,
+            input_at_the_limits_is_accepted,
             bad_input_empty_key,
             bad_input_key_too_long,
             bad_input_value_too_large,
@@ -1150,6 +1152,24 @@ async fn cut_off_locker(h: &dyn Harness) -> Locker {
     let client = h.client().await;
     client.faults.cut(Cut::Fail).await;
     client.locker(TTL)
+}
+
+/// A key and a value exactly at the store's limits are accepted, stored and read back whole.
+pub async fn input_at_the_limits_is_accepted(h: &dyn Harness) {
+    let l = h.client().await.locker(TTL);
+    let limits = l.backend().limits();
+    let key = h.key(&"k".repeat(limits.max_key_len - h.key("").len()));
+    assert_eq!(key.len(), limits.max_key_len);
+    let value = vec![b'v'; limits.max_value_len];
+    let guard = l
+        .acquire(key.clone(), value.clone())
+        .await
+        .expect("acquire at the limits");
+    let holder = l.get(&key).await.expect("get").expect("held");
+    assert_eq!(holder.value.len(), value.len());
+    assert_eq!(holder.token, guard.token());
+    guard.release().await.expect("release");
+    assert!(l.get(&key).await.expect("get").is_none());
 }
 
 /// An empty key is rejected by every call, before any I/O.
