@@ -643,13 +643,9 @@ impl Driver {
 
     /// Sleeps a jittered back-off, serving commands; `Some` if told to stop meanwhile.
     async fn pause(&mut self) -> Option<Exit> {
-        let inner = &self.locker.inner;
-        let delay = inner.jitter.backoff(
-            self.failures,
-            inner.timing.retry_base,
-            inner.timing.retry_max,
-        );
-        self.failures = self.failures.saturating_add(1);
+        let mut failures = self.failures;
+        let delay = self.locker.retry_delay(&mut failures);
+        self.failures = failures;
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -881,13 +877,7 @@ impl Driver {
                 Ok(_) => return None,
                 Err(Error::LeaseLost { .. }) => return Some(HoldEnd::Lost(LossReason::LeaseGone)),
                 Err(err) => {
-                    let inner = &self.locker.inner;
-                    let delay = inner.jitter.backoff(
-                        failures,
-                        inner.timing.retry_base,
-                        inner.timing.retry_max,
-                    );
-                    failures = failures.saturating_add(1);
+                    let delay = self.locker.retry_delay(&mut failures);
                     debug!(key = %self.key, error = %err, ?delay, "cannot check the entry; retrying");
                     tokio::select! {
                         biased;
@@ -933,13 +923,7 @@ impl Driver {
                 // The lease is no longer renewed, so the entry goes with it.
                 Err(_) if session.is_lost() => return Ok(()),
                 Err(err) if err.is_retryable() => {
-                    let inner = &self.locker.inner;
-                    let delay = inner.jitter.backoff(
-                        failures,
-                        inner.timing.retry_base,
-                        inner.timing.retry_max,
-                    );
-                    failures = failures.saturating_add(1);
+                    let delay = self.locker.retry_delay(&mut failures);
                     debug!(key = %self.key, error = %err, ?delay, "release failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -954,23 +938,19 @@ impl Driver {
     /// Deletes the held entry (guarded) in the background, so that a loss or an exit never waits
     /// for the store. With `until_gone`, retries (with back-off) while the session lives.
     fn delete_in_background(&self, session: Arc<Session>, entry: Entry, until_gone: bool) {
-        let backend = self.locker.inner.backend.clone();
-        let jitter = self.locker.inner.jitter.clone();
-        let timing = self.locker.inner.timing;
+        let locker = self.locker.clone();
         tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
-                match backend
+                match locker
+                    .inner
+                    .backend
                     .delete_entry(&entry.key, entry.create_revision)
                     .await
                 {
                     Ok(_) | Err(Error::LeaseLost { .. }) => return,
                     Err(_) if !until_gone || session.is_lost() => return,
-                    Err(_) => {
-                        let delay = jitter.backoff(failures, timing.retry_base, timing.retry_max);
-                        failures = failures.saturating_add(1);
-                        tokio::time::sleep(delay).await;
-                    }
+                    Err(_) => tokio::time::sleep(locker.retry_delay(&mut failures)).await,
                 }
             }
         });

@@ -462,6 +462,17 @@ impl Holder {
 }
 
 impl Locker {
+    /// The jittered delay before retry number `*failures`, counting it.
+    pub(crate) fn retry_delay(&self, failures: &mut u32) -> Duration {
+        let timing = &self.inner.timing;
+        let delay = self
+            .inner
+            .jitter
+            .backoff(*failures, timing.retry_base, timing.retry_max);
+        *failures = failures.saturating_add(1);
+        delay
+    }
+
     /// Claims `key` in the default session, unless another lock of this locker has it.
     pub(crate) fn claim_key(&self, key: &str) -> Option<KeyClaim> {
         let claims = &self.inner.claims;

@@ -74,14 +74,6 @@ async fn feed(locker: Locker, key: String, tx: mpsc::UnboundedSender<Result<Opti
     let mut failures = 0u32;
     // Each round: subscribe (again after the hub's watch failed), read the queue, follow events.
     loop {
-        let backoff = |failures: &mut u32| {
-            let delay =
-                inner
-                    .jitter
-                    .backoff(*failures, inner.timing.retry_base, inner.timing.retry_max);
-            *failures = failures.saturating_add(1);
-            delay
-        };
         let mut sub = match inner.hub.subscribe(&key).await {
             Ok(sub) => sub,
             Err(err) if !err.is_retryable() => {
@@ -89,7 +81,7 @@ async fn feed(locker: Locker, key: String, tx: mpsc::UnboundedSender<Result<Opti
                 return;
             }
             Err(err) => {
-                let delay = backoff(&mut failures);
+                let delay = locker.retry_delay(&mut failures);
                 debug!(%key, error = %err, ?delay, "watch: subscribe failed; retrying");
                 tokio::time::sleep(delay).await;
                 continue;
@@ -99,7 +91,7 @@ async fn feed(locker: Locker, key: String, tx: mpsc::UnboundedSender<Result<Opti
             let snapshot = match inner.backend.entries(&key).await {
                 Ok(snapshot) => snapshot,
                 Err(err) if err.is_retryable() => {
-                    let delay = backoff(&mut failures);
+                    let delay = locker.retry_delay(&mut failures);
                     debug!(%key, error = %err, ?delay, "watch: read failed; retrying");
                     tokio::time::sleep(delay).await;
                     continue;

@@ -408,6 +408,23 @@ impl MemoryResource {
     }
 }
 
+/// A chaos client's locker: its backend wrapped to record the leases it is granted, a jitter
+/// seeded by the client's number.
+fn client_locker(
+    backend: Arc<dyn locker_core::LockBackend>,
+    granted: Granted,
+    client: usize,
+    ttl: Duration,
+) -> Locker {
+    let recording = crate::harness::RecordingBackend::new(backend, granted);
+    Locker::builder_arc(Arc::new(recording))
+        .ttl(ttl)
+        .jitter_seed(client as u64)
+        .retry_delays(Duration::from_millis(20), Duration::from_millis(250))
+        .build()
+        .expect("valid options")
+}
+
 /// The chaos world of the memory backend: one store, one client (with its own faults) per
 /// contender, virtual time. No members to kill.
 pub struct MemoryWorld {
@@ -455,13 +472,7 @@ impl World for MemoryWorld {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(client, (backend.clone(), granted.clone()));
-        let recording = crate::harness::RecordingBackend::new(Arc::new(backend), granted);
-        Locker::builder_arc(Arc::new(recording))
-            .ttl(self.ttl)
-            .jitter_seed(client as u64)
-            .retry_delays(Duration::from_millis(20), Duration::from_millis(250))
-            .build()
-            .expect("valid options")
+        client_locker(Arc::new(backend), granted, client, self.ttl)
     }
 
     async fn inject(&self, fault: Fault) {
@@ -604,13 +615,7 @@ impl World for EtcdWorld {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(client, (proxies, granted.clone()));
-        let recording = crate::harness::RecordingBackend::new(Arc::new(backend), granted);
-        Locker::builder_arc(Arc::new(recording))
-            .ttl(self.ttl)
-            .jitter_seed(client as u64)
-            .retry_delays(Duration::from_millis(20), Duration::from_millis(250))
-            .build()
-            .expect("valid options")
+        client_locker(Arc::new(backend), granted, client, self.ttl)
     }
 
     async fn inject(&self, fault: Fault) {

@@ -325,9 +325,16 @@ pub(crate) fn free_loopback_port() -> std::io::Result<u16> {
     free_port()
 }
 
-async fn try_start(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess> {
+/// Starts a single-node etcd under a supervisor on free loopback ports (`scheme` for clients:
+/// `http` or `https`), with `--unsafe-no-fsync` and the `extra` flags, without waiting for it.
+fn spawn_single(
+    binary: &Path,
+    dir_prefix: &str,
+    scheme: &str,
+    extra: &[&str],
+) -> std::io::Result<EtcdProcess> {
     let dir = tempfile::Builder::new()
-        .prefix("locker-etcd-")
+        .prefix(dir_prefix)
         .tempdir()?
         .keep();
     let client_port = free_port()?;
@@ -335,53 +342,35 @@ async fn try_start(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess
     while peer_port == client_port {
         peer_port = free_port()?;
     }
-    let client_url = format!("http://127.0.0.1:{client_port}");
+    let client_url = format!("{scheme}://127.0.0.1:{client_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let data_dir = dir.join("data");
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(SUPERVISOR)
-        .arg("locker-etcd-supervisor")
-        .arg(&dir)
-        .arg(binary)
-        .args(["--name", "locker-test", "--data-dir"])
-        .arg(&data_dir)
-        .args(["--listen-client-urls", &client_url])
-        .args(["--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("locker-test={peer_url}")])
-        .args([
-            "--unsafe-no-fsync",
-            "--logger",
-            "zap",
-            "--log-outputs",
-            "stderr",
-        ])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut supervisor = match command.spawn() {
-        Ok(child) => child,
-        Err(err) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(err);
-        }
-    };
-    let (Some(commands), Some(stdout)) = (supervisor.stdin.take(), supervisor.stdout.take()) else {
-        return Err(std::io::Error::other("the supervisor has no pipes"));
-    };
-    let mut process = EtcdProcess {
-        supervisor,
-        commands: Some(commands),
-        replies: BufReader::new(stdout),
-        pid: None,
-        client_url,
-        dir,
-    };
-    process.pid = Some(process.read_started()?);
+    let mut args: Vec<String> = vec![
+        "--name".into(),
+        "locker-test".into(),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+        "--listen-client-urls".into(),
+        client_url.clone(),
+        "--advertise-client-urls".into(),
+        client_url.clone(),
+        "--listen-peer-urls".into(),
+        peer_url.clone(),
+        "--initial-advertise-peer-urls".into(),
+        peer_url.clone(),
+        "--initial-cluster".into(),
+        format!("locker-test={peer_url}"),
+        "--unsafe-no-fsync".into(),
+        "--logger".into(),
+        "zap".into(),
+        "--log-outputs".into(),
+        "stderr".into(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    spawn_member(binary, dir, client_url, &args)
+}
+
+async fn try_start(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess> {
+    let process = spawn_single(binary, "locker-etcd-", "http", extra)?;
     // On failure `process` is dropped here, which stops etcd and removes its directory.
     process.wait_ready().await?;
     Ok(process)
@@ -836,61 +825,7 @@ async fn try_start_tls(
     flags: &[&str],
     probe: &locker_etcd::TlsOptions,
 ) -> std::io::Result<EtcdProcess> {
-    let dir = tempfile::Builder::new()
-        .prefix("locker-etcd-tls-")
-        .tempdir()?
-        .keep();
-    let client_port = free_port()?;
-    let mut peer_port = free_port()?;
-    while peer_port == client_port {
-        peer_port = free_port()?;
-    }
-    let client_url = format!("https://127.0.0.1:{client_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(SUPERVISOR)
-        .arg("locker-etcd-supervisor")
-        .arg(&dir)
-        .arg(binary)
-        .args(["--name", "locker-test", "--data-dir"])
-        .arg(dir.join("data"))
-        .args(["--listen-client-urls", &client_url])
-        .args(["--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("locker-test={peer_url}")])
-        .args([
-            "--unsafe-no-fsync",
-            "--logger",
-            "zap",
-            "--log-outputs",
-            "stderr",
-        ])
-        .args(flags)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut supervisor = match command.spawn() {
-        Ok(child) => child,
-        Err(err) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(err);
-        }
-    };
-    let (Some(commands), Some(stdout)) = (supervisor.stdin.take(), supervisor.stdout.take()) else {
-        return Err(std::io::Error::other("the supervisor has no pipes"));
-    };
-    let mut process = EtcdProcess {
-        supervisor,
-        commands: Some(commands),
-        replies: BufReader::new(stdout),
-        pid: None,
-        client_url,
-        dir,
-    };
-    process.pid = Some(process.read_started()?);
+    let process = spawn_single(binary, "locker-etcd-tls-", "https", flags)?;
     // On failure `process` is dropped, which stops etcd and removes its directory.
     let deadline = Instant::now() + READY_WITHIN;
     loop {

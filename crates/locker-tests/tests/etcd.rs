@@ -1,6 +1,8 @@
 //! The conformance suite on a real etcd (one per test binary, see `locker_tests::etcd_server`),
 //! every behaviour of `--test memory`, unchanged, in real time.
 
+#![allow(clippy::unwrap_used)]
+
 use locker_tests::etcd::EtcdHarness;
 
 async fn harness(name: &str) -> EtcdHarness {

@@ -119,11 +119,17 @@ fn locker(backend: Arc<dyn LockBackend>) -> Locker {
         .unwrap()
 }
 
-/// The leader is killed while a lock is held: ownership is kept, or reported lost before anyone
-/// else owns; someone owns again afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_killed_while_lock_held() {
-    let mut bed = Bed::new("leader-killed").await;
+/// What happens to the leader.
+#[derive(Clone, Copy)]
+enum LeaderFault {
+    Kill,
+    Pause,
+}
+
+/// The leader suffers `fault` for twice the TTL while a lock is held and another client waits:
+/// the holder keeps ownership, or reports it lost before anyone else owns; someone owns after.
+async fn leader_fault_while_lock_held(name: &str, fault: LeaderFault) {
+    let mut bed = Bed::new(name).await;
     let (a, b) = (bed.locker().await, bed.locker().await);
     let tenures = Tenures::default();
     let ha = a.lock("k", "a").await.unwrap();
@@ -132,9 +138,15 @@ async fn leader_killed_while_lock_held() {
     let hb = b.lock("k", "b").await.unwrap();
     tenures.follow(1, &hb);
     let leader = bed.cluster.leader().await.expect("a leader");
-    bed.cluster.kill(leader).unwrap();
+    match fault {
+        LeaderFault::Kill => bed.cluster.kill(leader).unwrap(),
+        LeaderFault::Pause => bed.cluster.pause(leader).unwrap(),
+    }
     sleep(TTL * 2).await;
-    bed.cluster.restart(leader).await.unwrap();
+    match fault {
+        LeaderFault::Kill => bed.cluster.restart(leader).await.unwrap(),
+        LeaderFault::Pause => bed.cluster.resume(leader).unwrap(),
+    }
     eventually("someone owns k", || async {
         ha.is_owned() || hb.is_owned()
     })
@@ -147,31 +159,16 @@ async fn leader_killed_while_lock_held() {
     bed.assert_clean().await;
 }
 
-/// The leader is frozen (SIGSTOP) while a lock is held, then thawed: the same guarantees.
+/// The leader is killed while a lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_while_lock_held() {
+    leader_fault_while_lock_held("leader-killed", LeaderFault::Kill).await;
+}
+
+/// The leader is frozen (SIGSTOP) while a lock is held, then thawed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_paused_while_lock_held() {
-    let mut bed = Bed::new("leader-paused").await;
-    let (a, b) = (bed.locker().await, bed.locker().await);
-    let tenures = Tenures::default();
-    let ha = a.lock("k", "a").await.unwrap();
-    tenures.follow(0, &ha);
-    owned(&ha).await;
-    let hb = b.lock("k", "b").await.unwrap();
-    tenures.follow(1, &hb);
-    let leader = bed.cluster.leader().await.expect("a leader");
-    bed.cluster.pause(leader).unwrap();
-    sleep(TTL * 2).await;
-    bed.cluster.resume(leader).unwrap();
-    eventually("someone owns k", || async {
-        ha.is_owned() || hb.is_owned()
-    })
-    .await;
-    assert!(tenures.assert_safe() >= 1);
-    ha.release().await.unwrap();
-    hb.release().await.unwrap();
-    a.close().await;
-    b.close().await;
-    bed.assert_clean().await;
+    leader_fault_while_lock_held("leader-paused", LeaderFault::Pause).await;
 }
 
 /// The whole cluster is down for longer than the TTL: the holder reports *not owned* before the
