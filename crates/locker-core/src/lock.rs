@@ -587,16 +587,21 @@ impl Driver {
         }
     }
 
-    /// The session to use: the locker's default one, or this lock's own. A second lock on the
-    /// same key in the same locker gets a session of its own, so that the two have two entries.
+    /// The session to use: a shared one of the locker (the default session, or, for a second
+    /// lock on the same key in the same locker, the next shared session: one entry per key per
+    /// lease), or this lock's own.
     async fn session(&mut self) -> Result<Arc<Session>> {
         if self.dedicated_ttl.is_none() {
-            if self.claim.is_none() {
-                self.claim = self.locker.claim_key(&self.key);
-            }
-            if self.claim.is_some() {
-                return self.locker.default_session().await;
-            }
+            let slot = match &self.claim {
+                Some(claim) => claim.slot(),
+                None => {
+                    let claim = self.locker.claim_key(&self.key);
+                    let slot = claim.slot();
+                    self.claim = Some(claim);
+                    slot
+                }
+            };
+            return self.locker.shared_session(slot).await;
         }
         if let Some(session) = self.own_session.as_ref().filter(|s| !s.is_lost()) {
             return Ok(session.clone());
@@ -616,7 +621,7 @@ impl Driver {
         {
             self.own_session = None;
         } else {
-            self.locker.forget_default_session(session).await;
+            self.locker.forget_shared_session(session).await;
         }
     }
 

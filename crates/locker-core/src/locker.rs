@@ -1,5 +1,6 @@
 //! [`Locker`]: the entry point, cheap to clone, over any backend.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,24 +58,40 @@ pub(crate) struct Inner {
     pub(crate) jitter: Arc<Jitter>,
     pub(crate) ttl: Duration,
     pub(crate) timing: Timing,
-    default_session: tokio::sync::Mutex<Option<Arc<Session>>>,
-    /// Keys with a lock on the default session (one entry per key per lease).
-    claims: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The shared sessions: slot 0 is the default session; a lock on a key that another lock of
+    /// this locker already has on every lower slot uses the next slot (one entry per key per
+    /// lease). Extra slots are kept for reuse while the locker lives.
+    sessions: tokio::sync::Mutex<Vec<Option<Arc<Session>>>>,
+    /// For each key, the session slots that a lock of this locker uses for it.
+    claims: Claims,
 }
 
-/// A lock task's claim on a key in its locker's default session; released on drop.
+type Claims = Arc<std::sync::Mutex<HashMap<String, BTreeSet<usize>>>>;
+
+/// A lock task's claim on a key in one session slot of its locker; released on drop.
 #[derive(Debug)]
 pub(crate) struct KeyClaim {
     key: String,
-    claims: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    slot: usize,
+    claims: Claims,
+}
+
+impl KeyClaim {
+    /// The session slot of the claim.
+    pub(crate) fn slot(&self) -> usize {
+        self.slot
+    }
 }
 
 impl Drop for KeyClaim {
     fn drop(&mut self) {
-        self.claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slots) = claims.get_mut(&self.key) {
+            slots.remove(&self.slot);
+            if slots.is_empty() {
+                claims.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -166,7 +183,7 @@ impl LockerBuilder {
                 jitter,
                 ttl: self.ttl,
                 timing,
-                default_session: tokio::sync::Mutex::new(None),
+                sessions: tokio::sync::Mutex::new(Vec::new()),
                 claims: Arc::default(),
             }),
         })
@@ -398,8 +415,11 @@ impl Locker {
     /// Dropping every clone of a locker (and its handles) revokes the session in the background;
     /// call `close` before a process exits to be sure the lease is gone.
     pub async fn close(&self) {
-        let session = self.inner.default_session.lock().await.take();
-        if let Some(session) = session {
+        let sessions: Vec<Arc<Session>> = {
+            let mut slots = self.inner.sessions.lock().await;
+            slots.iter_mut().filter_map(Option::take).collect()
+        };
+        for session in sessions {
             session.close().await;
         }
     }
@@ -429,14 +449,18 @@ impl Locker {
         Ok(())
     }
 
-    /// The default session, started (or restarted after a loss) if need be.
-    pub(crate) async fn default_session(&self) -> Result<Arc<Session>> {
-        let mut slot = self.inner.default_session.lock().await;
-        if let Some(session) = slot.as_ref().filter(|s| !s.is_lost()) {
+    /// The shared session of `slot` (0: the default session), started (or restarted after a
+    /// loss) if need be.
+    pub(crate) async fn shared_session(&self, slot: usize) -> Result<Arc<Session>> {
+        let mut slots = self.inner.sessions.lock().await;
+        if slots.len() <= slot {
+            slots.resize(slot + 1, None);
+        }
+        if let Some(session) = slots[slot].as_ref().filter(|s| !s.is_lost()) {
             return Ok(session.clone());
         }
         let session = self.new_session(self.inner.ttl).await?;
-        *slot = Some(session.clone());
+        slots[slot] = Some(session.clone());
         Ok(session)
     }
 
@@ -473,24 +497,27 @@ impl Locker {
         delay
     }
 
-    /// Claims `key` in the default session, unless another lock of this locker has it.
-    pub(crate) fn claim_key(&self, key: &str) -> Option<KeyClaim> {
+    /// Claims `key` in the lowest session slot where no other lock of this locker has it.
+    pub(crate) fn claim_key(&self, key: &str) -> KeyClaim {
         let claims = &self.inner.claims;
-        let fresh = claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned());
-        fresh.then(|| KeyClaim {
+        let mut all = claims.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = all.entry(key.to_owned()).or_default();
+        let slot = (0..).find(|i| !slots.contains(i)).unwrap_or(0);
+        slots.insert(slot);
+        KeyClaim {
             key: key.to_owned(),
+            slot,
             claims: claims.clone(),
-        })
+        }
     }
 
-    /// Stops using `session` as the default session (its lease is gone).
-    pub(crate) async fn forget_default_session(&self, session: &Arc<Session>) {
-        let mut slot = self.inner.default_session.lock().await;
-        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
-            *slot = None;
+    /// Stops using `session` as a shared session (its lease is gone).
+    pub(crate) async fn forget_shared_session(&self, session: &Arc<Session>) {
+        let mut slots = self.inner.sessions.lock().await;
+        for slot in slots.iter_mut() {
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
+                *slot = None;
+            }
         }
     }
 }

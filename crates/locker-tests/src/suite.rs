@@ -67,6 +67,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "two_locks_on_one_key_in_one_locker_exclude_each_other",
     "try_acquire_fails_fast_when_the_store_is_unreachable",
     "input_at_the_limits_is_accepted",
+    "contenders_in_one_locker_take_turns_on_few_leases",
     "bad_input_empty_key",
     "bad_input_key_too_long",
     "bad_input_value_too_large",
@@ -121,6 +122,7 @@ macro_rules! conformance_suite {
             two_locks_on_one_key_in_one_locker_exclude_each_other,
             try_acquire_fails_fast_when_the_store_is_unreachable,
             input_at_the_limits_is_accepted,
+            contenders_in_one_locker_take_turns_on_few_leases,
             bad_input_empty_key,
             bad_input_key_too_long,
             bad_input_value_too_large,
@@ -1130,6 +1132,43 @@ pub async fn two_locks_on_one_key_in_one_locker_exclude_each_other(h: &dyn Harne
     let holder = a.get(&key).await.expect("get").expect("held");
     assert_eq!((holder.value_str(), holder.token), (Some("second"), token));
     second.release().await.expect("release");
+}
+
+/// Four tasks of one locker take turns on one key, five times each: one owner at a time, and
+/// the locker's shared sessions are reused (no lease per acquisition).
+pub async fn contenders_in_one_locker_take_turns_on_few_leases(h: &dyn Harness) {
+    let key = h.key("one-locker");
+    let locker = h.client().await.locker(TTL);
+    let inside = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (locker, key, inside) = (locker.clone(), key.clone(), inside.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..5 {
+                let guard = timeout(
+                    PATIENCE,
+                    locker.acquire(key.clone(), format!("t{i}-{round}")),
+                )
+                .await
+                .expect("acquired in time")
+                .expect("acquire");
+                assert!(!inside.swap(true, Ordering::SeqCst), "two owners at once");
+                sleep(Duration::from_millis(2)).await;
+                inside.store(false, Ordering::SeqCst);
+                guard.release().await.expect("release");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("contender");
+    }
+    let leases = h.granted_leases();
+    assert!(
+        leases.len() <= 4,
+        "{} leases for 4 contenders",
+        leases.len()
+    );
+    locker.close().await;
 }
 
 /// `try_acquire` answers a store error, not a wait, when the store cannot be reached.
