@@ -102,6 +102,11 @@ fn classify_status(status: &tonic::Status) -> Class {
             Class::PermissionDenied
         }
         Code::ResourceExhausted => Class::Retryable,
+        // etcd answers this while its auth store changes under a request; a later request goes
+        // through.
+        Code::InvalidArgument if message.contains("revision of auth store is old") => {
+            Class::Retryable
+        }
         _ if mentions_transport(message) => Class::Unavailable,
         _ => Class::Permanent,
     }
@@ -114,6 +119,10 @@ fn classify(err: &etcd_client::Error) -> Class {
         E::TransportError(_) | E::IoError(_) => Class::Unavailable,
         E::LeaseKeepAliveError(message) if message.contains("lease not found") => {
             Class::LeaseNotFound
+        }
+        // The server closed the keep-alive stream before it answered.
+        E::WatchError(message) if message.contains("failed to create lease keeper") => {
+            Class::Unavailable
         }
         E::WatchError(message) | E::LeaseKeepAliveError(message) | E::ElectError(message) => {
             if mentions_transport(message) || message.contains("closed") {

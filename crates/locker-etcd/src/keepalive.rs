@@ -20,6 +20,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 struct Stream {
     keeper: LeaseKeeper,
     responses: LeaseKeepAliveStream,
+    /// A request was sent whose answer was not read (the call was dropped mid-way): the next
+    /// answer on this stream is not for the next request, so the stream must not be reused.
+    owed: bool,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Stream>>>;
@@ -154,6 +157,9 @@ async fn refresh_on_slot(
     slot: &Slot,
 ) -> Result<Refresh, etcd_client::Error> {
     let mut guard = slot.lock().await;
+    if guard.as_ref().is_some_and(|stream| stream.owed) {
+        *guard = None;
+    }
     if let Some(stream) = guard.as_mut() {
         match refresh(stream).await {
             Ok(refresh) => return Ok(refresh),
@@ -182,7 +188,11 @@ async fn refresh_on_slot(
         lease = format_args!("{lease:x}"),
         "opened keep-alive stream"
     );
-    let stream = guard.insert(Stream { keeper, responses });
+    let stream = guard.insert(Stream {
+        keeper,
+        responses,
+        owed: false,
+    });
     match refresh(stream).await {
         Ok(refresh) => Ok(refresh),
         Err(err) => {
@@ -194,8 +204,11 @@ async fn refresh_on_slot(
 
 /// Sends one keep-alive request on `stream` and reads its answer.
 async fn refresh(stream: &mut Stream) -> Result<Refresh, etcd_client::Error> {
+    stream.owed = true;
     stream.keeper.keep_alive().await?;
-    match stream.responses.message().await? {
+    let answer = stream.responses.message().await?;
+    stream.owed = false;
+    match answer {
         Some(response) if response.ttl() > 0 => Ok(Refresh::Alive(Duration::from_secs(
             response.ttl().unsigned_abs(),
         ))),

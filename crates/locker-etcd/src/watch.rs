@@ -249,7 +249,7 @@ impl Hub {
                 self.in_flight = Some(id);
                 tracing::debug!(watches = self.watches.len(), "opened etcd watch stream");
             }
-            Ok(Err(err)) if !is_unavailable(&err) => {
+            Ok(Err(err)) if is_refused(&err) => {
                 // Refused for good (credentials, permissions): every watch fails with it.
                 let err = map_error(err, Context::op("watch"));
                 tracing::debug!(error = %err, "etcd refused the watch stream");
@@ -262,6 +262,19 @@ impl Hub {
             Ok(Err(err)) => self.schedule_retry(&err.to_string()),
             Err(_) => self.schedule_retry("timed out opening the stream"),
         }
+    }
+
+    /// Fails every watch with `err` and drops the stream.
+    fn broken_for_good(&mut self, err: &Error) {
+        self.sender = None;
+        self.responses = None;
+        self.in_flight = None;
+        self.by_etcd_id.clear();
+        let ids: Vec<u64> = self.watches.keys().copied().collect();
+        for id in ids {
+            self.fail(id, clone_error(err));
+        }
+        self.pending.clear();
     }
 
     async fn command(&mut self, command: Command) {
@@ -315,6 +328,13 @@ impl Hub {
     ) {
         let response = match response {
             Some(Ok(response)) => response,
+            Some(Err(err)) if is_refused(&err) => {
+                // Refused for good on the stream itself: retrying cannot help.
+                let err = map_error(err, Context::op("watch"));
+                tracing::debug!(error = %err, "etcd refused the watch stream");
+                self.broken_for_good(&err);
+                return;
+            }
             Some(Err(err)) => return self.broken(&err.to_string()),
             None => return self.broken("the server closed the stream"),
         };
@@ -500,6 +520,19 @@ fn convert(root: &[u8], event: &etcd_client::Event) -> Option<WatchEvent> {
                 },
             })
         }
+    }
+}
+
+/// Whether a failure means the store refuses the watch for good (credentials, permissions,
+/// invalid request), rather than a broken link or an overloaded server worth retrying.
+fn is_refused(err: &etcd_client::Error) -> bool {
+    !is_unavailable(err) && !map_error_is_retryable(err)
+}
+
+fn map_error_is_retryable(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::ResourceExhausted,
+        _ => false,
     }
 }
 
