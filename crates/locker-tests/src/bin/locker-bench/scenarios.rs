@@ -1,0 +1,1296 @@
+//! The scenarios of issue 5, each run against our client and its baseline in the same run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, LockOptions as RawLockOptions, WatchOptions};
+use futures::StreamExt;
+use locker_core::{LockBackend, LockGuard, LockOptions, Locker};
+use locker_memory::MemoryBackend;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+
+use crate::counting::{Calls, Counts};
+use crate::raw::{self, DrainedWatch, RawContender, RawLease};
+use crate::stats::{Measure, Outcome, RatioKind, Samples, us};
+use crate::{BenchResult, Env, alloc_stats};
+
+/// Latency scenarios alternate ours and the baseline in this many blocks, so that both see the
+/// same background load.
+const BLOCKS: usize = 10;
+/// The TTL of the default sessions (locker's default).
+const SESSION_TTL: Duration = Duration::from_secs(10);
+
+async fn ours_cycle(locker: &Locker, key: &str) -> BenchResult<Duration> {
+    let started = Instant::now();
+    let guard = locker.acquire(key, "v").await?;
+    guard.release().await?;
+    Ok(started.elapsed())
+}
+
+async fn raw_cycle(client: &mut Client, key: &[u8], lease: i64) -> BenchResult<Duration> {
+    let started = Instant::now();
+    if !raw::try_create(client, key, lease).await? {
+        return Err("raw cycle: the key was already there".into());
+    }
+    client.delete(key, None).await?;
+    Ok(started.elapsed())
+}
+
+/// Join + guarded delete straight on the backend: the store's part of an acquire + release.
+async fn backend_cycle(backend: &dyn LockBackend, lease: i64) -> BenchResult<Duration> {
+    let started = Instant::now();
+    let joined = backend.join("direct", lease, b"v").await?;
+    if joined.holder.key != joined.entry.key {
+        return Err("backend cycle: the key was held".into());
+    }
+    if !backend
+        .delete_entry(&joined.entry.key, joined.entry.create_revision)
+        .await?
+    {
+        return Err("backend cycle: the entry was not deleted".into());
+    }
+    Ok(started.elapsed())
+}
+
+fn calls_note(what: &str, calls: Calls, ops: usize) -> String {
+    format!("backend calls per {what}: {}", calls.per_op(ops))
+}
+
+/// `acquire_release`: uncontended acquire + release on a live session, against a raw
+/// create-if-absent txn + delete.
+pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
+    let cycles = env.pick(3000, 300);
+    let (backend, counts) = env.ours(&env.prefix("acquire_release", "ours")).await?;
+    let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+    let mut client = env.raw().await?;
+    let lease = RawLease::grant(&client, SESSION_TTL).await?;
+    let raw_key = format!("{}k", env.prefix("acquire_release", "raw")).into_bytes();
+    // The backend's own calls without the state machine: join + guarded delete.
+    let backend = locker.backend().clone();
+    let backend_lease = backend.grant_lease(Duration::from_secs(600)).await?;
+    // The same backend calls on a connection without any watch (no locker uses it).
+    let (bare, _) = env.ours(&env.prefix("acquire_release", "bare")).await?;
+    let bare_lease = bare.grant_lease(Duration::from_secs(600)).await?;
+    let mut bare_samples = Samples::default();
+    for _ in 0..20 {
+        ours_cycle(&locker, "k").await?;
+        backend_cycle(backend.as_ref(), backend_lease.id).await?;
+        raw_cycle(&mut client, &raw_key, lease.id).await?;
+    }
+    let shaped_queue = format!("{}shaped/", env.prefix("acquire_release", "raw")).into_bytes();
+    let shaped_entry = [
+        shaped_queue.as_slice(),
+        format!("{:x}", lease.id).as_bytes(),
+    ]
+    .concat();
+    // The same, on prefixes with a watch open on the same connection (as our hub has), with
+    // all events or deletes only.
+    let watched_prefix = env.prefix("acquire_release", "raw-watched");
+    let deletes_prefix = env.prefix("acquire_release", "raw-watched-deletes");
+    let _watches = (
+        DrainedWatch::open(&client, watched_prefix.as_bytes(), false).await?,
+        DrainedWatch::open(&client, deletes_prefix.as_bytes(), true).await?,
+    );
+    let watched_queue = format!("{watched_prefix}q/").into_bytes();
+    let watched_entry = [
+        watched_queue.as_slice(),
+        format!("{:x}", lease.id).as_bytes(),
+    ]
+    .concat();
+    let empty_queue = format!("{}if-empty/", env.prefix("acquire_release", "raw")).into_bytes();
+    let empty_entry = [empty_queue.as_slice(), format!("{:x}", lease.id).as_bytes()].concat();
+    let deletes_queue = format!("{deletes_prefix}q/").into_bytes();
+    let deletes_entry = [
+        deletes_queue.as_slice(),
+        format!("{:x}", lease.id).as_bytes(),
+    ]
+    .concat();
+    let before = counts.snapshot();
+    let (mut ours, mut base, mut direct, mut shaped) = (
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+    );
+    let (mut watched, mut deletes) = (Samples::default(), Samples::default());
+    let mut if_empty = Samples::default();
+    // Which half of the shape costs: the join txn with a plain delete, a plain create with the
+    // guarded delete.
+    let (mut join_plain, mut create_guarded) = (Samples::default(), Samples::default());
+    for _ in 0..BLOCKS {
+        for _ in 0..cycles / BLOCKS {
+            bare_samples.push(backend_cycle(bare.as_ref(), bare_lease.id).await?);
+        }
+        for _ in 0..cycles / BLOCKS {
+            let started = Instant::now();
+            raw::join_shaped(&mut client, &shaped_queue, &shaped_entry, lease.id).await?;
+            client.delete(shaped_entry.clone(), None).await?;
+            join_plain.push(started.elapsed());
+        }
+        for _ in 0..cycles / BLOCKS {
+            let started = Instant::now();
+            let rev = raw::create_revision(&mut client, &raw_key, lease.id).await?;
+            raw::guarded_delete(&mut client, &raw_key, rev).await?;
+            create_guarded.push(started.elapsed());
+        }
+        for _ in 0..cycles / BLOCKS {
+            let started = Instant::now();
+            let rev = raw::join_if_empty(&mut client, &empty_queue, &empty_entry, lease.id).await?;
+            raw::guarded_delete(&mut client, &empty_entry, rev).await?;
+            if_empty.push(started.elapsed());
+        }
+        for (queue, entry, samples) in [
+            (&shaped_queue, &shaped_entry, &mut shaped),
+            (&watched_queue, &watched_entry, &mut watched),
+            (&deletes_queue, &deletes_entry, &mut deletes),
+        ] {
+            for _ in 0..cycles / BLOCKS {
+                let started = Instant::now();
+                let rev = raw::join_shaped(&mut client, queue, entry, lease.id).await?;
+                raw::guarded_delete(&mut client, entry, rev).await?;
+                samples.push(started.elapsed());
+            }
+        }
+        for _ in 0..cycles / BLOCKS {
+            ours.push(ours_cycle(&locker, "k").await?);
+        }
+        for _ in 0..cycles / BLOCKS {
+            base.push(raw_cycle(&mut client, &raw_key, lease.id).await?);
+        }
+        for _ in 0..cycles / BLOCKS {
+            direct.push(backend_cycle(backend.as_ref(), backend_lease.id).await?);
+        }
+    }
+    let calls = counts
+        .snapshot()
+        .since(before)
+        .since(Calls(std::array::from_fn(|i| {
+            // The direct backend cycles went through the same counters: one join and one delete each.
+            if i == 3 || i == 7 {
+                direct.len() as u64
+            } else {
+                0
+            }
+        })));
+    backend.revoke_lease(backend_lease.id).await?;
+    bare.revoke_lease(bare_lease.id).await?;
+    let mut outcome = Outcome::new("acquire_release", ours.measure()).compare(
+        "raw create-if-absent txn + delete",
+        base.measure(),
+        RatioKind::P50,
+        1.10,
+    );
+    let direct_p50 = direct.quantile(0.5).map_or(f64::NAN, us);
+    outcome.extra("backend_only_p50_us", direct_p50);
+    outcome.extra(
+        "backend_only_p99_us",
+        direct.quantile(0.99).map_or(f64::NAN, us),
+    );
+    let shaped_p50 = shaped.quantile(0.5).map_or(f64::NAN, us);
+    let watched_p50 = watched.quantile(0.5).map_or(f64::NAN, us);
+    let deletes_p50 = deletes.quantile(0.5).map_or(f64::NAN, us);
+    let if_empty_p50 = if_empty.quantile(0.5).map_or(f64::NAN, us);
+    let bare_p50 = bare_samples.quantile(0.5).map_or(f64::NAN, us);
+    outcome.extra("backend_only_no_watch_p50_us", bare_p50);
+    outcome.note(format!(
+        "our backend's calls on a connection with no watch (no locker on it): {bare_p50:.0} us"
+    ));
+    let join_plain_p50 = join_plain.quantile(0.5).map_or(f64::NAN, us);
+    let create_guarded_p50 = create_guarded.quantile(0.5).map_or(f64::NAN, us);
+    outcome.extra("raw_join_txn_plain_delete_p50_us", join_plain_p50);
+    outcome.extra("raw_create_guarded_delete_p50_us", create_guarded_p50);
+    outcome.note(format!(
+        "which half costs (p50): raw join txn + plain delete {join_plain_p50:.0} us; raw \
+         create-if-absent + guarded delete txn {create_guarded_p50:.0} us"
+    ));
+    outcome.extra("raw_lighter_join_p50_us", if_empty_p50);
+    outcome.extra("raw_same_txn_shapes_p50_us", shaped_p50);
+    outcome.extra("raw_same_txn_shapes_watched_p50_us", watched_p50);
+    outcome.extra("raw_same_txn_shapes_deletes_watched_p50_us", deletes_p50);
+    outcome.note(format!(
+        "breakdown of p50: raw {:.0} us; raw calls with our txn shapes (join txn with the queue \
+         range + guarded delete txn) {shaped_p50:.0} us, the same with a prefix watch open on the \
+         connection {watched_p50:.0} us (deletes-only watch {deletes_p50:.0} us); our backend's \
+         calls alone (no state machine) {direct_p50:.0} us; through Locker {:.0} us; a lighter join \
+         (put alone when the queue is empty) + guarded delete {if_empty_p50:.0} us",
+        outcome
+            .baseline
+            .as_ref()
+            .and_then(|(_, m)| m.p50_us)
+            .unwrap_or(f64::NAN),
+        outcome.ours.p50_us.unwrap_or(f64::NAN),
+    ));
+    outcome.extra("calls_per_cycle", calls.per_op(ours.len()));
+    outcome.extra(
+        "grant_lease_per_cycle",
+        calls.get("grant_lease") as f64 / ours.len() as f64,
+    );
+    outcome.note(calls_note("cycle", calls, ours.len()));
+    locker.close().await;
+    lease.revoke(&client).await;
+    Ok(outcome)
+}
+
+/// `lock_rpc`: the same cycle against etcd's lock service with a kept-alive lease.
+pub(crate) async fn lock_rpc(env: &Env) -> BenchResult<Outcome> {
+    let cycles = env.pick(3000, 300);
+    let (backend, counts) = env.ours(&env.prefix("lock_rpc", "ours")).await?;
+    let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+    let client = env.raw().await?;
+    let lease = RawLease::grant(&client, SESSION_TTL).await?;
+    let name = format!("{}k", env.prefix("lock_rpc", "raw")).into_bytes();
+    let rpc_cycle = |mut client: Client| {
+        let name = name.clone();
+        async move {
+            let started = Instant::now();
+            let locked = client
+                .lock(name, Some(RawLockOptions::new().with_lease(lease.id)))
+                .await?;
+            client.unlock(locked.key().to_vec()).await?;
+            BenchResult::Ok(started.elapsed())
+        }
+    };
+    for _ in 0..20 {
+        ours_cycle(&locker, "k").await?;
+        rpc_cycle(client.clone()).await?;
+    }
+    let before = counts.snapshot();
+    let (mut ours, mut base) = (Samples::default(), Samples::default());
+    for _ in 0..BLOCKS {
+        for _ in 0..cycles / BLOCKS {
+            ours.push(ours_cycle(&locker, "k").await?);
+        }
+        for _ in 0..cycles / BLOCKS {
+            base.push(rpc_cycle(client.clone()).await?);
+        }
+    }
+    let calls = counts.snapshot().since(before);
+    let mut outcome = Outcome::new("lock_rpc", ours.measure()).compare(
+        "etcd lock service: lock + unlock (kept-alive lease)",
+        base.measure(),
+        RatioKind::P50,
+        1.0,
+    );
+    outcome.note(calls_note("cycle", calls, ours.len()));
+    locker.close().await;
+    lease.revoke(&client).await;
+    client.clone().delete(name, None).await.ok();
+    Ok(outcome)
+}
+
+/// What a contender of the hand-off ring tells the coordinator.
+enum RingEvent {
+    Acquired { id: usize, at: Instant },
+    Releasing { at: Instant },
+}
+
+async fn ours_contender(
+    locker: Locker,
+    id: usize,
+    events: mpsc::UnboundedSender<RingEvent>,
+    mut go: mpsc::UnboundedReceiver<()>,
+) -> BenchResult<()> {
+    loop {
+        let guard = locker.acquire("k", format!("c{id}")).await?;
+        let at = Instant::now();
+        if events.send(RingEvent::Acquired { id, at }).is_err() || go.recv().await.is_none() {
+            guard.release().await?;
+            locker.close().await;
+            return Ok(());
+        }
+        let _ = events.send(RingEvent::Releasing { at: Instant::now() });
+        guard.release().await?;
+    }
+}
+
+async fn raw_contender(
+    mut contender: RawContender,
+    id: usize,
+    events: mpsc::UnboundedSender<RingEvent>,
+    mut go: mpsc::UnboundedReceiver<()>,
+) -> BenchResult<()> {
+    loop {
+        contender.acquire().await?;
+        let at = Instant::now();
+        if events.send(RingEvent::Acquired { id, at }).is_err() || go.recv().await.is_none() {
+            contender.release().await?;
+            contender.close().await;
+            return Ok(());
+        }
+        let _ = events.send(RingEvent::Releasing { at: Instant::now() });
+        contender.release().await?;
+    }
+}
+
+async fn next_event(
+    events: &mut mpsc::UnboundedReceiver<RingEvent>,
+    tasks: &mut JoinSet<BenchResult<()>>,
+) -> BenchResult<RingEvent> {
+    tokio::select! {
+        event = timeout(Duration::from_secs(30), events.recv()) => {
+            event.map_err(|_| "no hand-off within 30 s")?.ok_or_else(|| "all contenders ended".into())
+        }
+        Some(ended) = tasks.join_next() => {
+            ended??;
+            Err("a contender ended early".into())
+        }
+    }
+}
+
+/// The coordinator of a hand-off ring: waits until the queue holds the holder and every waiter,
+/// lets it settle, tells the holder to release, and times release → next acquisition.
+#[allow(clippy::too_many_arguments)]
+async fn ring(
+    counter: &mut Client,
+    queue: &[u8],
+    waiters: usize,
+    warmup: usize,
+    rounds: usize,
+    settle: Duration,
+    events: &mut mpsc::UnboundedReceiver<RingEvent>,
+    gos: &[mpsc::UnboundedSender<()>],
+    tasks: &mut JoinSet<BenchResult<()>>,
+    calls: &dyn Fn() -> Calls,
+) -> BenchResult<(Samples, Calls)> {
+    let mut samples = Samples::default();
+    let mut released: Option<Instant> = None;
+    let mut before = Calls::default();
+    for round in 0..=warmup + rounds {
+        let RingEvent::Acquired { id, at } = next_event(events, tasks).await? else {
+            return Err("a release without an acquisition".into());
+        };
+        if let Some(t) = released.take()
+            && round > warmup
+        {
+            samples.push(at - t);
+        }
+        if round == warmup {
+            before = calls();
+        }
+        if round == warmup + rounds {
+            // Wait for the old holder's rejoin, which belongs to the last hand-off.
+            raw::wait_count(counter, queue, waiters as i64 + 1).await?;
+            tokio::time::sleep(settle).await;
+            return Ok((samples, calls().since(before)));
+        }
+        raw::wait_count(counter, queue, waiters as i64 + 1).await?;
+        tokio::time::sleep(settle).await;
+        gos[id].send(()).map_err(|_| "the holder is gone")?;
+        let RingEvent::Releasing { at } = next_event(events, tasks).await? else {
+            return Err("an acquisition before the release".into());
+        };
+        released = Some(at);
+    }
+    Err("the ring ended early".into())
+}
+
+async fn stop_ring(gos: Vec<mpsc::UnboundedSender<()>>, mut tasks: JoinSet<BenchResult<()>>) {
+    drop(gos);
+    // The holder releases and ends; waiters are cancelled (acquire is cancel safe).
+    let _ = timeout(Duration::from_millis(500), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+/// `handoff_N`: the holder releases → the next of `waiters` waiters' acquire returns.
+pub(crate) async fn handoff(env: &Env, waiters: usize) -> BenchResult<Outcome> {
+    let name = format!("handoff_{waiters}");
+    let rounds = env.pick(200, 30);
+    let warmup = 5;
+    let settle = Duration::from_millis(env.pick(10, 5));
+    let mut counter = env.raw().await?;
+
+    // Ours: each contender is a client of its own (its own connection, locker and session).
+    let prefix = env.prefix(&name, "ours");
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut gos = Vec::new();
+    let mut tasks = JoinSet::new();
+    let mut counts: Vec<Arc<Counts>> = Vec::new();
+    for id in 0..=waiters {
+        let (backend, c) = env.ours(&prefix).await?;
+        counts.push(c);
+        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let (go_tx, go_rx) = mpsc::unbounded_channel();
+        gos.push(go_tx);
+        tasks.spawn(ours_contender(locker, id, events_tx.clone(), go_rx));
+    }
+    drop(events_tx);
+    let snapshot = |counts: &[Arc<Counts>]| {
+        counts
+            .iter()
+            .map(|c| c.snapshot())
+            .fold(Calls::default(), |a, b| {
+                Calls(std::array::from_fn(|i| a.0[i] + b.0[i]))
+            })
+    };
+    let queue = format!("{prefix}k/").into_bytes();
+    let (mut ours, calls) = ring(
+        &mut counter,
+        &queue,
+        waiters,
+        warmup,
+        rounds,
+        settle,
+        &mut events,
+        &gos,
+        &mut tasks,
+        &|| snapshot(&counts),
+    )
+    .await?;
+    stop_ring(gos, tasks).await;
+
+    // The baseline: the same ring of raw contenders.
+    let prefix = env.prefix(&name, "raw");
+    let queue = format!("{prefix}k/").into_bytes();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut gos = Vec::new();
+    let mut tasks = JoinSet::new();
+    for id in 0..=waiters {
+        let contender = RawContender::new(env.raw().await?, &queue, SESSION_TTL).await?;
+        let (go_tx, go_rx) = mpsc::unbounded_channel();
+        gos.push(go_tx);
+        tasks.spawn(raw_contender(contender, id, events_tx.clone(), go_rx));
+    }
+    drop(events_tx);
+    let (mut base, _) = ring(
+        &mut counter,
+        &queue,
+        waiters,
+        warmup,
+        rounds,
+        settle,
+        &mut events,
+        &gos,
+        &mut tasks,
+        &Calls::default,
+    )
+    .await?;
+    stop_ring(gos, tasks).await;
+
+    let mut outcome = Outcome::new(&name, ours.measure()).compare(
+        "raw: delete -> watch event -> one read",
+        base.measure(),
+        RatioKind::P99,
+        1.5,
+    );
+    // Calls include the old holder's rejoin (join + position) and its release (delete).
+    outcome.note(calls_note(
+        "hand-off (all clients: release + wake + rejoin)",
+        calls,
+        ours.len(),
+    ));
+    outcome.extra("calls_per_handoff", calls.per_op(ours.len()));
+    Ok(outcome)
+}
+
+/// `contended_8`: 8 clients (lockers on one connection) take turns on one key.
+pub(crate) async fn contended(env: &Env) -> BenchResult<Outcome> {
+    const TASKS: usize = 8;
+    let period = Duration::from_secs(env.pick(5, 1));
+    let rounds = 2;
+    let (backend, counts) = env.ours(&env.prefix("contended_8", "ours")).await?;
+    let lockers = (0..TASKS)
+        .map(|_| {
+            Locker::builder_arc(backend.clone())
+                .ttl(SESSION_TTL)
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for locker in &lockers {
+        ours_cycle(locker, "k").await?;
+    }
+    let mut client = env.raw().await?;
+    let lease = RawLease::grant(&client, SESSION_TTL).await?;
+    let raw_key = format!("{}k", env.prefix("contended_8", "raw")).into_bytes();
+    for _ in 0..20 {
+        raw_cycle(&mut client, &raw_key, lease.id).await?;
+    }
+
+    let (mut waits, mut base) = (Samples::default(), Samples::default());
+    let (mut ours_n, mut ours_time) = (0u64, Duration::ZERO);
+    let (mut base_n, mut base_time) = (0u64, Duration::ZERO);
+    let mut calls = Calls::default();
+    for _ in 0..rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acquired = Arc::new(AtomicU64::new(0));
+        let before = counts.snapshot();
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+        for locker in &lockers {
+            let (locker, stop, acquired) = (locker.clone(), stop.clone(), acquired.clone());
+            tasks.spawn(async move {
+                let mut waits = Samples::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let asked = Instant::now();
+                    let guard = locker.acquire("k", "v").await?;
+                    waits.push(asked.elapsed());
+                    acquired.fetch_add(1, Ordering::Relaxed);
+                    guard.release().await?;
+                }
+                BenchResult::Ok(waits)
+            });
+        }
+        tokio::time::sleep(period).await;
+        let n = acquired.load(Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        let after = counts.snapshot();
+        stop.store(true, Ordering::Relaxed);
+        while let Some(done) = tasks.join_next().await {
+            waits.extend(&done??);
+        }
+        ours_n += n;
+        ours_time += elapsed;
+        let c = after.since(before);
+        calls = Calls(std::array::from_fn(|i| calls.0[i] + c.0[i]));
+
+        let started = Instant::now();
+        while started.elapsed() < period {
+            base.push(raw_cycle(&mut client, &raw_key, lease.id).await?);
+            base_n += 1;
+        }
+        base_time += started.elapsed();
+    }
+    let mut ours = waits.measure();
+    ours.ops_per_s = Some(ours_n as f64 / ours_time.as_secs_f64());
+    let mut baseline = base.measure();
+    baseline.ops_per_s = Some(base_n as f64 / base_time.as_secs_f64());
+    let mut outcome = Outcome::new("contended_8", ours).compare(
+        "raw sequential create-if-absent txn + delete cycles",
+        baseline,
+        RatioKind::Throughput,
+        0.8,
+    );
+    outcome.note("p50/p99 = wait from acquire() to owning; baseline p50/p99 = one raw cycle");
+    outcome.note(calls_note("acquisition", calls, ours_n as usize));
+    outcome.extra("calls_per_acquisition", calls.per_op(ours_n as usize));
+    for locker in &lockers {
+        locker.close().await;
+    }
+    lease.revoke(&client).await;
+    Ok(outcome)
+}
+
+/// Waits on `rx` for `value`, answering when it arrived.
+async fn arrival(
+    rx: &mut mpsc::UnboundedReceiver<(Vec<u8>, Instant)>,
+    value: &[u8],
+) -> BenchResult<Instant> {
+    loop {
+        let (seen, at) = timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .map_err(|_| "no watch delivery within 10 s")?
+            .ok_or("the watch ended")?;
+        if seen == value {
+            return Ok(at);
+        }
+    }
+}
+
+/// `watch_latency`: the holder changes its value → another client's `watch` stream yields it.
+pub(crate) async fn watch_latency(env: &Env) -> BenchResult<Outcome> {
+    let changes = env.pick(1000, 150);
+    let prefix = env.prefix("watch_latency", "ours");
+    let (holder_backend, counts) = env.ours(&prefix).await?;
+    let (watcher_backend, _) = env.ours(&prefix).await?;
+    let holder = Locker::builder_arc(holder_backend)
+        .ttl(SESSION_TTL)
+        .build()?;
+    let watcher = Locker::builder_arc(watcher_backend)
+        .ttl(SESSION_TTL)
+        .build()?;
+    let guard = holder.acquire("w", "v0").await?;
+    let mut stream = watcher.watch("w")?;
+    let (tx, mut ours_rx) = mpsc::unbounded_channel();
+    let ours_feed = tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            let at = Instant::now();
+            if let Ok(Some(holder)) = item
+                && tx.send((holder.value, at)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    arrival(&mut ours_rx, b"v0").await?;
+
+    let mut writer = env.raw().await?;
+    let mut reader = env.raw().await?;
+    let raw_key = format!("{}w", env.prefix("watch_latency", "raw")).into_bytes();
+    writer.put(raw_key.clone(), "v0", None).await?;
+    let mut raw_stream = raw::watch(&mut reader, &raw_key, WatchOptions::new()).await?;
+    let (tx, mut raw_rx) = mpsc::unbounded_channel();
+    let raw_feed = tokio::spawn(async move {
+        while let Ok(Some(answer)) = raw_stream.message().await {
+            let at = Instant::now();
+            for event in answer.events() {
+                if event.event_type() == EventType::Put
+                    && let Some(kv) = event.kv()
+                    && tx.send((kv.value().to_vec(), at)).is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+
+    let before = counts.snapshot();
+    let (mut ours, mut base) = (Samples::default(), Samples::default());
+    let (mut ours_write, mut base_write) = (Samples::default(), Samples::default());
+    // The guarded put our backend makes (`update_value`), in raw calls, for the breakdown.
+    let (mut guarded, mut guarded_write) = (Samples::default(), Samples::default());
+    let guarded_rev = writer
+        .get(raw_key.clone(), None)
+        .await?
+        .kvs()
+        .first()
+        .map_or(0, |kv| kv.create_revision());
+    let mut n = 0;
+    for _ in 0..BLOCKS {
+        for _ in 0..changes / BLOCKS {
+            n += 1;
+            let value = format!("v{n}");
+            let started = Instant::now();
+            guard.set_value(value.clone()).await?;
+            ours_write.push(started.elapsed());
+            ours.push(arrival(&mut ours_rx, value.as_bytes()).await? - started);
+        }
+        for _ in 0..changes / BLOCKS {
+            n += 1;
+            let value = format!("v{n}");
+            let started = Instant::now();
+            writer.put(raw_key.clone(), value.clone(), None).await?;
+            base_write.push(started.elapsed());
+            base.push(arrival(&mut raw_rx, value.as_bytes()).await? - started);
+        }
+        for _ in 0..changes / BLOCKS {
+            n += 1;
+            let value = format!("v{n}");
+            let started = Instant::now();
+            raw::guarded_put(&mut writer, &raw_key, guarded_rev, value.as_bytes()).await?;
+            guarded_write.push(started.elapsed());
+            guarded.push(arrival(&mut raw_rx, value.as_bytes()).await? - started);
+        }
+    }
+    let calls = counts.snapshot().since(before);
+    ours_feed.abort();
+    raw_feed.abort();
+    guard.release().await?;
+    holder.close().await;
+    watcher.close().await;
+    writer.delete(raw_key, None).await?;
+    let mut outcome = Outcome::new("watch_latency", ours.measure()).compare(
+        "raw put -> raw etcd watch delivery",
+        base.measure(),
+        RatioKind::P50,
+        1.2,
+    );
+    outcome.note(calls_note("change (holder side)", calls, ours.len()));
+    let ours_write_p50 = ours_write.quantile(0.5).map_or(f64::NAN, us);
+    let base_write_p50 = base_write.quantile(0.5).map_or(f64::NAN, us);
+    let guarded_write_p50 = guarded_write.quantile(0.5).map_or(f64::NAN, us);
+    let guarded_p50 = guarded.quantile(0.5).map_or(f64::NAN, us);
+    outcome.extra("set_value_returned_p50_us", ours_write_p50);
+    outcome.extra("raw_put_returned_p50_us", base_write_p50);
+    outcome.extra("raw_guarded_put_returned_p50_us", guarded_write_p50);
+    outcome.extra("raw_guarded_put_delivered_p50_us", guarded_p50);
+    outcome.note(format!(
+        "the writer's call returned after (p50): set_value {ours_write_p50:.0} us, raw put \
+         {base_write_p50:.0} us, raw guarded put txn (our update_value's shape) \
+         {guarded_write_p50:.0} us, delivered after {guarded_p50:.0} us"
+    ));
+    Ok(outcome)
+}
+
+/// A small xorshift generator for the failover phases (no seed needed to be replayable here).
+struct XorShift(u64);
+
+impl XorShift {
+    fn new() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
+        XorShift(seed | 1)
+    }
+
+    fn below(&mut self, limit: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let nanos = limit.as_nanos().max(1) as u64;
+        Duration::from_nanos(self.0 % nanos)
+    }
+}
+
+const FAILOVER_TTL: Duration = Duration::from_secs(2);
+
+async fn ours_failover_once(
+    holder: Locker,
+    waiter: Locker,
+    mut counter: Client,
+    queue: Vec<u8>,
+    key: String,
+    phase: Duration,
+) -> BenchResult<Duration> {
+    let handle = holder
+        .lock_with(
+            key.clone(),
+            "holder",
+            LockOptions::new().dedicated_session(FAILOVER_TTL),
+        )
+        .await?;
+    handle.wait_owned().await?;
+    let (owned_tx, owned_rx) = oneshot::channel();
+    let waiting = tokio::spawn(async move {
+        let guard = waiter.acquire(key, "waiter").await?;
+        let _ = owned_tx.send(Instant::now());
+        BenchResult::Ok(guard)
+    });
+    raw::wait_count(&mut counter, &queue, 2).await?;
+    tokio::time::sleep(phase).await;
+    let vanished = Instant::now();
+    handle.abandon();
+    let owned = timeout(FAILOVER_TTL * 3, owned_rx)
+        .await
+        .map_err(|_| "no failover within 3 TTLs")?
+        .map_err(|_| "the waiter failed")?;
+    waiting.await??.release().await?;
+    Ok(owned - vanished)
+}
+
+async fn raw_failover_once(
+    client: Client,
+    entry: Vec<u8>,
+    phase: Duration,
+) -> BenchResult<Duration> {
+    let mut client = client;
+    let lease = RawLease::grant(&client, FAILOVER_TTL).await?;
+    if !raw::try_create(&mut client, &entry, lease.id).await? {
+        return Err("raw failover: the key was already there".into());
+    }
+    let mut watch = raw::watch(&mut client, &entry, WatchOptions::new()).await?;
+    tokio::time::sleep(Duration::from_millis(20) + phase).await;
+    let vanished = Instant::now();
+    lease.stop();
+    timeout(FAILOVER_TTL * 3, raw::wait_delete(&mut watch, &entry, 0))
+        .await
+        .map_err(|_| "no expiry within 3 TTLs")??;
+    client.get(entry, None).await?;
+    Ok(vanished.elapsed())
+}
+
+/// `failover`: the holder vanishes without releasing (TTL 2 s) → a waiter owns.
+pub(crate) async fn failover(env: &Env) -> BenchResult<Outcome> {
+    let rounds = env.pick(4, 1);
+    let parallel = env.pick(6, 4);
+    let prefix = env.prefix("failover", "ours");
+    let raw_prefix = env.prefix("failover", "raw");
+    let (holder_backend, _) = env.ours(&prefix).await?;
+    let (waiter_backend, _) = env.ours(&prefix).await?;
+    let holder = Locker::builder_arc(holder_backend)
+        .ttl(FAILOVER_TTL)
+        .build()?;
+    let waiter = Locker::builder_arc(waiter_backend)
+        .ttl(SESSION_TTL)
+        .build()?;
+    let client = env.raw().await?;
+    let mut rng = XorShift::new();
+    let (mut ours, mut base) = (Samples::default(), Samples::default());
+    for round in 0..rounds {
+        let mut tasks = Vec::new();
+        let mut raw_tasks = Vec::new();
+        for k in 0..parallel {
+            let key = format!("f{round}-{k}");
+            let queue = format!("{prefix}{key}/").into_bytes();
+            tasks.push(ours_failover_once(
+                holder.clone(),
+                waiter.clone(),
+                client.clone(),
+                queue,
+                key.clone(),
+                rng.below(FAILOVER_TTL / 3),
+            ));
+            let entry = format!("{raw_prefix}{key}/holder").into_bytes();
+            raw_tasks.push(raw_failover_once(
+                client.clone(),
+                entry,
+                rng.below(FAILOVER_TTL / 3),
+            ));
+        }
+        let (ours_round, raw_round) = tokio::join!(
+            futures::future::try_join_all(tasks),
+            futures::future::try_join_all(raw_tasks)
+        );
+        for d in ours_round? {
+            ours.push(d);
+        }
+        for d in raw_round? {
+            base.push(d);
+        }
+    }
+    holder.close().await;
+    waiter.close().await;
+    let ttl_us = us(FAILOVER_TTL);
+    let max = ours.max().map(us);
+    let median = ours.quantile(0.5).map(us);
+    let measure = Measure {
+        p50_us: median,
+        p99_us: max,
+        ops_per_s: None,
+        samples: ours.len(),
+    };
+    let ttl = Measure {
+        p50_us: Some(ttl_us),
+        p99_us: Some(ttl_us),
+        ops_per_s: None,
+        samples: 0,
+    };
+    let mut outcome =
+        Outcome::new("failover", measure).compare("the TTL (2 s)", ttl, RatioKind::MaxOverTtl, 1.3);
+    outcome.note("p50 = median, p99 column = max; the baseline is the TTL itself");
+    let raw_median = base.quantile(0.5).map(us);
+    let raw_max = base.max().map(us);
+    outcome.extra("median_over_ttl", median.map_or(f64::NAN, |m| m / ttl_us));
+    outcome.extra("max_over_ttl", max.map_or(f64::NAN, |m| m / ttl_us));
+    outcome.extra("raw_median_us", raw_median.unwrap_or(f64::NAN));
+    outcome.extra("raw_max_us", raw_max.unwrap_or(f64::NAN));
+    outcome.extra("raw_max_over_ttl", raw_max.map_or(f64::NAN, |m| m / ttl_us));
+    outcome.note(format!(
+        "median/TTL {:.2}, max/TTL {:.2}; raw etcd floor (lease left to expire -> delete event -> \
+         one read): median {:.0} ms, max {:.0} ms ({:.2} TTL)",
+        median.unwrap_or(f64::NAN) / ttl_us,
+        max.unwrap_or(f64::NAN) / ttl_us,
+        raw_median.unwrap_or(f64::NAN) / 1000.0,
+        raw_max.unwrap_or(f64::NAN) / 1000.0,
+        raw_max.unwrap_or(f64::NAN) / ttl_us,
+    ));
+    Ok(outcome)
+}
+
+/// Raw create-if-absent txns on `keys` keys at `concurrency`, over one connection and one lease.
+/// What the raw txns of `many_locks` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// The baseline: create-if-absent (a put in a txn with one compare).
+    Minimal,
+    /// Our join txn's shape: the put plus a sorted range of the queue.
+    JoinShaped,
+    /// Join-shaped, with a watch open on the whole prefix (as our locker's hub has).
+    JoinShapedWatched,
+    /// Join-shaped, with a deletes-only watch open on the whole prefix.
+    JoinShapedWatchedDeletes,
+    /// A lighter join: the put alone when the queue is empty (a compare over the queue range).
+    JoinIfEmpty,
+}
+
+async fn raw_many(
+    env: &Env,
+    prefix: &str,
+    keys: usize,
+    concurrency: usize,
+    shape: Shape,
+) -> BenchResult<(Duration, Samples, f64)> {
+    let client = env.raw().await?;
+    let lease = RawLease::grant(&client, SESSION_TTL).await?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let watcher = match shape {
+        Shape::JoinShapedWatched => {
+            Some(DrainedWatch::open(&client, prefix.as_bytes(), false).await?)
+        }
+        Shape::JoinShapedWatchedDeletes => {
+            Some(DrainedWatch::open(&client, prefix.as_bytes(), true).await?)
+        }
+        _ => None,
+    };
+    let mem_before = alloc_stats();
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency {
+        let (mut client, next, prefix, lease) =
+            (client.clone(), next.clone(), prefix.to_owned(), lease.id);
+        tasks.spawn(async move {
+            let mut samples = Samples::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return BenchResult::Ok(samples);
+                }
+                let t = Instant::now();
+                let queue = format!("{prefix}m{i}/");
+                let key = format!("{queue}{lease:x}");
+                if shape == Shape::Minimal {
+                    if !raw::try_create(&mut client, key.as_bytes(), lease).await? {
+                        return Err("raw many: key already there".into());
+                    }
+                } else if shape == Shape::JoinIfEmpty {
+                    raw::join_if_empty(&mut client, queue.as_bytes(), key.as_bytes(), lease)
+                        .await?;
+                } else {
+                    raw::join_shaped(&mut client, queue.as_bytes(), key.as_bytes(), lease).await?;
+                }
+                samples.push(t.elapsed());
+            }
+        });
+    }
+    let mut samples = Samples::default();
+    while let Some(done) = tasks.join_next().await {
+        samples.extend(&done??);
+    }
+    let elapsed = started.elapsed();
+    let allocated =
+        (alloc_stats().bytes_allocated - mem_before.bytes_allocated) as f64 / keys as f64;
+    lease.revoke(&client).await;
+    drop(watcher);
+    Ok((elapsed, samples, allocated))
+}
+
+/// `many_locks`: 10,000 keys acquired by 64 tasks on one session, held, released.
+pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
+    const CONCURRENCY: usize = 64;
+    let keys = env.pick(10_000, 2_000);
+    let hold = Duration::from_secs(env.pick(10, 3));
+
+    // The raw runs go before and after ours, in mirrored order, so that a drift of etcd's speed
+    // (its database grows) weighs on all of them alike.
+    const SHAPES: [Shape; 5] = [
+        Shape::Minimal,
+        Shape::JoinShaped,
+        Shape::JoinShapedWatched,
+        Shape::JoinShapedWatchedDeletes,
+        Shape::JoinIfEmpty,
+    ];
+    let mut times = [Duration::ZERO; 5];
+    let mut base = Samples::default();
+    let mut raw_allocated = 0.0;
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let prefix = env.prefix("many_locks", &format!("raw-{shape:?}-a"));
+        let (time, samples, allocated) = raw_many(env, &prefix, keys, CONCURRENCY, *shape).await?;
+        times[i] += time;
+        if *shape == Shape::Minimal {
+            base.extend(&samples);
+            raw_allocated = allocated;
+        }
+    }
+
+    let (backend, counts) = env.ours(&env.prefix("many_locks", "ours")).await?;
+    let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+    ours_cycle(&locker, "warm-up").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mem_before = alloc_stats();
+    let calls_before = counts.snapshot();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let (locker, next) = (locker.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut guards: Vec<LockGuard> = Vec::new();
+            let mut samples = Samples::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return BenchResult::Ok((guards, samples));
+                }
+                let t = Instant::now();
+                guards.push(locker.acquire(format!("m{i}"), "v").await?);
+                samples.push(t.elapsed());
+            }
+        });
+    }
+    let mut guards = Vec::with_capacity(keys);
+    let mut ours = Samples::default();
+    while let Some(done) = tasks.join_next().await {
+        let (g, s) = done??;
+        guards.extend(g);
+        ours.extend(&s);
+    }
+    let acquire_time = started.elapsed();
+    let acquire_calls = counts.snapshot().since(calls_before);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mem_held = alloc_stats();
+
+    let hold_before = counts.snapshot();
+    let hold_started = Instant::now();
+    tokio::time::sleep(hold).await;
+    let held_for = hold_started.elapsed();
+    let hold_calls = counts.snapshot().since(hold_before);
+    let still_owned = guards.iter().filter(|g| g.is_owned()).count();
+
+    let release_started = Instant::now();
+    let failed = Arc::new(AtomicUsize::new(0));
+    futures::stream::iter(guards)
+        .for_each_concurrent(CONCURRENCY, |guard| {
+            let failed = failed.clone();
+            async move {
+                if guard.release().await.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+    let release_time = release_started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mem_after = alloc_stats();
+    locker.close().await;
+
+    for (i, shape) in SHAPES.iter().enumerate().rev() {
+        let prefix = env.prefix("many_locks", &format!("raw-{shape:?}-b"));
+        let (time, samples, _) = raw_many(env, &prefix, keys, CONCURRENCY, *shape).await?;
+        times[i] += time;
+        if *shape == Shape::Minimal {
+            base.extend(&samples);
+        }
+    }
+    let rate = |i: usize| 2.0 * keys as f64 / times[i].as_secs_f64();
+    let (shaped_rate, watched_rate, deletes_rate) = (rate(1), rate(2), rate(3));
+    let if_empty_rate = rate(4);
+
+    let mut measure = ours.measure();
+    measure.ops_per_s = Some(keys as f64 / acquire_time.as_secs_f64());
+    let mut baseline = base.measure();
+    baseline.ops_per_s = Some(rate(0));
+    let mut outcome = Outcome::new("many_locks", measure).compare(
+        "raw create-if-absent txns, 64 tasks, one connection, one lease",
+        baseline,
+        RatioKind::Throughput,
+        0.8,
+    );
+    let live = |s: stats_alloc::Stats| s.bytes_allocated as f64 - s.bytes_deallocated as f64;
+    let live_per_lock = (live(mem_held) - live(mem_before)) / keys as f64;
+    let allocated_per_lock =
+        (mem_held.bytes_allocated - mem_before.bytes_allocated) as f64 / keys as f64;
+    let allocations_per_lock = (mem_held.allocations - mem_before.allocations) as f64 / keys as f64;
+    let left_per_lock = (live(mem_after) - live(mem_before)) / keys as f64;
+    let keep_alives_per_s = hold_calls.get("keep_alive") as f64 / held_for.as_secs_f64();
+    let other_calls = hold_calls.total() - hold_calls.get("keep_alive");
+    outcome.also_require("live bytes/lock <= 2048", live_per_lock <= 2048.0);
+    outcome.extra("keys", keys);
+    outcome.extra("hold_s", held_for.as_secs_f64());
+    outcome.extra("keep_alives_per_s_while_holding", keep_alives_per_s);
+    outcome.extra("other_backend_calls_while_holding", other_calls);
+    outcome.extra("still_owned_after_hold", still_owned);
+    outcome.extra("live_bytes_per_held_lock", live_per_lock);
+    outcome.extra("allocated_bytes_per_acquire", allocated_per_lock);
+    outcome.extra("allocations_per_acquire", allocations_per_lock);
+    outcome.extra("raw_allocated_bytes_per_txn", raw_allocated);
+    outcome.extra("raw_join_shaped_per_s", shaped_rate);
+    outcome.extra("raw_join_shaped_watched_per_s", watched_rate);
+    outcome.extra("raw_join_shaped_deletes_watched_per_s", deletes_rate);
+    outcome.extra("raw_join_if_empty_per_s", if_empty_rate);
+    outcome.note(format!(
+        "breakdown (acquires/s at 64 tasks): raw create-if-absent {:.0}; raw with our join txn's \
+         shape {shaped_rate:.0}; same with a prefix watch open (like our hub) {watched_rate:.0}, \
+         with a deletes-only prefix watch {deletes_rate:.0}; a lighter join (put alone when the queue \
+         is empty) {if_empty_rate:.0}; ours {:.0}",
+        outcome
+            .baseline
+            .as_ref()
+            .and_then(|(_, m)| m.ops_per_s)
+            .unwrap_or(f64::NAN),
+        outcome.ours.ops_per_s.unwrap_or(f64::NAN),
+    ));
+    outcome.extra("live_bytes_per_lock_after_release", left_per_lock);
+    outcome.extra("release_per_s", keys as f64 / release_time.as_secs_f64());
+    outcome.extra("release_failures", failed.load(Ordering::Relaxed));
+    outcome.extra("calls_per_acquire", acquire_calls.per_op(keys));
+    outcome.note(format!(
+        "while holding {keys} locks for {:.1} s: {keep_alives_per_s:.2} keep-alives/s, {other_calls} \
+         other backend calls, {still_owned} still owned",
+        held_for.as_secs_f64()
+    ));
+    outcome.note(format!(
+        "client memory: {live_per_lock:.0} B live per held lock (target <= 2048), \
+         {allocated_per_lock:.0} B in {allocations_per_lock:.1} allocations per acquire (raw txn: \
+         {raw_allocated:.0} B), {left_per_lock:.0} B per lock left after release"
+    ));
+    outcome.note(format!(
+        "release: {:.0}/s at 64 tasks; {}",
+        keys as f64 / release_time.as_secs_f64(),
+        calls_note("acquire", acquire_calls, keys)
+    ));
+    Ok(outcome)
+}
+
+/// Creates one entry per key (`<prefix>w<i>/<lease hex>`), one after the other, answering when
+/// each was sent.
+async fn write_entries(env: &Env, prefix: &str, n: usize) -> BenchResult<(Vec<Instant>, Client)> {
+    let mut client = env.raw().await?;
+    let lease = RawLease::grant(&client, SESSION_TTL).await?;
+    let mut sent = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = format!("{prefix}w{i}/{:x}", lease.id);
+        sent.push(Instant::now());
+        if !raw::try_create(&mut client, key.as_bytes(), lease.id).await? {
+            return Err("watchers: key already there".into());
+        }
+    }
+    lease.revoke(&client).await;
+    Ok((sent, client))
+}
+
+/// The index `i` of a key `<prefix>w<i>/...`.
+fn key_index(key: &[u8], prefix: &[u8]) -> Option<usize> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix(b"w")?;
+    let end = rest.iter().position(|b| *b == b'/')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+fn delivery_samples(sent: &[Instant], got: &[Option<Instant>]) -> BenchResult<Samples> {
+    let mut samples = Samples::default();
+    for (s, g) in sent.iter().zip(got) {
+        samples.push(g.ok_or("a change was not delivered")? - *s);
+    }
+    Ok(samples)
+}
+
+/// `watchers`: 1,000 watch streams on distinct keys over one connection, one change each.
+pub(crate) async fn watchers(env: &Env) -> BenchResult<Outcome> {
+    const N: usize = 1000;
+    let rounds = env.pick(3, 1);
+    let (mut ours, mut base) = (Samples::default(), Samples::default());
+    for round in 0..rounds {
+        // Ours: one locker (one connection), 1,000 `watch` streams.
+        let prefix = env.prefix("watchers", &format!("ours{round}"));
+        let (backend, _) = env.ours(&prefix).await?;
+        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let mut streams = Vec::with_capacity(N);
+        for i in 0..N {
+            streams.push(locker.watch(&format!("w{i}"))?.map(move |item| (i, item)));
+        }
+        let mut all = futures::stream::select_all(streams);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let consumer = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let (mut initial, mut remaining) = (0, N);
+            let mut got: Vec<Option<Instant>> = vec![None; N];
+            while let Some((i, item)) = all.next().await {
+                let at = Instant::now();
+                match item? {
+                    None => {
+                        initial += 1;
+                        if initial == N
+                            && let Some(ready) = ready.take()
+                        {
+                            let _ = ready.send(());
+                        }
+                    }
+                    Some(_) if got[i].is_none() => {
+                        got[i] = Some(at);
+                        remaining -= 1;
+                        if remaining == 0 {
+                            return BenchResult::Ok(got);
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            Err("the watch streams ended".into())
+        });
+        timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .map_err(|_| "watch streams not ready within 30 s")??;
+        let (sent, _) = write_entries(env, &prefix, N).await?;
+        let got = timeout(Duration::from_secs(30), consumer)
+            .await
+            .map_err(|_| "changes not delivered within 30 s")???;
+        ours.extend(&delivery_samples(&sent, &got)?);
+        locker.close().await;
+
+        // The baseline: 1,000 raw watches on one stream (one connection).
+        let raw_prefix = env.prefix("watchers", &format!("raw{round}"));
+        let mut reader = env.raw().await?;
+        let first = format!("{raw_prefix}w0/");
+        let stream = reader
+            .watch(first, Some(WatchOptions::new().with_prefix()))
+            .await?;
+        let (mut requests, mut responses) = stream.split();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let key_prefix = raw_prefix.clone().into_bytes();
+        let consumer = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let (mut created, mut remaining) = (0, N);
+            let mut got: Vec<Option<Instant>> = vec![None; N];
+            while let Some(answer) = responses.message().await? {
+                let at = Instant::now();
+                if answer.created() {
+                    created += 1;
+                    if created == N
+                        && let Some(ready) = ready.take()
+                    {
+                        let _ = ready.send(());
+                    }
+                }
+                for event in answer.events() {
+                    if event.event_type() == EventType::Put
+                        && let Some(i) = event.kv().and_then(|kv| key_index(kv.key(), &key_prefix))
+                        && i < N
+                        && got[i].is_none()
+                    {
+                        got[i] = Some(at);
+                        remaining -= 1;
+                    }
+                }
+                if remaining == 0 {
+                    return BenchResult::Ok(got);
+                }
+            }
+            Err("the raw watch stream ended".into())
+        });
+        for i in 1..N {
+            requests
+                .watch(
+                    format!("{raw_prefix}w{i}/"),
+                    Some(WatchOptions::new().with_prefix()),
+                )
+                .await?;
+        }
+        timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .map_err(|_| "raw watches not created within 30 s")??;
+        let (sent, _) = write_entries(env, &raw_prefix, N).await?;
+        let got = timeout(Duration::from_secs(30), consumer)
+            .await
+            .map_err(|_| "raw changes not delivered within 30 s")???;
+        base.extend(&delivery_samples(&sent, &got)?);
+        drop(requests);
+    }
+    let mut outcome = Outcome::new("watchers", ours.measure()).compare(
+        "1,000 raw watches on one stream",
+        base.measure(),
+        RatioKind::P99,
+        1.2,
+    );
+    outcome.note(
+        "delivery = from sending the put that makes a holder to the stream yielding it; \
+         ops/s = deliveries per second of measured latency (not meaningful)",
+    );
+    Ok(outcome)
+}
+
+/// `memory_backend`: acquire + release cycles on the in-process backend, real time.
+pub(crate) async fn memory_backend(env: &Env) -> BenchResult<Outcome> {
+    let period = Duration::from_secs(env.pick(3, 1));
+    let locker = Locker::builder(MemoryBackend::new())
+        .ttl(SESSION_TTL)
+        .build()?;
+    for _ in 0..100 {
+        ours_cycle(&locker, "k").await?;
+    }
+    let mut samples = Samples::default();
+    let started = Instant::now();
+    while started.elapsed() < period {
+        samples.push(ours_cycle(&locker, "k").await?);
+    }
+    let elapsed = started.elapsed();
+    locker.close().await;
+    let mut measure = samples.measure();
+    measure.ops_per_s = Some(samples.len() as f64 / elapsed.as_secs_f64());
+    let mut outcome = Outcome::new("memory_backend", measure);
+    outcome.target = "report".to_owned();
+    Ok(outcome)
+}
