@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
 use crate::backend::{LockBackend, Revision, WatchEvent, queue_of};
@@ -27,7 +30,49 @@ pub(crate) enum HubMsg {
     Resync,
 }
 
-type Subscribers = BTreeMap<String, Vec<(u64, mpsc::UnboundedSender<HubMsg>)>>;
+type Subscribers = BTreeMap<String, Vec<(u64, Arc<Mailbox>)>>;
+
+/// One subscriber's queue of messages: unbounded (the hub never waits for a reader), and
+/// allocated only when a message arrives, so that a lock held quietly costs a few bytes here.
+#[derive(Debug, Default)]
+struct Mailbox {
+    queue: Mutex<VecDeque<HubMsg>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Mailbox {
+    fn send(&self, msg: HubMsg) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(msg);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    async fn recv(&self) -> Option<HubMsg> {
+        loop {
+            // A notification between this check and the wait is kept as a permit by Notify.
+            let next = self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            if next.is_some() {
+                return next;
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
 
 /// Whether the hub's watch is up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,16 +129,20 @@ pub(crate) struct Hub {
 /// A subscription to one queue's events. Dropping it unsubscribes.
 #[derive(Debug)]
 pub(crate) struct Subscription {
-    rx: mpsc::UnboundedReceiver<HubMsg>,
+    mailbox: Arc<Mailbox>,
     id: u64,
     queue: String,
     state: Weak<Mutex<State>>,
 }
 
 impl Subscription {
-    /// The next message; `None` only if the hub is gone.
+    /// The next message; `None` only if the hub is gone or its watch failed for good.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a message is taken only when it is returned.
     pub(crate) async fn recv(&mut self) -> Option<HubMsg> {
-        self.rx.recv().await
+        self.mailbox.recv().await
     }
 }
 
@@ -134,7 +183,7 @@ impl Hub {
     ///
     /// Cancel safe: a dropped call leaves no subscription behind.
     pub(crate) async fn subscribe(&self, key: &str) -> Result<Subscription> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let mailbox = Arc::new(Mailbox::default());
         let sub = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let id = state.next_id;
@@ -143,7 +192,7 @@ impl Hub {
                 .subscribers
                 .entry(key.to_owned())
                 .or_default()
-                .push((id, tx));
+                .push((id, mailbox.clone()));
             // Start the watch task on first use, and again if it ended (a permanent error, or
             // the runtime that ran it shut down).
             if state.task.as_ref().is_none_or(|t| t.is_finished()) {
@@ -158,7 +207,7 @@ impl Hub {
                 state.task = Some(task.abort_handle());
             }
             Subscription {
-                rx,
+                mailbox,
                 id,
                 queue: key.to_owned(),
                 state: Arc::downgrade(&self.state),
@@ -180,11 +229,20 @@ impl Hub {
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(task) = &state.task {
             task.abort();
         }
+        close_all(&mut state.subscribers);
     }
+}
+
+/// Tells every subscriber that no more messages will come, and forgets them.
+fn close_all(subscribers: &mut Subscribers) {
+    for (_, mailbox) in subscribers.values().flatten() {
+        mailbox.close();
+    }
+    subscribers.clear();
 }
 
 async fn run(
@@ -213,13 +271,9 @@ async fn run(
                     message: err.to_string(),
                     permission,
                 });
-                // Subscribers see their channel close and subscribe again (starting a new task).
+                // Subscribers see their mailbox close and subscribe again (starting a new task).
                 if let Some(state) = state.upgrade() {
-                    state
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .subscribers
-                        .clear();
+                    close_all(&mut state.lock().unwrap_or_else(|e| e.into_inner()).subscribers);
                 }
                 return;
             }
@@ -280,7 +334,9 @@ fn send_events(state: &Weak<Mutex<State>>, batch: Vec<WatchEvent>) -> bool {
             continue;
         };
         if let Some(list) = state.subscribers.get_mut(queue) {
-            list.retain(|(_, tx)| tx.send(HubMsg::Event(event.clone())).is_ok());
+            for (_, mailbox) in list.iter() {
+                mailbox.send(HubMsg::Event(event.clone()));
+            }
         }
     }
     true
@@ -293,7 +349,9 @@ fn send_all(state: &Weak<Mutex<State>>, msg: HubMsg) -> bool {
     };
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
     for list in state.subscribers.values_mut() {
-        list.retain(|(_, tx)| tx.send(msg.clone()).is_ok());
+        for (_, mailbox) in list.iter() {
+            mailbox.send(msg.clone());
+        }
     }
     true
 }
