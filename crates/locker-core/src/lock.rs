@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -44,9 +44,99 @@ enum Command {
     SetValue(Vec<u8>, oneshot::Sender<Result<()>>),
 }
 
+/// The commands from a handle to its lock task: a queue allocated on first use (a held lock that
+/// is never told anything costs a few bytes), which either side can close.
+#[derive(Default)]
+struct Commands {
+    state: Mutex<CommandState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct CommandState {
+    queue: VecDeque<Command>,
+    /// The handle is gone: once the queue is empty, the task stops (and releases).
+    handle_gone: bool,
+    /// The task has ended: nothing is read any more.
+    task_gone: bool,
+}
+
+impl fmt::Debug for Commands {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Commands").finish_non_exhaustive()
+    }
+}
+
+impl Commands {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CommandState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The handle's end of [`Commands`]; dropping it tells the task the handle is gone.
+#[derive(Debug)]
+struct CommandSender(Arc<Shared>);
+
+impl CommandSender {
+    /// Queues `cmd`; gives it back if the task has ended.
+    fn send(&self, cmd: Command) -> std::result::Result<(), Command> {
+        let mut state = self.0.commands.lock();
+        if state.task_gone {
+            return Err(cmd);
+        }
+        state.queue.push_back(cmd);
+        drop(state);
+        self.0.commands.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for CommandSender {
+    fn drop(&mut self) {
+        self.0.commands.lock().handle_gone = true;
+        self.0.commands.ready.notify_one();
+    }
+}
+
+/// The task's end of [`Commands`].
+#[derive(Debug)]
+struct CommandReceiver(Arc<Shared>);
+
+impl CommandReceiver {
+    /// The next command; `None` once the handle is gone and every command was read.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a command is taken only when it is returned.
+    async fn recv(&mut self) -> Option<Command> {
+        loop {
+            {
+                let mut state = self.0.commands.lock();
+                if let Some(cmd) = state.queue.pop_front() {
+                    return Some(cmd);
+                }
+                if state.handle_gone {
+                    return None;
+                }
+            }
+            // A notification between the check and the wait is kept as a permit by Notify.
+            self.0.commands.ready.notified().await;
+        }
+    }
+
+    /// Stops reading: later sends fail; answers the commands still queued.
+    fn close(&mut self) -> Vec<Command> {
+        let mut state = self.0.commands.lock();
+        state.task_gone = true;
+        state.queue.drain(..).collect()
+    }
+}
+
 /// What the lock task shares with its handle beyond the published state.
 #[derive(Debug, Default)]
 struct Shared {
+    /// Commands from the handle.
+    commands: Commands,
     /// The session of the current tenure, so readers can check its deadline themselves.
     session: Mutex<Option<watch::Receiver<SessionState>>>,
     /// Why a one-shot attempt ended without owning.
@@ -75,8 +165,11 @@ pub(crate) fn start(
         Error::InvalidConfig("locks must be started within a tokio runtime".to_owned())
     })?;
     let (state_tx, state_rx) = watch::channel(Ownership::Acquiring);
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared::default());
+    let (cmd_tx, cmd_rx) = (
+        CommandSender(shared.clone()),
+        CommandReceiver(shared.clone()),
+    );
     let driver = Driver {
         locker,
         key: key.clone(),
@@ -113,7 +206,7 @@ pub(crate) fn start(
 pub struct LockHandle {
     key: String,
     state: watch::Receiver<Ownership>,
-    cmds: mpsc::UnboundedSender<Command>,
+    cmds: CommandSender,
     shared: Arc<Shared>,
 }
 
@@ -454,7 +547,7 @@ struct Driver {
     /// The entry this task has in the store, with the session it is under.
     held: Option<(Arc<Session>, Entry)>,
     state: watch::Sender<Ownership>,
-    cmds: mpsc::UnboundedReceiver<Command>,
+    cmds: CommandReceiver,
     shared: Arc<Shared>,
     failures: u32,
 }
@@ -464,6 +557,18 @@ impl Driver {
         debug!(key = %self.key, mode = ?self.mode, "lock task started");
         let exit = self.main().await;
         self.finish(exit).await;
+        // Answer what came too late: a release after a loss says so.
+        for cmd in self.cmds.close() {
+            if let Command::Release(reply) = cmd {
+                let _ = reply.send(match *self.state.borrow() {
+                    Ownership::Lost { reason, .. } => Err(Error::NotOwned {
+                        key: self.key.clone(),
+                        reason,
+                    }),
+                    _ => Ok(()),
+                });
+            }
+        }
         debug!(key = %self.key, "lock task ended");
     }
 
@@ -1028,19 +1133,6 @@ impl Driver {
                 }
                 let _ = self.delete_held().await;
                 self.own_session = None;
-                // Serve a late release() with the loss.
-                self.cmds.close();
-                while let Some(cmd) = self.cmds.recv().await {
-                    if let Command::Release(reply) = cmd {
-                        let _ = reply.send(match *self.state.borrow() {
-                            Ownership::Lost { reason, .. } => Err(Error::NotOwned {
-                                key: self.key.clone(),
-                                reason,
-                            }),
-                            _ => Ok(()),
-                        });
-                    }
-                }
             }
         }
     }
