@@ -11,6 +11,8 @@ use locker_core::backend::{
 };
 use locker_core::{Locker, LockerBuilder, Result};
 
+use crate::calls::Counts;
+
 /// How a client is cut off from the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
@@ -109,23 +111,35 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// A backend that records the leases it grants, so a test can check that none outlives it.
+/// A backend that records the leases it grants (so a test can check that none outlives it) and
+/// counts every call (so a test or the benchmark can say which round trips an operation costs).
 #[derive(Debug)]
 pub struct RecordingBackend {
     inner: Arc<dyn LockBackend>,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    counts: Arc<Counts>,
 }
 
 impl RecordingBackend {
     /// Wraps `inner`, adding each lease it grants to `granted`.
     pub fn new(inner: Arc<dyn LockBackend>, granted: Arc<std::sync::Mutex<Vec<LeaseId>>>) -> Self {
-        RecordingBackend { inner, granted }
+        RecordingBackend {
+            inner,
+            granted,
+            counts: Arc::default(),
+        }
+    }
+
+    /// The counts of the calls made through this backend.
+    pub fn counts(&self) -> Arc<Counts> {
+        self.counts.clone()
     }
 }
 
 #[async_trait]
 impl Watcher for RecordingBackend {
     async fn watch(&self, prefix: &str, from_revision: Option<Revision>) -> Result<WatchStream> {
+        self.counts.bump(9);
         self.inner.watch(prefix, from_revision).await
     }
 }
@@ -137,6 +151,7 @@ impl LockBackend for RecordingBackend {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+        self.counts.bump(0);
         let lease = self.inner.grant_lease(ttl).await?;
         self.granted
             .lock()
@@ -146,14 +161,17 @@ impl LockBackend for RecordingBackend {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>> {
+        self.counts.bump(1);
         self.inner.keep_alive(lease).await
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        self.counts.bump(2);
         self.inner.revoke_lease(lease).await
     }
 
     async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
+        self.counts.bump(3);
         self.inner.join(key, lease, value).await
     }
 
@@ -163,18 +181,22 @@ impl LockBackend for RecordingBackend {
         entry_key: &str,
         create_revision: Revision,
     ) -> Result<Position> {
+        self.counts.bump(4);
         self.inner.position(key, entry_key, create_revision).await
     }
 
     async fn holder(&self, key: &str) -> Result<(Option<Entry>, Revision)> {
+        self.counts.bump(5);
         self.inner.holder(key).await
     }
 
     async fn entries(&self, key: &str) -> Result<Snapshot> {
+        self.counts.bump(6);
         self.inner.entries(key).await
     }
 
     async fn delete_entry(&self, entry_key: &str, create_revision: Revision) -> Result<bool> {
+        self.counts.bump(7);
         self.inner.delete_entry(entry_key, create_revision).await
     }
 
@@ -184,6 +206,7 @@ impl LockBackend for RecordingBackend {
         create_revision: Revision,
         value: &[u8],
     ) -> Result<bool> {
+        self.counts.bump(8);
         self.inner
             .update_value(entry_key, create_revision, value)
             .await

@@ -13,6 +13,7 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod calls;
 pub mod chaos;
 pub mod cluster;
 pub mod etcd;

@@ -28,7 +28,8 @@ mod scenarios;
 #[path = "locker-bench/stats.rs"]
 mod stats;
 
-use counting::{CountingBackend, Counts};
+use counting::Counts;
+use locker_tests::harness::RecordingBackend;
 use stats::{Outcome, Value};
 
 /// Counts every allocation, for the client memory per held lock (`many_locks`).
@@ -134,8 +135,9 @@ impl Env {
             .prefix(prefix)
             .connect()
             .await?;
-        let (counting, counts) = CountingBackend::new(Arc::new(backend));
-        Ok((Arc::new(counting), counts))
+        let recording = RecordingBackend::new(Arc::new(backend), Arc::default());
+        let counts = recording.counts();
+        Ok((Arc::new(recording), counts))
     }
 
     /// A plain etcd client on a connection of its own.

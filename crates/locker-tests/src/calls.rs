@@ -1,0 +1,83 @@
+//! Counts of the backend calls core makes (kept by [`RecordingBackend`](crate::harness::RecordingBackend)),
+//! so tests and the benchmark can say which round trips an operation costs.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The methods of the backend contract, in the order they are reported.
+pub const METHODS: [&str; 10] = [
+    "grant_lease",
+    "keep_alive",
+    "revoke_lease",
+    "join",
+    "position",
+    "holder",
+    "entries",
+    "delete_entry",
+    "update_value",
+    "watch",
+];
+
+/// Call counters, one per method of [`METHODS`].
+#[derive(Debug, Default)]
+pub struct Counts {
+    calls: [AtomicU64; 10],
+}
+
+/// A snapshot of [`Counts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calls(pub [u64; 10]);
+
+impl Counts {
+    pub(crate) fn bump(&self, method: usize) {
+        self.calls[method].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Calls {
+        Calls(std::array::from_fn(|i| {
+            self.calls[i].load(Ordering::Relaxed)
+        }))
+    }
+}
+
+impl Calls {
+    /// The calls made since `earlier`.
+    pub fn since(self, earlier: Calls) -> Calls {
+        Calls(std::array::from_fn(|i| {
+            self.0[i].saturating_sub(earlier.0[i])
+        }))
+    }
+
+    pub fn get(self, method: &str) -> u64 {
+        METHODS
+            .iter()
+            .position(|m| *m == method)
+            .map_or(0, |i| self.0[i])
+    }
+
+    pub fn total(self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// `join 1.00, delete_entry 1.00` per `ops` operations (methods never called are left out).
+    pub fn per_op(self, ops: usize) -> String {
+        let ops = ops.max(1) as f64;
+        let parts: Vec<String> = METHODS
+            .iter()
+            .zip(self.0)
+            .filter(|(_, n)| *n > 0)
+            .map(|(m, n)| format!("{m} {:.2}", n as f64 / ops))
+            .collect();
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+impl fmt::Display for Calls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.per_op(1))
+    }
+}
