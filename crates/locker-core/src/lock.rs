@@ -556,7 +556,7 @@ impl Driver {
     async fn run(mut self) {
         debug!(key = %self.key, mode = ?self.mode, "lock task started");
         let exit = self.main().await;
-        self.finish(exit).await;
+        Box::pin(self.finish(exit)).await;
         // Answer what came too late: a release after a loss says so.
         for cmd in self.cmds.close() {
             if let Command::Release(reply) = cmd {
@@ -598,9 +598,9 @@ impl Driver {
     async fn main(&mut self) -> Exit {
         loop {
             self.publish(Ownership::Acquiring);
-            let session = match self.session().await {
+            let session = match Box::pin(self.session()).await {
                 Ok(session) => session,
-                Err(err) => match self.failed(err).await {
+                Err(err) => match Box::pin(self.failed(err)).await {
                     Some(exit) => return exit,
                     None => continue,
                 },
@@ -608,15 +608,15 @@ impl Driver {
             // Subscribe before joining: every change after the join is then seen.
             let subscribed = tokio::select! {
                 biased;
-                sub = self.locker.inner.hub.subscribe(&self.key) => sub,
-                cmd = self.cmds.recv() => match self.command(cmd).await {
+                sub = Box::pin(self.locker.inner.hub.subscribe(&self.key)) => sub,
+                cmd = self.cmds.recv() => match Box::pin(self.command(cmd)).await {
                     Some(exit) => return exit,
                     None => continue,
                 },
             };
             let mut sub = match subscribed {
                 Ok(sub) => sub,
-                Err(err) => match self.failed(err).await {
+                Err(err) => match Box::pin(self.failed(err)).await {
                     Some(exit) => return exit,
                     None => continue,
                 },
@@ -632,10 +632,10 @@ impl Driver {
                 Ok(joined) => joined,
                 Err(Error::LeaseLost { .. }) => {
                     self.pending = None;
-                    self.drop_session(&session).await;
+                    Box::pin(self.drop_session(&session)).await;
                     continue;
                 }
-                Err(err) => match self.failed(err).await {
+                Err(err) => match Box::pin(self.failed(err)).await {
                     Some(exit) => return exit,
                     None => continue,
                 },
@@ -660,7 +660,7 @@ impl Driver {
                     return Exit::Release(None);
                 }
                 debug!(key = %self.key, token = entry.create_revision, "waiting in queue");
-                match self.wait_turn(&session, entry, &mut sub).await {
+                match Box::pin(self.wait_turn(&session, entry, &mut sub)).await {
                     Turn::Owned(owned) => entry = owned,
                     Turn::Rejoin => continue,
                     Turn::Exit(exit) => return exit,
@@ -672,7 +672,7 @@ impl Driver {
                 HoldEnd::NeverOwned => {
                     debug!(key = %self.key, "session ended before owning; joining again");
                     self.forget_entry_in_background();
-                    self.drop_session(&session).await;
+                    Box::pin(self.drop_session(&session)).await;
                 }
                 HoldEnd::Lost(reason) => {
                     warn!(key = %self.key, %token, %reason, "lost");
@@ -682,7 +682,7 @@ impl Driver {
                     // take it away (guarded) so the next holder need not wait for the lease.
                     self.forget_entry_in_background();
                     if matches!(reason, LossReason::LeaseGone | LossReason::DeadlinePassed) {
-                        self.drop_session(&session).await;
+                        Box::pin(self.drop_session(&session)).await;
                     }
                     if self.mode != Mode::Persistent {
                         return Exit::Done;
@@ -763,7 +763,7 @@ impl Driver {
                 biased;
                 _ = &mut sleep => return None,
                 cmd = self.cmds.recv() => {
-                    if let Some(exit) = self.command(cmd).await {
+                    if let Some(exit) = Box::pin(self.command(cmd)).await {
                         return Some(exit);
                     }
                 }
@@ -836,7 +836,7 @@ impl Driver {
                     self.held = None;
                     return Turn::Rejoin;
                 }
-                Err(err) => match self.failed(err).await {
+                Err(err) => match Box::pin(self.failed(err)).await {
                     Some(exit) => return Turn::Exit(exit),
                     None => continue,
                 },
@@ -876,7 +876,7 @@ impl Driver {
                         None => return Turn::Rejoin,
                     },
                     cmd = self.cmds.recv() => {
-                        if let Some(exit) = self.command(cmd).await {
+                        if let Some(exit) = Box::pin(self.command(cmd)).await {
                             return Turn::Exit(exit);
                         }
                     }
@@ -943,7 +943,7 @@ impl Driver {
                     Some(HubMsg::Resync) => true,
                     None => {
                         // The hub's watch failed: subscribe again, then check what was missed.
-                        match self.locker.inner.hub.subscribe(&self.key).await {
+                        match Box::pin(self.locker.inner.hub.subscribe(&self.key)).await {
                             Ok(fresh) => *sub = fresh,
                             Err(err) => warn!(key = %self.key, error = %err, "cannot watch the lock"),
                         }
@@ -951,7 +951,7 @@ impl Driver {
                     }
                 },
                 cmd = self.cmds.recv() => {
-                    if let Some(exit) = self.command(cmd).await {
+                    if let Some(exit) = Box::pin(self.command(cmd)).await {
                         return HoldEnd::Exit(exit);
                     }
                     if self.held.is_none() {
@@ -960,7 +960,7 @@ impl Driver {
                     false
                 }
             };
-            if resync && let Some(end) = self.check_still_there(session, entry).await {
+            if resync && let Some(end) = Box::pin(self.check_still_there(session, entry)).await {
                 return end;
             }
         }
