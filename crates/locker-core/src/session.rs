@@ -239,12 +239,39 @@ impl Keeper {
     async fn revoke(&self, lease: &str, done: Option<oneshot::Sender<()>>) {
         self.state
             .send_replace(SessionState::Lost(LossReason::Released));
-        // Best effort and bounded: if the store cannot be reached, the lease expires by itself.
-        let revoke = self.backend.revoke_lease(self.lease);
-        match tokio::time::timeout(self.ttl, revoke).await {
-            Ok(Ok(())) => debug!(%lease, "session revoked"),
-            Ok(Err(err)) => debug!(%lease, error = %err, "revoke failed; the lease will expire"),
-            Err(_) => debug!(%lease, "revoke timed out; the lease will expire"),
+        // Bounded by the TTL: retried while the store is briefly unreachable; past the TTL the
+        // lease has expired by itself anyway.
+        let give_up = Instant::now() + self.ttl;
+        let mut failures = 0u32;
+        loop {
+            match tokio::time::timeout_at(give_up, self.backend.revoke_lease(self.lease)).await {
+                Ok(Ok(())) => {
+                    debug!(%lease, "session revoked");
+                    break;
+                }
+                Ok(Err(err)) if err.is_retryable() => {
+                    let delay = self.jitter.backoff(
+                        failures,
+                        self.timing.retry_base,
+                        self.timing.retry_max,
+                    );
+                    failures = failures.saturating_add(1);
+                    debug!(%lease, error = %err, ?delay, "revoke failed; retrying");
+                    if Instant::now() + delay >= give_up {
+                        debug!(%lease, "giving up the revoke; the lease will expire");
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(Err(err)) => {
+                    debug!(%lease, error = %err, "revoke failed; the lease will expire");
+                    break;
+                }
+                Err(_) => {
+                    debug!(%lease, "revoke timed out; the lease will expire");
+                    break;
+                }
+            }
         }
         if let Some(done) = done {
             let _ = done.send(());
