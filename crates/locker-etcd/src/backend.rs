@@ -564,13 +564,7 @@ impl LockBackend for EtcdBackend {
             return Ok(false);
         }
         let key = self.full(entry_key);
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                create_revision,
-            )])
-            .and_then([TxnOp::delete(key, None)]);
+        let txn = guarded(&key, create_revision, TxnOp::delete(key.clone(), None));
         let (response, _) = self.txn(txn, Context::op("delete entry")).await?;
         let deleted = response
             .op_responses()
@@ -591,20 +585,27 @@ impl LockBackend for EtcdBackend {
             return Ok(false);
         }
         let key = self.full(entry_key);
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                create_revision,
-            )])
-            .and_then([TxnOp::put(
-                key,
-                value,
-                Some(PutOptions::new().with_ignore_lease()),
-            )]);
+        let put = TxnOp::put(
+            key.clone(),
+            value,
+            Some(PutOptions::new().with_ignore_lease()),
+        );
+        let txn = guarded(&key, create_revision, put);
         let (response, _) = self.txn(txn, Context::op("update value")).await?;
         Ok(response.succeeded())
     }
+}
+
+/// `if create_revision(key) == create_revision then op`: an operation on an entry that still is
+/// the one created at `create_revision`.
+fn guarded(key: &[u8], create_revision: Revision, op: TxnOp) -> Txn {
+    Txn::new()
+        .when([Compare::create_revision(
+            key,
+            CompareOp::Equal,
+            create_revision,
+        )])
+        .and_then([op])
 }
 
 #[cfg(test)]

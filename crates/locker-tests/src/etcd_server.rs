@@ -475,9 +475,19 @@ impl EtcdProcess {
 
     /// Waits until etcd answers a status request, failing early if it exits.
     pub(crate) async fn wait_ready(&self) -> std::io::Result<()> {
+        self.wait_ready_with(None).await
+    }
+
+    /// Waits until etcd answers a status request (over TLS with `tls`), failing early if it
+    /// exits.
+    async fn wait_ready_with(&self, tls: Option<&locker_etcd::TlsOptions>) -> std::io::Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
-            if answers(&self.client_url).await {
+            let up = match tls {
+                None => answers(&self.client_url).await,
+                Some(tls) => answers_tls(&self.client_url, tls).await,
+            };
+            if up {
                 return Ok(());
             }
             if let Some(pid) = self.pid
@@ -827,29 +837,8 @@ async fn try_start_tls(
 ) -> std::io::Result<EtcdProcess> {
     let process = spawn_single(binary, "locker-etcd-tls-", "https", flags)?;
     // On failure `process` is dropped, which stops etcd and removes its directory.
-    let deadline = Instant::now() + READY_WITHIN;
-    loop {
-        if answers_tls(&process.client_url, probe).await {
-            return Ok(process);
-        }
-        if let Some(pid) = process.pid
-            && has_exited(pid)
-        {
-            return Err(std::io::Error::other(format!(
-                "etcd exited before answering; its log ends with:\n{}",
-                process.log_tail()
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(std::io::Error::other(format!(
-                "etcd did not answer at {} over TLS within {READY_WITHIN:?}; its log ends \
-                 with:\n{}",
-                process.client_url,
-                process.log_tail()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    process.wait_ready_with(Some(probe)).await?;
+    Ok(process)
 }
 
 /// Whether etcd answers a status request over TLS at `endpoint` within a second.

@@ -119,17 +119,8 @@ async fn pump(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // Wait while black-holed; stop when cut.
-        loop {
-            let now = *state.borrow_and_update();
-            match now {
-                LinkState::Up => break,
-                LinkState::Cut => return,
-                LinkState::BlackHole => {
-                    if state.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
+        if !link_up(&mut state).await {
+            return;
         }
         let n = tokio::select! {
             read = from.read(&mut buf) => match read {
@@ -148,20 +139,28 @@ async fn pump(
             tokio::time::sleep(Duration::from_micros(latency)).await;
         }
         // Data read just before a black hole is held until it lifts; a cut drops it.
-        loop {
-            let now = *state.borrow_and_update();
-            match now {
-                LinkState::Up => break,
-                LinkState::Cut => return,
-                LinkState::BlackHole => {
-                    if state.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
+        if !link_up(&mut state).await {
+            return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Waits while the link is black-holed: `true` once it is up, `false` if it is cut (or the proxy
+/// is gone).
+async fn link_up(state: &mut watch::Receiver<LinkState>) -> bool {
+    loop {
+        let now = *state.borrow_and_update();
+        match now {
+            LinkState::Up => return true,
+            LinkState::Cut => return false,
+            LinkState::BlackHole => {
+                if state.changed().await.is_err() {
+                    return false;
+                }
+            }
         }
     }
 }
