@@ -141,6 +141,10 @@ const CLOSED: &[&str] = &[
     "connection reset",
     "stream closed",
     "unexpected eof",
+    // io::ErrorKind as hyper prints it: `Kind(ConnectionReset)`.
+    "connectionreset",
+    "connectionaborted",
+    "brokenpipe",
 ];
 
 /// The reason rustls gave for refusing the server's certificate, if that is the failure (tonic
@@ -391,7 +395,9 @@ impl EtcdBackendBuilder {
             Error::Unavailable { message, source } => {
                 // The server took the connection and closed it: not a refused or timed-out
                 // connect, but a server speaking another protocol, or refusing our certificate.
-                let hint = if !CLOSED.iter().any(|closed| detail.contains(closed)) {
+                // (OS messages differ in case: "Connection reset by peer".)
+                let lower = detail.to_ascii_lowercase();
+                let hint = if !CLOSED.iter().any(|closed| lower.contains(closed)) {
                     ""
                 } else if tls {
                     " (the server closed the TLS connection at once: if it runs with \
