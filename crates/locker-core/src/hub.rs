@@ -7,6 +7,7 @@
 //! of the event's queue.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -30,19 +31,28 @@ pub(crate) enum HubMsg {
     Resync,
 }
 
-type Subscribers = BTreeMap<String, Vec<(u64, Arc<Mailbox>)>>;
+type Subscribers = BTreeMap<Arc<str>, Vec<(u64, Arc<dyn Sink>)>>;
+
+/// Where the hub delivers a queue's messages: a watch stream's [`Mailbox`], or a lock's own
+/// state (one allocation per lock).
+pub(crate) trait Sink: Send + Sync {
+    /// Takes one message; must not block (the hub never waits for a reader).
+    fn deliver(&self, msg: HubMsg);
+    /// No more messages will come: the hub is gone or its watch failed for good.
+    fn close(&self);
+}
 
 /// One subscriber's queue of messages: unbounded (the hub never waits for a reader), and
-/// allocated only when a message arrives, so that a lock held quietly costs a few bytes here.
+/// allocated only when a message arrives.
 #[derive(Debug, Default)]
-struct Mailbox {
+pub(crate) struct Mailbox {
     queue: Mutex<VecDeque<HubMsg>>,
     ready: Notify,
     closed: AtomicBool,
 }
 
-impl Mailbox {
-    fn send(&self, msg: HubMsg) {
+impl Sink for Mailbox {
+    fn deliver(&self, msg: HubMsg) {
         self.queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -54,7 +64,9 @@ impl Mailbox {
         self.closed.store(true, Ordering::Release);
         self.ready.notify_one();
     }
+}
 
+impl Mailbox {
     async fn recv(&self) -> Option<HubMsg> {
         loop {
             // A notification between this check and the wait is kept as a permit by Notify.
@@ -109,11 +121,21 @@ impl Status {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     subscribers: Subscribers,
     next_id: u64,
     task: Option<tokio::task::AbortHandle>,
+}
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State")
+            .field("queues", &self.subscribers.len())
+            .field("next_id", &self.next_id)
+            .field("task", &self.task)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -126,27 +148,23 @@ pub(crate) struct Hub {
     status: watch::Sender<Status>,
 }
 
-/// A subscription to one queue's events. Dropping it unsubscribes.
-#[derive(Debug)]
-pub(crate) struct Subscription {
-    mailbox: Arc<Mailbox>,
+/// A sink's place among the subscribers of one queue. Dropping it unsubscribes.
+pub(crate) struct Registration {
     id: u64,
-    queue: String,
+    queue: Arc<str>,
     state: Weak<Mutex<State>>,
 }
 
-impl Subscription {
-    /// The next message; `None` only if the hub is gone or its watch failed for good.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: a message is taken only when it is returned.
-    pub(crate) async fn recv(&mut self) -> Option<HubMsg> {
-        self.mailbox.recv().await
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .field("queue", &self.queue)
+            .finish()
     }
 }
 
-impl Drop for Subscription {
+impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(state) = self.state.upgrade() {
             let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,6 +175,24 @@ impl Drop for Subscription {
                 }
             }
         }
+    }
+}
+
+/// A subscription to one queue's events, read through a [`Mailbox`]. Dropping it unsubscribes.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    mailbox: Arc<Mailbox>,
+    _registration: Registration,
+}
+
+impl Subscription {
+    /// The next message; `None` only if the hub is gone or its watch failed for good.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a message is taken only when it is returned.
+    pub(crate) async fn recv(&mut self) -> Option<HubMsg> {
+        self.mailbox.recv().await
     }
 }
 
@@ -175,24 +211,43 @@ impl Hub {
         }
     }
 
-    /// Subscribes to the events of the queue `key`. Returns once the hub's watch is established:
-    /// any read issued afterwards is at a revision the watch covers, so every change after that
-    /// read is delivered.
+    /// Subscribes to the events of the queue `key`, through a mailbox. Returns once the hub's
+    /// watch is established (see [`Hub::register`]).
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: a dropped call leaves no subscription behind.
     pub(crate) async fn subscribe(&self, key: &str) -> Result<Subscription> {
         let mailbox = Arc::new(Mailbox::default());
-        let sub = {
+        let registration = self.register(Arc::from(key), mailbox.clone()).await?;
+        Ok(Subscription {
+            mailbox,
+            _registration: registration,
+        })
+    }
+
+    /// Delivers the events of the queue `key` to `sink` until the registration is dropped.
+    /// Returns once the hub's watch is established: any read issued afterwards is at a revision
+    /// the watch covers, so every change after that read is delivered.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a dropped call leaves no registration behind.
+    pub(crate) async fn register(
+        &self,
+        key: Arc<str>,
+        sink: Arc<dyn Sink>,
+    ) -> Result<Registration> {
+        let registration = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let id = state.next_id;
             state.next_id += 1;
             state
                 .subscribers
-                .entry(key.to_owned())
-                .or_default()
-                .push((id, mailbox.clone()));
+                .entry(key.clone())
+                // Most queues have one subscriber in a locker: no room for more up front.
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push((id, sink));
             // Start the watch task on first use, and again if it ended (a permanent error, or
             // the runtime that ran it shut down).
             if state.task.as_ref().is_none_or(|t| t.is_finished()) {
@@ -206,23 +261,27 @@ impl Hub {
                 ));
                 state.task = Some(task.abort_handle());
             }
-            Subscription {
-                mailbox,
+            Registration {
                 id,
-                queue: key.to_owned(),
+                queue: key,
                 state: Arc::downgrade(&self.state),
             }
         };
-        let mut status = self.status.subscribe();
-        // The sender lives in `self`, so this only ends when the watch is up or has failed.
-        let status = status
-            .wait_for(|s| *s != Status::Starting)
-            .await
-            .map(|s| s.clone())
-            .unwrap_or(Status::Up);
+        // Already up (the common case): no need to wait.
+        let status = if *self.status.borrow() == Status::Up {
+            Status::Up
+        } else {
+            let mut status = self.status.subscribe();
+            // The sender lives in `self`, so this only ends when the watch is up or has failed.
+            status
+                .wait_for(|s| *s != Status::Starting)
+                .await
+                .map(|s| s.clone())
+                .unwrap_or(Status::Up)
+        };
         match status.error() {
             Some(err) => Err(err),
-            None => Ok(sub),
+            None => Ok(registration),
         }
     }
 }
@@ -239,8 +298,8 @@ impl Drop for Hub {
 
 /// Tells every subscriber that no more messages will come, and forgets them.
 fn close_all(subscribers: &mut Subscribers) {
-    for (_, mailbox) in subscribers.values().flatten() {
-        mailbox.close();
+    for (_, sink) in subscribers.values().flatten() {
+        sink.close();
     }
     subscribers.clear();
 }
@@ -334,8 +393,8 @@ fn send_events(state: &Weak<Mutex<State>>, batch: Vec<WatchEvent>) -> bool {
             continue;
         };
         if let Some(list) = state.subscribers.get_mut(queue) {
-            for (_, mailbox) in list.iter() {
-                mailbox.send(HubMsg::Event(event.clone()));
+            for (_, sink) in list.iter() {
+                sink.deliver(HubMsg::Event(event.clone()));
             }
         }
     }
@@ -349,8 +408,8 @@ fn send_all(state: &Weak<Mutex<State>>, msg: HubMsg) -> bool {
     };
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
     for list in state.subscribers.values_mut() {
-        for (_, mailbox) in list.iter() {
-            mailbox.send(msg.clone());
+        for (_, sink) in list.iter() {
+            sink.deliver(msg.clone());
         }
     }
     true

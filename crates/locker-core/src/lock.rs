@@ -8,10 +8,15 @@
 //!      └───────────── rejoin ◄──────────────── Lost ◄─────────────────────┘
 //!                                    (a guard stops at Lost)
 //! ```
+//!
+//! A held lock costs one small task and one [`Shared`] allocation: the handle's commands, the
+//! hub's events for the key and the published state all live in it, and the task sleeps on one
+//! doorbell plus its session's state. Everything that is not holding (joining, waiting, failing,
+//! releasing) runs in boxed futures that are freed once done.
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -22,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{Entry, EventKind, entry_key};
 use crate::error::{Error, LossReason, Result};
-use crate::hub::{HubMsg, Subscription};
+use crate::hub::{HubMsg, Registration, Sink};
 use crate::locker::{KeyClaim, LockOptions, Locker, check_ttl};
 use crate::session::{Session, SessionState};
 use crate::types::{FencingToken, Ownership};
@@ -44,103 +49,232 @@ enum Command {
     SetValue(Vec<u8>, oneshot::Sender<Result<()>>),
 }
 
-/// The commands from a handle to its lock task: a queue allocated on first use (a held lock that
-/// is never told anything costs a few bytes), which either side can close.
-#[derive(Default)]
-struct Commands {
-    state: Mutex<CommandState>,
-    ready: Notify,
+/// What a lock's task shares with its handle and with its locker's hub, in one allocation.
+struct Shared {
+    key: Arc<str>,
+    /// The published ownership.
+    published: Mutex<Published>,
+    /// Woken at every change of `published` (for `wait_owned` and `lost`).
+    changed: Notify,
+    /// Commands from the handle and events from the hub, for the task.
+    inbox: Mutex<Inbox>,
+    /// Rung when something lands in `inbox`: the task's one wake-up besides its session.
+    doorbell: Notify,
+    /// The session of the current tenure, so readers can check its deadline themselves.
+    session: Mutex<Option<watch::Receiver<SessionState>>>,
+    /// Why a one-shot attempt ended without owning.
+    error: Mutex<Option<Error>>,
 }
 
+struct Published {
+    state: Ownership,
+    /// For [`LockHandle::subscribe`]: made on first use, dropped when the task ends.
+    sender: Option<watch::Sender<Ownership>>,
+    /// The task has ended: nothing changes any more.
+    ended: bool,
+}
+
+/// Queues allocated on first use: a held lock that hears nothing costs a few bytes here.
 #[derive(Default)]
-struct CommandState {
-    queue: VecDeque<Command>,
-    /// The handle is gone: once the queue is empty, the task stops (and releases).
+struct Inbox {
+    commands: VecDeque<Command>,
+    events: VecDeque<HubMsg>,
+    /// The hub's watch failed for good (or the hub is gone): subscribe again.
+    hub_closed: bool,
+    /// The handle is gone: once the commands are served, the task stops (and releases).
     handle_gone: bool,
     /// The task has ended: nothing is read any more.
     task_gone: bool,
 }
 
-impl fmt::Debug for Commands {
+/// What the task finds in its inbox.
+enum Taken {
+    Command(Command),
+    HandleGone,
+    Nothing,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Commands").finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("key", &self.key)
+            .field("state", &lock(&self.published).state)
+            .finish_non_exhaustive()
     }
 }
 
-impl Commands {
-    fn lock(&self) -> std::sync::MutexGuard<'_, CommandState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+impl Shared {
+    fn new(key: Arc<str>) -> Self {
+        Shared {
+            key,
+            published: Mutex::new(Published {
+                state: Ownership::Acquiring,
+                sender: None,
+                ended: false,
+            }),
+            changed: Notify::new(),
+            inbox: Mutex::default(),
+            doorbell: Notify::new(),
+            session: Mutex::new(None),
+            error: Mutex::new(None),
+        }
     }
-}
 
-/// The handle's end of [`Commands`]; dropping it tells the task the handle is gone.
-#[derive(Debug)]
-struct CommandSender(Arc<Shared>);
+    fn state(&self) -> Ownership {
+        lock(&self.published).state
+    }
 
-impl CommandSender {
-    /// Queues `cmd`; gives it back if the task has ended.
+    /// Publishes `state`; [`Ownership::Released`] is final.
+    fn publish(&self, state: Ownership) {
+        let mut published = lock(&self.published);
+        if published.ended || published.state == state || published.state == Ownership::Released {
+            return;
+        }
+        published.state = state;
+        if let Some(sender) = &published.sender {
+            sender.send_replace(state);
+        }
+        drop(published);
+        self.changed.notify_waiters();
+    }
+
+    /// The task has ended: readers see the last state, and watch receivers see the sender go.
+    fn end(&self) {
+        let mut published = lock(&self.published);
+        published.ended = true;
+        published.sender = None;
+        drop(published);
+        self.changed.notify_waiters();
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Ownership> {
+        let mut published = lock(&self.published);
+        if let Some(sender) = &published.sender {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = watch::channel(published.state);
+        if !published.ended {
+            published.sender = Some(sender);
+        }
+        receiver
+    }
+
+    /// Waits until `done` answers for the published state (and whether the task has ended).
+    async fn wait_for<T>(&self, mut done: impl FnMut(Ownership, bool) -> Option<T>) -> T {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a change right after it still wakes us.
+            notified.as_mut().enable();
+            let (state, ended) = {
+                let published = lock(&self.published);
+                (published.state, published.ended)
+            };
+            if let Some(answer) = done(state, ended) {
+                return answer;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the current tenure's session is within its local deadline.
+    fn session_valid(&self) -> bool {
+        lock(&self.session)
+            .as_ref()
+            .is_some_and(|s| s.borrow().valid_at(Instant::now()))
+    }
+
+    fn set_session(&self, session: Option<watch::Receiver<SessionState>>) {
+        *lock(&self.session) = session;
+    }
+
+    /// Queues `cmd` for the task; gives it back if the task has ended.
     fn send(&self, cmd: Command) -> std::result::Result<(), Command> {
-        let mut state = self.0.commands.lock();
-        if state.task_gone {
+        let mut inbox = lock(&self.inbox);
+        if inbox.task_gone {
             return Err(cmd);
         }
-        state.queue.push_back(cmd);
-        drop(state);
-        self.0.commands.ready.notify_one();
+        inbox.commands.push_back(cmd);
+        drop(inbox);
+        self.doorbell.notify_one();
         Ok(())
     }
-}
 
-impl Drop for CommandSender {
-    fn drop(&mut self) {
-        self.0.commands.lock().handle_gone = true;
-        self.0.commands.ready.notify_one();
+    fn handle_dropped(&self) {
+        lock(&self.inbox).handle_gone = true;
+        self.doorbell.notify_one();
     }
-}
 
-/// The task's end of [`Commands`].
-#[derive(Debug)]
-struct CommandReceiver(Arc<Shared>);
-
-impl CommandReceiver {
-    /// The next command; `None` once the handle is gone and every command was read.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: a command is taken only when it is returned.
-    async fn recv(&mut self) -> Option<Command> {
-        loop {
-            {
-                let mut state = self.0.commands.lock();
-                if let Some(cmd) = state.queue.pop_front() {
-                    return Some(cmd);
+    fn take_command(&self) -> Taken {
+        let mut inbox = lock(&self.inbox);
+        match inbox.commands.pop_front() {
+            Some(cmd) => {
+                if inbox.commands.is_empty() {
+                    inbox.commands = VecDeque::new();
                 }
-                if state.handle_gone {
-                    return None;
-                }
+                Taken::Command(cmd)
             }
-            // A notification between the check and the wait is kept as a permit by Notify.
-            self.0.commands.ready.notified().await;
+            None if inbox.handle_gone => Taken::HandleGone,
+            None => Taken::Nothing,
         }
+    }
+
+    fn has_commands(&self) -> bool {
+        let inbox = lock(&self.inbox);
+        !inbox.commands.is_empty() || inbox.handle_gone
+    }
+
+    /// Takes the hub's messages so far, and whether the hub's watch has failed.
+    fn take_events(&self) -> (VecDeque<HubMsg>, bool) {
+        let mut inbox = lock(&self.inbox);
+        (std::mem::take(&mut inbox.events), inbox.hub_closed)
+    }
+
+    /// Forgets the messages of an earlier subscription.
+    fn clear_events(&self) {
+        let mut inbox = lock(&self.inbox);
+        inbox.events = VecDeque::new();
+        inbox.hub_closed = false;
     }
 
     /// Stops reading: later sends fail; answers the commands still queued.
-    fn close(&mut self) -> Vec<Command> {
-        let mut state = self.0.commands.lock();
-        state.task_gone = true;
-        state.queue.drain(..).collect()
+    fn close_inbox(&self) -> VecDeque<Command> {
+        let mut inbox = lock(&self.inbox);
+        inbox.task_gone = true;
+        inbox.events = VecDeque::new();
+        std::mem::take(&mut inbox.commands)
+    }
+
+    fn set_error(&self, err: Error) {
+        *lock(&self.error) = Some(err);
+    }
+
+    fn take_error(&self) -> Error {
+        lock(&self.error).take().unwrap_or_else(|| Error::Released {
+            key: self.key.to_string(),
+        })
     }
 }
 
-/// What the lock task shares with its handle beyond the published state.
-#[derive(Debug, Default)]
-struct Shared {
-    /// Commands from the handle.
-    commands: Commands,
-    /// The session of the current tenure, so readers can check its deadline themselves.
-    session: Mutex<Option<watch::Receiver<SessionState>>>,
-    /// Why a one-shot attempt ended without owning.
-    error: Mutex<Option<Error>>,
+impl Sink for Shared {
+    fn deliver(&self, msg: HubMsg) {
+        let mut inbox = lock(&self.inbox);
+        if inbox.task_gone {
+            return;
+        }
+        inbox.events.push_back(msg);
+        drop(inbox);
+        self.doorbell.notify_one();
+    }
+
+    fn close(&self) {
+        lock(&self.inbox).hub_closed = true;
+        self.doorbell.notify_one();
+    }
 }
 
 pub(crate) fn start(
@@ -164,15 +298,10 @@ pub(crate) fn start(
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
         Error::InvalidConfig("locks must be started within a tokio runtime".to_owned())
     })?;
-    let (state_tx, state_rx) = watch::channel(Ownership::Acquiring);
-    let shared = Arc::new(Shared::default());
-    let (cmd_tx, cmd_rx) = (
-        CommandSender(shared.clone()),
-        CommandReceiver(shared.clone()),
-    );
+    let shared = Arc::new(Shared::new(Arc::from(key)));
     let driver = Driver {
         locker,
-        key: key.clone(),
+        shared: shared.clone(),
         value,
         mode,
         dedicated_ttl: options.ttl,
@@ -180,18 +309,10 @@ pub(crate) fn start(
         claim: None,
         pending: None,
         held: None,
-        state: state_tx,
-        cmds: cmd_rx,
-        shared: shared.clone(),
         failures: 0,
     };
     runtime.spawn(driver.run());
-    Ok(LockHandle {
-        key,
-        state: state_rx,
-        cmds: cmd_tx,
-        shared,
-    })
+    Ok(LockHandle { shared })
 }
 
 /// A lock that keeps trying to own `key` with its value until released: the seed's `Lock`.
@@ -204,60 +325,53 @@ pub(crate) fn start(
 /// and waits; [`LockHandle::abandon`] lets it expire after the TTL.
 #[must_use = "dropping a LockHandle releases the lock"]
 pub struct LockHandle {
-    key: String,
-    state: watch::Receiver<Ownership>,
-    cmds: CommandSender,
     shared: Arc<Shared>,
 }
 
 impl fmt::Debug for LockHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockHandle")
-            .field("key", &self.key)
-            .field("ownership", &*self.state.borrow())
+            .field("key", &self.key())
+            .field("ownership", &self.ownership())
             .finish()
+    }
+}
+
+impl Drop for LockHandle {
+    fn drop(&mut self) {
+        self.shared.handle_dropped();
     }
 }
 
 impl LockHandle {
     /// The lock key.
     pub fn key(&self) -> &str {
-        &self.key
+        &self.shared.key
     }
 
     /// The last published state.
     pub fn ownership(&self) -> Ownership {
-        *self.state.borrow()
+        self.shared.state()
     }
 
     /// Whether the lock is owned right now: the published state claims it **and** the local
     /// deadline of its lease has not passed (checked here, so it holds even if the lock task has
     /// not run yet).
     pub fn is_owned(&self) -> bool {
-        if !self.state.borrow().is_owned() {
-            return false;
-        }
-        let session = self
-            .shared
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        session
-            .as_ref()
-            .is_some_and(|s| s.borrow().valid_at(Instant::now()))
+        self.ownership().is_owned() && self.shared.session_valid()
     }
 
     /// A receiver of every published [`Ownership`] (latest value wins; a loss followed by a new
     /// tenure shows as a new token).
     pub fn subscribe(&self) -> watch::Receiver<Ownership> {
-        self.state.clone()
+        self.shared.subscribe()
     }
 
     /// The seed's `owned` channel: `true`/`false` at every change of "do we own the lock?",
     /// starting with the current answer. A tenure that ends and a new one that begins between two
     /// polls still shows as `false` then `true`. Ends when the lock task ends.
     pub fn owned_changes(&self) -> BoxStream<'static, bool> {
-        owned_changes(self.state.clone())
+        owned_changes(self.subscribe())
     }
 
     /// Waits until the lock is owned and answers the fencing token.
@@ -271,23 +385,20 @@ impl LockHandle {
     /// [`Error::Released`] if the handle stopped (released, or a one-shot attempt ended), with the
     /// error that stopped it if there was one.
     pub async fn wait_owned(&self) -> Result<FencingToken> {
-        let mut rx = self.state.clone();
-        loop {
-            let state = *rx.borrow_and_update();
-            match state {
+        let shared = &self.shared;
+        shared
+            .wait_for(|state, ended| match state {
                 // Owned by the published state *and* within the local deadline.
                 Ownership::Owned { token } | Ownership::Unconfirmed { token, .. }
-                    if self.is_owned() =>
+                    if shared.session_valid() =>
                 {
-                    return Ok(token);
+                    Some(Ok(token))
                 }
-                Ownership::Released => return Err(self.take_error()),
-                _ => {}
-            }
-            if rx.changed().await.is_err() && !rx.borrow().is_owned() {
-                return Err(self.take_error());
-            }
-        }
+                Ownership::Released => Some(Err(shared.take_error())),
+                _ if ended => Some(Err(shared.take_error())),
+                _ => None,
+            })
+            .await
     }
 
     /// Changes the value: at once in the store if the handle has an entry (owned or waiting),
@@ -313,10 +424,10 @@ impl LockHandle {
     /// deleting (the lease then expires as usual).
     pub async fn release(self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        if self.cmds.send(Command::Release(tx)).is_err() {
-            return match *self.state.borrow() {
+        if self.shared.send(Command::Release(tx)).is_err() {
+            return match self.ownership() {
                 Ownership::Lost { reason, .. } => Err(Error::NotOwned {
-                    key: self.key.clone(),
+                    key: self.key().to_owned(),
                     reason,
                 }),
                 _ => Ok(()),
@@ -329,7 +440,7 @@ impl LockHandle {
     /// had died (the seed's `quit`). With a dedicated session the lease is simply not renewed;
     /// with the shared session the entry is deleted once the session's TTL has passed.
     pub fn abandon(self) {
-        let _ = self.cmds.send(Command::Abandon);
+        let _ = self.shared.send(Command::Abandon);
     }
 
     /// Waits until owned, then wraps the handle in a guard; `None` if the attempt ended without
@@ -346,25 +457,15 @@ impl LockHandle {
     }
 
     fn send(&self, cmd: Command) -> Result<()> {
-        self.cmds.send(cmd).map_err(|_| self.released())
+        self.shared.send(cmd).map_err(|_| self.released())
     }
 
     fn released(&self) -> Error {
         Error::Released {
-            key: self.key.clone(),
+            key: self.key().to_owned(),
         }
     }
-
-    fn take_error(&self) -> Error {
-        self.shared
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_else(|| self.released())
-    }
 }
-
 /// Proof of owning a lock, mutex style: from [`Locker::acquire`] or [`Locker::try_acquire`].
 ///
 /// Owning can end without the guard's say (lease lost, deadline passed, entry deleted): check
@@ -424,20 +525,15 @@ impl LockGuard {
     ///
     /// Cancel safe.
     pub async fn lost(&self) -> LossReason {
-        let mut rx = self.handle.state.clone();
-        loop {
-            match *rx.borrow_and_update() {
-                Ownership::Lost { reason, .. } => return reason,
-                Ownership::Released => return LossReason::Released,
-                _ => {}
-            }
-            if rx.changed().await.is_err() {
-                return match *rx.borrow() {
-                    Ownership::Lost { reason, .. } => reason,
-                    _ => LossReason::Released,
-                };
-            }
-        }
+        self.handle
+            .shared
+            .wait_for(|state, ended| match state {
+                Ownership::Lost { reason, .. } => Some(reason),
+                Ownership::Released => Some(LossReason::Released),
+                _ if ended => Some(LossReason::Released),
+                _ => None,
+            })
+            .await
     }
 
     /// Changes the holder's value in the store (etcd's `Proclaim`), guarded by this tenure.
@@ -525,7 +621,7 @@ enum Turn {
 
 /// The outcome of holding.
 enum HoldEnd {
-    Lost(LossReason),
+    Lost(FencingToken, LossReason),
     /// The session was no longer valid when ownership would have begun: nothing was published
     /// as owned, so join again.
     NeverOwned,
@@ -534,7 +630,7 @@ enum HoldEnd {
 
 struct Driver {
     locker: Locker,
-    key: String,
+    shared: Arc<Shared>,
     value: Vec<u8>,
     mode: Mode,
     dedicated_ttl: Option<Duration>,
@@ -546,97 +642,84 @@ struct Driver {
     pending: Option<(Arc<Session>, String)>,
     /// The entry this task has in the store, with the session it is under.
     held: Option<(Arc<Session>, Entry)>,
-    state: watch::Sender<Ownership>,
-    cmds: CommandReceiver,
-    shared: Arc<Shared>,
     failures: u32,
 }
 
 impl Driver {
     async fn run(mut self) {
-        debug!(key = %self.key, mode = ?self.mode, "lock task started");
-        let exit = self.main().await;
+        debug!(key = %self.key(), mode = ?self.mode, "lock task started");
+        // Only `hold` is awaited in place: while a lock is held, the task keeps nothing else.
+        let exit = loop {
+            let (session, registration) = match Box::pin(self.acquire()).await {
+                Ok(acquired) => acquired,
+                Err(exit) => break exit,
+            };
+            let end = self.hold(&session, registration).await;
+            if let Some(exit) = Box::pin(self.after_hold(end, session)).await {
+                break exit;
+            }
+        };
         Box::pin(self.finish(exit)).await;
         // Answer what came too late: a release after a loss says so.
-        for cmd in self.cmds.close() {
+        let state = self.shared.state();
+        for cmd in self.shared.close_inbox() {
             if let Command::Release(reply) = cmd {
-                let _ = reply.send(match *self.state.borrow() {
+                let _ = reply.send(match state {
                     Ownership::Lost { reason, .. } => Err(Error::NotOwned {
-                        key: self.key.clone(),
+                        key: self.key().to_owned(),
                         reason,
                     }),
                     _ => Ok(()),
                 });
             }
         }
-        debug!(key = %self.key, "lock task ended");
+        self.shared.end();
+        debug!(key = %self.key(), "lock task ended");
     }
 
-    fn publish(&self, state: Ownership) {
-        self.state.send_if_modified(|s| {
-            if *s == state {
-                false
-            } else {
-                *s = state;
-                true
-            }
-        });
+    fn key(&self) -> &str {
+        &self.shared.key
     }
 
     fn backend(&self) -> &dyn crate::backend::LockBackend {
         self.locker.inner.backend.as_ref()
     }
 
-    fn set_reader_session(&self, session: Option<watch::Receiver<SessionState>>) {
-        *self
-            .shared
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = session;
-    }
-
-    async fn main(&mut self) -> Exit {
+    /// Joins the queue and waits until owned: `Ok` with the session and the hub registration
+    /// to hold with (the entry is in `held`), `Err` if the task must stop.
+    async fn acquire(&mut self) -> std::result::Result<(Arc<Session>, Registration), Exit> {
         loop {
-            self.publish(Ownership::Acquiring);
-            let session = match Box::pin(self.session()).await {
+            self.shared.publish(Ownership::Acquiring);
+            let session = match self.session().await {
                 Ok(session) => session,
-                Err(err) => match Box::pin(self.failed(err)).await {
-                    Some(exit) => return exit,
+                Err(err) => match self.failed(err).await {
+                    Some(exit) => return Err(exit),
                     None => continue,
                 },
             };
             // Subscribe before joining: every change after the join is then seen.
-            let subscribed = tokio::select! {
-                biased;
-                sub = Box::pin(self.locker.inner.hub.subscribe(&self.key)) => sub,
-                cmd = self.cmds.recv() => match Box::pin(self.command(cmd)).await {
-                    Some(exit) => return exit,
+            let registration = match self.register().await {
+                Ok(Ok(registration)) => registration,
+                Ok(Err(exit)) => return Err(exit),
+                Err(err) => match self.failed(err).await {
+                    Some(exit) => return Err(exit),
                     None => continue,
                 },
             };
-            let mut sub = match subscribed {
-                Ok(sub) => sub,
-                Err(err) => match Box::pin(self.failed(err)).await {
-                    Some(exit) => return exit,
-                    None => continue,
-                },
-            };
-            self.pending = Some((session.clone(), entry_key(&self.key, session.lease())));
+            self.pending = Some((session.clone(), entry_key(self.key(), session.lease())));
             let joined = match self
-                .locker
-                .inner
-                .backend
-                .join(&self.key, session.lease(), &self.value)
+                .backend()
+                .join(self.key(), session.lease(), &self.value)
                 .await
             {
                 Ok(joined) => joined,
                 Err(Error::LeaseLost { .. }) => {
                     self.pending = None;
-                    Box::pin(self.drop_session(&session)).await;
+                    self.drop_session(&session).await;
                     continue;
                 }
-                Err(err) => match Box::pin(self.failed(err)).await {
-                    Some(exit) => return exit,
+                Err(err) => match self.failed(err).await {
+                    Some(exit) => return Err(exit),
                     None => continue,
                 },
             };
@@ -652,42 +735,69 @@ impl Driver {
                     .await
                 {
                     entry.value = self.value.clone();
+                    self.held = Some((session.clone(), entry.clone()));
                 }
             }
             if joined.holder.key != entry.key {
                 if self.mode == Mode::TryOnce {
-                    debug!(key = %self.key, "try_acquire: held by another");
-                    return Exit::Release(None);
+                    debug!(key = %self.key(), "try_acquire: held by another");
+                    return Err(Exit::Release(None));
                 }
-                debug!(key = %self.key, token = entry.create_revision, "waiting in queue");
-                match Box::pin(self.wait_turn(&session, entry, &mut sub)).await {
-                    Turn::Owned(owned) => entry = owned,
+                debug!(key = %self.key(), token = entry.create_revision, "waiting in queue");
+                match self.wait_turn(&session, entry).await {
+                    Turn::Owned(owned) => self.held = Some((session.clone(), owned)),
                     Turn::Rejoin => continue,
-                    Turn::Exit(exit) => return exit,
+                    Turn::Exit(exit) => return Err(exit),
                 }
             }
-            let token = FencingToken(entry.create_revision);
-            match self.hold(&session, &entry, &mut sub).await {
-                HoldEnd::Exit(exit) => return exit,
-                HoldEnd::NeverOwned => {
-                    debug!(key = %self.key, "session ended before owning; joining again");
-                    self.forget_entry_in_background();
-                    Box::pin(self.drop_session(&session)).await;
-                }
-                HoldEnd::Lost(reason) => {
-                    warn!(key = %self.key, %token, %reason, "lost");
-                    self.set_reader_session(None);
-                    self.publish(Ownership::Lost { token, reason });
-                    // The store may still have the entry (deadline passed, or a stale view):
-                    // take it away (guarded) so the next holder need not wait for the lease.
-                    self.forget_entry_in_background();
-                    if matches!(reason, LossReason::LeaseGone | LossReason::DeadlinePassed) {
-                        Box::pin(self.drop_session(&session)).await;
+            return Ok((session, registration));
+        }
+    }
+
+    /// Registers this lock with the locker's hub (serving commands while the hub's watch is
+    /// being established). `Ok(Err(exit))` if told to stop meanwhile.
+    async fn register(&mut self) -> Result<std::result::Result<Registration, Exit>> {
+        self.shared.clear_events();
+        let locker = self.locker.clone();
+        let registering = locker
+            .inner
+            .hub
+            .register(self.shared.key.clone(), self.shared.clone());
+        tokio::pin!(registering);
+        loop {
+            tokio::select! {
+                biased;
+                registered = &mut registering => return registered.map(Ok),
+                () = self.shared.doorbell.notified() => {
+                    if let Some(exit) = self.serve_commands().await {
+                        return Ok(Err(exit));
                     }
-                    if self.mode != Mode::Persistent {
-                        return Exit::Done;
-                    }
                 }
+            }
+        }
+    }
+
+    /// What to do once holding ended: `Some` if the task must stop.
+    async fn after_hold(&mut self, end: HoldEnd, session: Arc<Session>) -> Option<Exit> {
+        match end {
+            HoldEnd::Exit(exit) => Some(exit),
+            HoldEnd::NeverOwned => {
+                debug!(key = %self.key(), "session ended before owning; joining again");
+                self.forget_entry_in_background();
+                self.drop_session(&session).await;
+                None
+            }
+            HoldEnd::Lost(token, reason) => {
+                warn!(key = %self.key(), %token, %reason, "lost");
+                self.shared.set_session(None);
+                self.shared.publish(Ownership::Lost { token, reason });
+                // The store may still have the entry (deadline passed, or a stale view):
+                // take it away (guarded) so the next holder need not wait for the lease.
+                self.forget_entry_in_background();
+                if matches!(reason, LossReason::LeaseGone | LossReason::DeadlinePassed) {
+                    self.drop_session(&session).await;
+                }
+                (self.mode != Mode::Persistent).then_some(Exit::Done)
             }
         }
     }
@@ -700,7 +810,7 @@ impl Driver {
             let slot = match &self.claim {
                 Some(claim) => claim.slot(),
                 None => {
-                    let claim = self.locker.claim_key(&self.key);
+                    let claim = self.locker.claim_key(&self.shared.key);
                     let slot = claim.slot();
                     self.claim = Some(claim);
                     slot
@@ -739,14 +849,14 @@ impl Driver {
             Mode::Persistent => false,
         };
         if give_up {
-            warn!(key = %self.key, error = %err, "lock attempt failed");
-            *self.shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+            warn!(key = %self.key(), error = %err, "lock attempt failed");
+            self.shared.set_error(err);
             return Some(Exit::Done);
         }
         if err.is_retryable() {
-            debug!(key = %self.key, error = %err, "store call failed; retrying");
+            debug!(key = %self.key(), error = %err, "store call failed; retrying");
         } else {
-            warn!(key = %self.key, error = %err, "store call failed; the handle keeps trying");
+            warn!(key = %self.key(), error = %err, "store call failed; the handle keeps trying");
         }
         self.pause().await
     }
@@ -759,28 +869,29 @@ impl Driver {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
+            if let Some(exit) = self.serve_commands().await {
+                return Some(exit);
+            }
             tokio::select! {
                 biased;
-                _ = &mut sleep => return None,
-                cmd = self.cmds.recv() => {
-                    if let Some(exit) = Box::pin(self.command(cmd)).await {
-                        return Some(exit);
-                    }
-                }
+                () = &mut sleep => return None,
+                () = self.shared.doorbell.notified() => {}
             }
         }
     }
 
-    /// Serves a command; `Some` if the task must stop.
-    async fn command(&mut self, cmd: Option<Command>) -> Option<Exit> {
-        match cmd {
-            None => Some(Exit::Release(None)),
-            Some(Command::Release(reply)) => Some(Exit::Release(Some(reply))),
-            Some(Command::Abandon) => Some(Exit::Abandon),
-            Some(Command::SetValue(value, reply)) => {
-                let result = self.set_value(value).await;
-                let _ = reply.send(result);
-                None
+    /// Serves the queued commands; `Some` if the task must stop.
+    async fn serve_commands(&mut self) -> Option<Exit> {
+        loop {
+            match self.shared.take_command() {
+                Taken::Command(Command::Release(reply)) => return Some(Exit::Release(Some(reply))),
+                Taken::Command(Command::Abandon) => return Some(Exit::Abandon),
+                Taken::Command(Command::SetValue(value, reply)) => {
+                    let result = self.set_value(value).await;
+                    let _ = reply.send(result);
+                }
+                Taken::HandleGone => return Some(Exit::Release(None)),
+                Taken::Nothing => return None,
             }
         }
     }
@@ -804,7 +915,7 @@ impl Driver {
             Ok(false) | Err(Error::LeaseLost { .. }) => {
                 self.held = None;
                 Err(Error::NotOwned {
-                    key: self.key.clone(),
+                    key: self.key().to_owned(),
                     reason: LossReason::EntryDeleted,
                 })
             }
@@ -813,13 +924,8 @@ impl Driver {
     }
 
     /// Waits until `entry` is the oldest in its queue, watching only the entry just before it.
-    async fn wait_turn(
-        &mut self,
-        session: &Arc<Session>,
-        mut entry: Entry,
-        sub: &mut Subscription,
-    ) -> Turn {
-        self.publish(Ownership::Acquiring);
+    async fn wait_turn(&mut self, session: &Arc<Session>, mut entry: Entry) -> Turn {
+        self.shared.publish(Ownership::Acquiring);
         let mut session_rx = session.subscribe();
         loop {
             if session.is_lost() {
@@ -828,7 +934,7 @@ impl Driver {
             }
             let position = match self
                 .backend()
-                .position(&self.key, &entry.key, entry.create_revision)
+                .position(self.key(), &entry.key, entry.create_revision)
                 .await
             {
                 Ok(position) => position,
@@ -836,14 +942,14 @@ impl Driver {
                     self.held = None;
                     return Turn::Rejoin;
                 }
-                Err(err) => match Box::pin(self.failed(err)).await {
+                Err(err) => match self.failed(err).await {
                     Some(exit) => return Turn::Exit(exit),
                     None => continue,
                 },
             };
             self.failures = 0;
             let Some(own) = position.own else {
-                debug!(key = %self.key, "own entry gone while waiting; joining again");
+                debug!(key = %self.key(), "own entry gone while waiting; joining again");
                 self.held = None;
                 return Turn::Rejoin;
             };
@@ -853,6 +959,30 @@ impl Driver {
             };
             // Wait for the predecessor (or our own entry) to go, after the read.
             loop {
+                let (events, hub_closed) = self.shared.take_events();
+                let mut moved = false;
+                for msg in events {
+                    match msg {
+                        HubMsg::Event(event) => {
+                            moved |= event.kind == EventKind::Delete
+                                && event.entry.mod_revision > position.revision
+                                && (event.entry.key == predecessor.key
+                                    || event.entry.key == entry.key);
+                        }
+                        HubMsg::Resync => moved = true,
+                    }
+                }
+                // The hub's watch failed: subscribe again by joining again (the join finds our
+                // entry where it is).
+                if hub_closed {
+                    return Turn::Rejoin;
+                }
+                if let Some(exit) = self.serve_commands().await {
+                    return Turn::Exit(exit);
+                }
+                if moved {
+                    break;
+                }
                 tokio::select! {
                     biased;
                     changed = session_rx.changed() => {
@@ -861,107 +991,119 @@ impl Driver {
                             return Turn::Rejoin;
                         }
                     }
-                    msg = sub.recv() => match msg {
-                        Some(HubMsg::Event(event)) => {
-                            if event.kind == EventKind::Delete
-                                && event.entry.mod_revision > position.revision
-                                && (event.entry.key == predecessor.key || event.entry.key == entry.key)
-                            {
-                                break;
-                            }
-                        }
-                        Some(HubMsg::Resync) => break,
-                        // The hub's watch failed: subscribe again by joining again (the join
-                        // finds our entry where it is).
-                        None => return Turn::Rejoin,
-                    },
-                    cmd = self.cmds.recv() => {
-                        if let Some(exit) = Box::pin(self.command(cmd)).await {
-                            return Turn::Exit(exit);
-                        }
-                    }
+                    () = self.shared.doorbell.notified() => {}
                 }
             }
         }
     }
 
     /// Holds the lock until it is lost or the task is told to stop, publishing every change.
-    async fn hold(
-        &mut self,
-        session: &Arc<Session>,
-        entry: &Entry,
-        sub: &mut Subscription,
-    ) -> HoldEnd {
-        let token = FencingToken(entry.create_revision);
+    ///
+    /// This is the one state a lock spends most of its life in, so its future stays small:
+    /// it waits on its session's state and on its doorbell, and boxes everything else.
+    async fn hold(&mut self, session: &Arc<Session>, registration: Registration) -> HoldEnd {
+        // Kept (and replaced) only so that the hub keeps delivering to this lock.
+        let mut _registration = registration;
+        let Some(token) = self
+            .held
+            .as_ref()
+            .map(|(_, entry)| FencingToken(entry.create_revision))
+        else {
+            return HoldEnd::NeverOwned;
+        };
         let mut session_rx = session.subscribe();
         if !session_rx.borrow_and_update().valid_at(Instant::now()) {
             return HoldEnd::NeverOwned;
         }
-        self.set_reader_session(Some(session.subscribe()));
-        info!(key = %self.key, %token, "owned");
+        self.shared.set_session(Some(session.subscribe()));
+        info!(key = %self.key(), %token, "owned");
         loop {
             let state = *session_rx.borrow_and_update();
             match state {
                 SessionState::Live { deadline } | SessionState::Unconfirmed { deadline }
                     if Instant::now() >= deadline =>
                 {
-                    return HoldEnd::Lost(LossReason::DeadlinePassed);
+                    return HoldEnd::Lost(token, LossReason::DeadlinePassed);
                 }
-                SessionState::Live { .. } => self.publish(Ownership::Owned { token }),
-                SessionState::Unconfirmed { deadline } => {
-                    self.publish(Ownership::Unconfirmed { token, deadline })
-                }
+                SessionState::Live { .. } => self.shared.publish(Ownership::Owned { token }),
+                SessionState::Unconfirmed { deadline } => self
+                    .shared
+                    .publish(Ownership::Unconfirmed { token, deadline }),
                 SessionState::Lost(LossReason::Released) => {
-                    return HoldEnd::Lost(LossReason::LeaseGone);
+                    return HoldEnd::Lost(token, LossReason::LeaseGone);
                 }
-                SessionState::Lost(reason) => return HoldEnd::Lost(reason),
+                SessionState::Lost(reason) => return HoldEnd::Lost(token, reason),
             }
-            let resync = tokio::select! {
+            let (events, hub_closed) = self.shared.take_events();
+            let mut resync = false;
+            for msg in events {
+                match msg {
+                    // A delete of our key from before this tenure (same lease, earlier entry) is
+                    // not about this entry.
+                    HubMsg::Event(event)
+                        if event.kind == EventKind::Delete
+                            && event.entry.mod_revision > token.0
+                            && self
+                                .held
+                                .as_ref()
+                                .is_some_and(|(_, entry)| entry.key == event.entry.key) =>
+                    {
+                        let reason = if session.is_lost() {
+                            LossReason::LeaseGone
+                        } else {
+                            LossReason::EntryDeleted
+                        };
+                        return HoldEnd::Lost(token, reason);
+                    }
+                    HubMsg::Event(_) => {}
+                    HubMsg::Resync => resync = true,
+                }
+            }
+            if hub_closed {
+                // The hub's watch failed: subscribe again, then check what was missed.
+                match Box::pin(self.resubscribe()).await {
+                    Ok(Some(fresh)) => _registration = fresh,
+                    Ok(None) => {}
+                    Err(exit) => return HoldEnd::Exit(exit),
+                }
+                resync = true;
+            }
+            if self.shared.has_commands() {
+                if let Some(exit) = Box::pin(self.serve_commands()).await {
+                    return HoldEnd::Exit(exit);
+                }
+                if self.held.is_none() {
+                    return HoldEnd::Lost(token, LossReason::EntryDeleted);
+                }
+            }
+            if resync && let Some(end) = Box::pin(self.check_still_there(session, token)).await {
+                return end;
+            }
+            tokio::select! {
                 biased;
                 changed = session_rx.changed() => {
                     if changed.is_err() && !matches!(*session_rx.borrow(), SessionState::Lost(_)) {
-                        return HoldEnd::Lost(LossReason::DeadlinePassed);
+                        return HoldEnd::Lost(token, LossReason::DeadlinePassed);
                     }
-                    false
                 }
-                msg = sub.recv() => match msg {
-                    Some(HubMsg::Event(event)) => {
-                        // A delete of our key from before this tenure (same lease, earlier
-                        // entry) is not about this entry.
-                        if event.entry.key == entry.key
-                            && event.kind == EventKind::Delete
-                            && event.entry.mod_revision > entry.create_revision
-                        {
-                            return HoldEnd::Lost(if session.is_lost() {
-                                LossReason::LeaseGone
-                            } else {
-                                LossReason::EntryDeleted
-                            });
-                        }
-                        false
-                    }
-                    Some(HubMsg::Resync) => true,
-                    None => {
-                        // The hub's watch failed: subscribe again, then check what was missed.
-                        match Box::pin(self.locker.inner.hub.subscribe(&self.key)).await {
-                            Ok(fresh) => *sub = fresh,
-                            Err(err) => warn!(key = %self.key, error = %err, "cannot watch the lock"),
-                        }
-                        true
-                    }
-                },
-                cmd = self.cmds.recv() => {
-                    if let Some(exit) = Box::pin(self.command(cmd)).await {
-                        return HoldEnd::Exit(exit);
-                    }
-                    if self.held.is_none() {
-                        return HoldEnd::Lost(LossReason::EntryDeleted);
-                    }
-                    false
+                () = self.shared.doorbell.notified() => {}
+            }
+        }
+    }
+
+    /// Registers with the hub again after its watch failed; on failure, waits a back-off and
+    /// leaves the next attempt to the caller. `Err` if told to stop meanwhile.
+    async fn resubscribe(&mut self) -> std::result::Result<Option<Registration>, Exit> {
+        match self.register().await {
+            Ok(Ok(registration)) => Ok(Some(registration)),
+            Ok(Err(exit)) => Err(exit),
+            Err(err) => {
+                warn!(key = %self.key(), error = %err, "cannot watch the lock; retrying");
+                Sink::close(&*self.shared);
+                match self.pause().await {
+                    Some(exit) => Err(exit),
+                    None => Ok(None),
                 }
-            };
-            if resync && let Some(end) = Box::pin(self.check_still_there(session, entry)).await {
-                return end;
             }
         }
     }
@@ -971,29 +1113,32 @@ impl Driver {
     async fn check_still_there(
         &mut self,
         session: &Arc<Session>,
-        entry: &Entry,
+        token: FencingToken,
     ) -> Option<HoldEnd> {
+        let entry_key = self.held.as_ref()?.1.key.clone();
         let mut session_rx = session.subscribe();
         let mut failures = 0u32;
         loop {
             match self
                 .backend()
-                .position(&self.key, &entry.key, entry.create_revision)
+                .position(self.key(), &entry_key, token.0)
                 .await
             {
                 Ok(position) if position.own.is_none() => {
-                    return Some(HoldEnd::Lost(LossReason::EntryDeleted));
+                    return Some(HoldEnd::Lost(token, LossReason::EntryDeleted));
                 }
                 Ok(_) => return None,
-                Err(Error::LeaseLost { .. }) => return Some(HoldEnd::Lost(LossReason::LeaseGone)),
+                Err(Error::LeaseLost { .. }) => {
+                    return Some(HoldEnd::Lost(token, LossReason::LeaseGone));
+                }
                 Err(err) => {
                     let delay = self.locker.retry_delay(&mut failures);
-                    debug!(key = %self.key, error = %err, ?delay, "cannot check the entry; retrying");
+                    debug!(key = %self.key(), error = %err, ?delay, "cannot check the entry; retrying");
                     tokio::select! {
                         biased;
                         _ = session_rx.changed() => {
                             if let SessionState::Lost(reason) = *session_rx.borrow() {
-                                return Some(HoldEnd::Lost(match reason {
+                                return Some(HoldEnd::Lost(token, match reason {
                                     LossReason::Released => LossReason::LeaseGone,
                                     other => other,
                                 }));
@@ -1013,7 +1158,7 @@ impl Driver {
     async fn delete_held(&mut self) -> Result<()> {
         if self.held.is_none()
             && let Some((session, key)) = self.pending.take()
-            && let Ok(snapshot) = self.backend().entries(&self.key).await
+            && let Ok(snapshot) = self.backend().entries(self.key()).await
             && let Some(entry) = snapshot.entries.into_iter().find(|e| e.key == key)
         {
             // The join went through although its answer was not seen.
@@ -1034,7 +1179,7 @@ impl Driver {
                 Err(_) if session.is_lost() => return Ok(()),
                 Err(err) if err.is_retryable() => {
                     let delay = self.locker.retry_delay(&mut failures);
-                    debug!(key = %self.key, error = %err, ?delay, "release failed; retrying");
+                    debug!(key = %self.key(), error = %err, ?delay, "release failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Err(err) => {
@@ -1073,33 +1218,27 @@ impl Driver {
     }
 
     async fn finish(&mut self, exit: Exit) {
-        let was_owned = self.state.borrow().is_owned();
-        let still_valid = self
-            .shared
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|s| s.borrow().valid_at(Instant::now()));
-        self.set_reader_session(None);
+        let was_owned = self.shared.state().is_owned();
+        let still_valid = self.shared.session_valid();
+        self.shared.set_session(None);
         match exit {
             Exit::Release(reply) => {
                 // Stop claiming ownership before the entry goes: the next holder may own as
                 // soon as it is deleted.
-                self.publish(Ownership::Released);
+                self.shared.publish(Ownership::Released);
                 let mut result = self.delete_held().await;
                 if let Err(err) = &result {
-                    warn!(key = %self.key, error = %err, "release failed; retrying in the background");
+                    warn!(key = %self.key(), error = %err, "release failed; retrying in the background");
                 }
                 if result.is_ok() && was_owned && !still_valid {
                     // Released, but ownership had already ended (deadline passed) before it.
                     result = Err(Error::NotOwned {
-                        key: self.key.clone(),
+                        key: self.key().to_owned(),
                         reason: LossReason::DeadlinePassed,
                     });
                 }
                 self.own_session = None; // revokes a dedicated lease
-                info!(key = %self.key, "released");
+                info!(key = %self.key(), "released");
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -1123,13 +1262,13 @@ impl Driver {
                         drop((session, claim));
                     });
                 }
-                self.publish(Ownership::Released);
-                info!(key = %self.key, "abandoned");
+                self.shared.publish(Ownership::Released);
+                info!(key = %self.key(), "abandoned");
             }
             Exit::Done => {
                 // A one-shot attempt: clean up whatever is left, keep a published loss visible.
-                if !matches!(*self.state.borrow(), Ownership::Lost { .. }) {
-                    self.publish(Ownership::Released);
+                if !matches!(self.shared.state(), Ownership::Lost { .. }) {
+                    self.shared.publish(Ownership::Released);
                 }
                 let _ = self.delete_held().await;
                 self.own_session = None;

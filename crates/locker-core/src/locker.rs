@@ -1,6 +1,6 @@
 //! [`Locker`]: the entry point, cheap to clone, over any backend.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,16 +62,16 @@ pub(crate) struct Inner {
     /// this locker already has on every lower slot uses the next slot (one entry per key per
     /// lease). Extra slots are kept for reuse while the locker lives.
     sessions: tokio::sync::Mutex<Vec<Option<Arc<Session>>>>,
-    /// For each key, the session slots that a lock of this locker uses for it.
+    /// The keys, each with a session slot, that locks of this locker use.
     claims: Claims,
 }
 
-type Claims = Arc<std::sync::Mutex<HashMap<String, BTreeSet<usize>>>>;
+type Claims = Arc<std::sync::Mutex<HashSet<(Arc<str>, usize)>>>;
 
 /// A lock task's claim on a key in one session slot of its locker; released on drop.
 #[derive(Debug)]
 pub(crate) struct KeyClaim {
-    key: String,
+    key: Arc<str>,
     slot: usize,
     claims: Claims,
 }
@@ -86,11 +86,11 @@ impl KeyClaim {
 impl Drop for KeyClaim {
     fn drop(&mut self) {
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slots) = claims.get_mut(&self.key) {
-            slots.remove(&self.slot);
-            if slots.is_empty() {
-                claims.remove(&self.key);
-            }
+        claims.remove(&(self.key.clone(), self.slot));
+        // A locker that held many keys at once gives the room back as they are released.
+        if claims.capacity() > 64 && claims.capacity() > 4 * claims.len() {
+            let len = claims.len();
+            claims.shrink_to(2 * len);
         }
     }
 }
@@ -498,14 +498,15 @@ impl Locker {
     }
 
     /// Claims `key` in the lowest session slot where no other lock of this locker has it.
-    pub(crate) fn claim_key(&self, key: &str) -> KeyClaim {
+    pub(crate) fn claim_key(&self, key: &Arc<str>) -> KeyClaim {
         let claims = &self.inner.claims;
         let mut all = claims.lock().unwrap_or_else(|e| e.into_inner());
-        let slots = all.entry(key.to_owned()).or_default();
-        let slot = (0..).find(|i| !slots.contains(i)).unwrap_or(0);
-        slots.insert(slot);
+        let slot = (0..)
+            .find(|&slot| !all.contains(&(key.clone(), slot)))
+            .unwrap_or(0);
+        all.insert((key.clone(), slot));
         KeyClaim {
-            key: key.to_owned(),
+            key: key.clone(),
             slot,
             claims: claims.clone(),
         }
