@@ -654,7 +654,7 @@ impl Driver {
                     entry.value = self.value.clone();
                 }
             }
-            if joined.holder.key != entry.key {
+            if joined.predecessor.is_some() {
                 if self.mode == Mode::TryOnce {
                     debug!(key = %self.key, "try_acquire: held by another");
                     return Exit::Release(None);
