@@ -102,13 +102,15 @@ pub struct Lease {
     pub ttl: Duration,
 }
 
-/// The answer to [`LockBackend::join`].
+/// The answer to [`LockBackend::join`]: the contender's entry and where it stands, as one
+/// consistent read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
     /// The contender's own entry: newly created, or the one already there for this lease.
     pub entry: Entry,
-    /// The oldest entry of the queue: the holder (which may be `entry` itself).
-    pub holder: Entry,
+    /// The newest entry of the queue created before `entry`: the one to wait for, exactly as
+    /// [`Position::predecessor`]. `None` means `entry` is first in the queue: the holder.
+    pub predecessor: Option<Entry>,
     /// The revision the join was served at.
     pub revision: Revision,
 }
@@ -217,7 +219,8 @@ pub trait LockBackend: Watcher + fmt::Debug {
 
     /// Joins the queue of `key` under `lease` with `value`, in one operation: creates the entry
     /// [`entry_key(key, lease)`](entry_key) if it is absent (an existing entry keeps its value and
-    /// place), and answers the entry with the queue's holder.
+    /// place), and answers the entry with its predecessor: the newest entry of the queue created
+    /// before it (`None` when the entry is the holder). Entries of deeper queues never count.
     async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined>;
 
     /// Where an entry stands, in one consistent read: the entry itself if it still exists with

@@ -738,7 +738,7 @@ impl Driver {
                     self.held = Some((session.clone(), entry.clone()));
                 }
             }
-            if joined.holder.key != entry.key {
+            if joined.predecessor.is_some() {
                 if self.mode == Mode::TryOnce {
                     debug!(key = %self.key(), "try_acquire: held by another");
                     return Err(Exit::Release(None));

@@ -32,8 +32,9 @@ const KEY_BUDGET: usize = 16 * 1024;
 /// protobuf tags and lengths, the lease id, sort options.
 const REQUEST_OVERHEAD: usize = 512;
 /// How often the join transaction (the largest request) carries the key: the entry key three times
-/// (compare, put, get) and the queue prefix four times (two ranges, each with a range end).
-const KEY_COPIES: usize = 7;
+/// (compare, put, get) and the queue prefix six times (the emptiness compare and two ranges, each
+/// with a range end).
+const KEY_COPIES: usize = 9;
 /// `/` and 16 hex digits of a lease id.
 const ENTRY_SUFFIX: usize = 17;
 /// The smallest `max_request_bytes` accepted.
@@ -125,7 +126,7 @@ impl EtcdBackend {
 
     /// A backend on a client you already have, under `prefix`. No I/O.
     ///
-    /// A prefix too long to leave room for keys (over about 2,200 bytes) gives a
+    /// A prefix too long to leave room for keys (over about 1,740 bytes) gives a
     /// [`max_key_len`](Limits::max_key_len) of 0, so every key is refused by core.
     pub fn from_client_with_prefix(client: Client, prefix: impl Into<String>) -> Self {
         Self::from_parts(client, Settings::new(prefix.into()))
@@ -221,6 +222,13 @@ impl EtcdBackend {
             .with_limit(limit)
     }
 
+    /// Range options for a read of a whole queue, oldest first.
+    fn whole_queue_options() -> GetOptions {
+        GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+    }
+
     /// The first entry of the queue of `key` in `order`, starting from a first page read at
     /// `revision` and paging on at that same revision while whole pages are entries of deeper
     /// queues.
@@ -286,47 +294,72 @@ impl EtcdBackend {
     async fn join_once(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
         let relative = entry_key(key, lease);
         let entry = self.full(&relative);
-        let holder = || {
-            TxnOp::get(
-                self.queue_prefix(key),
-                Some(Self::queue_options(Order::Oldest, PAGE)),
-            )
-        };
+        let queue = self.queue_prefix(key);
+        // Runs before the put: the queue as it was without us. A compare over a range with no
+        // keys compares a zero key (create revision 0), so it holds exactly when nothing is under
+        // the queue prefix; then there is nobody before us and nothing to read.
+        let before_us = Txn::new()
+            .when([Compare::create_revision(queue.clone(), CompareOp::Equal, 0).with_prefix()])
+            .or_else([TxnOp::get(
+                queue.clone(),
+                Some(Self::queue_options(Order::Newest, PAGE)),
+            )]);
         let txn = Txn::new()
             .when([Compare::create_revision(entry.clone(), CompareOp::Equal, 0)])
             .and_then([
+                TxnOp::txn(before_us),
                 TxnOp::put(
                     entry.clone(),
                     value,
                     Some(PutOptions::new().with_lease(lease)),
                 ),
-                holder(),
             ])
-            .or_else([TxnOp::get(entry, None), holder()]);
+            .or_else([
+                TxnOp::get(entry, None),
+                TxnOp::get(queue, Some(Self::whole_queue_options())),
+            ]);
         let (response, revision) = self.txn(txn, Context::op("join").lease(lease)).await?;
         let ops = response.op_responses();
-        let own = if response.succeeded() {
-            Entry {
+        if response.succeeded() {
+            let before_us = txn_response(&ops, 0)?;
+            let predecessor = if before_us.succeeded() {
+                None
+            } else {
+                let newest = before_us.op_responses();
+                // Pages on (below our create revision) only if the page held nothing but
+                // entries of deeper queues.
+                self.first_of_queue(key, Order::Newest, get_response(&newest, 0)?, revision)
+                    .await?
+            };
+            let entry = Entry {
                 key: relative,
                 value: value.to_vec(),
                 lease,
                 create_revision: revision,
                 mod_revision: revision,
-            }
-        } else {
-            get_response(&ops, 0)?
-                .kvs()
-                .first()
-                .and_then(|kv| self.entry(kv))
-                .ok_or_else(|| malformed("join found its entry but read nothing"))?
-        };
-        let holder = self
-            .first_of_queue(key, Order::Oldest, get_response(&ops, 1)?, revision)
-            .await?
-            .ok_or_else(|| malformed("join left the queue empty"))?;
+            };
+            return Ok(Joined {
+                entry,
+                predecessor,
+                revision,
+            });
+        }
+        // A retried join: the entry is there from before, somewhere in the queue.
+        let entry = get_response(&ops, 0)?
+            .kvs()
+            .first()
+            .and_then(|kv| self.entry(kv))
+            .ok_or_else(|| malformed("join found its entry but read nothing"))?;
+        let predecessor = get_response(&ops, 1)?
+            .kvs()
+            .iter()
+            .filter(|kv| kv.create_revision() < entry.create_revision)
+            .filter_map(|kv| self.entry(kv))
+            .filter(|other| is_entry_of(&other.key, key))
+            .max_by(|a, b| (a.create_revision, &a.key).cmp(&(b.create_revision, &b.key)));
         Ok(Joined {
-            entry: own,
-            holder,
+            entry,
+            predecessor,
             revision,
         })
     }
@@ -402,6 +435,14 @@ where
     }
 }
 
+/// The nested transaction's answer at `index` of a transaction's answers.
+fn txn_response(ops: &[TxnOpResponse], index: usize) -> Result<&TxnResponse> {
+    match ops.get(index) {
+        Some(TxnOpResponse::Txn(response)) => Ok(response),
+        _ => Err(malformed("a txn answer without the expected nested txn")),
+    }
+}
+
 /// The range answer at `index` of a transaction's answers.
 fn get_response(ops: &[TxnOpResponse], index: usize) -> Result<&GetResponse> {
     match ops.get(index) {
@@ -445,9 +486,9 @@ impl Watcher for EtcdBackend {
 #[async_trait]
 impl LockBackend for EtcdBackend {
     /// - `max_value_len` = `max_request_bytes` − 16 KiB: the join transaction carries the value
-    ///   once and keys seven times; 16 KiB are kept for keys and request overhead.
-    /// - `max_key_len` = (16 KiB − 512 B overhead) / 7 − prefix length − 17 (`/` and 16 hex digits
-    ///   of the lease id): about 2,240 bytes with the default prefix.
+    ///   once and keys nine times; 16 KiB are kept for keys and request overhead.
+    /// - `max_key_len` = (16 KiB − 512 B overhead) / 9 − prefix length − 17 (`/` and 16 hex digits
+    ///   of the lease id): about 1,740 bytes with the default prefix.
     /// - TTL between 2 s (etcd's minimum) and 9,000,000,000 s (etcd's `MaxLeaseTTL`).
     fn limits(&self) -> Limits {
         Limits {
@@ -515,10 +556,22 @@ impl LockBackend for EtcdBackend {
         Ok(())
     }
 
-    /// One transaction, like etcd's `concurrency.Election.Campaign`:
-    /// `if create_revision(entry) == 0 then [put entry value lease, range queue] else [range entry,
-    /// range queue]`; the queue range is sorted by create revision and pages on (at the same
-    /// revision) only if its first page holds nothing but entries of deeper queues.
+    /// One transaction:
+    ///
+    /// ```text
+    /// if create_revision(entry) == 0
+    /// then [ txn( if create_revision(queue prefix range) == 0
+    ///             then []
+    ///             else [range queue, newest first, 8 keys] ),
+    ///        put entry value lease ]
+    /// else [ range entry, range queue (whole, oldest first) ]
+    /// ```
+    ///
+    /// A new entry is the newest of its queue, so its predecessor is the newest entry read before
+    /// the put; on an empty queue (the compare over the prefix range holds only when no key is
+    /// under it) nothing is read at all. That read pages on (at the same revision) only if its
+    /// first page holds nothing but entries of deeper queues. A retried join, whose entry exists,
+    /// reads the whole queue and picks the predecessor from it.
     async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
         retry_compacted(|| self.join_once(key, lease, value)).await
     }
@@ -542,11 +595,12 @@ impl LockBackend for EtcdBackend {
     /// One range of the whole queue prefix sorted by create revision, entries of deeper queues
     /// left out.
     async fn entries(&self, key: &str) -> Result<Snapshot> {
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend);
         let (response, revision) = self
-            .range(self.queue_prefix(key), options, Context::op("queue range"))
+            .range(
+                self.queue_prefix(key),
+                Self::whole_queue_options(),
+                Context::op("queue range"),
+            )
             .await?;
         let entries = response
             .kvs()
@@ -620,7 +674,7 @@ mod tests {
         let entry = prefix.len() + key + ENTRY_SUFFIX;
         let queue = prefix.len() + key + 1;
         let value = crate::config::DEFAULT_MAX_REQUEST_BYTES - KEY_BUDGET;
-        assert!(3 * entry + 4 * queue + value + REQUEST_OVERHEAD <= 1_572_864);
+        assert!(3 * entry + 6 * queue + value + REQUEST_OVERHEAD <= 1_572_864);
     }
 
     #[test]

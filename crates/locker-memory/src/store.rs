@@ -351,6 +351,14 @@ impl State {
             .map(|(name, kv)| kv.to_entry(name))
     }
 
+    /// The newest entry of the queue of `key` created before `create_revision`.
+    fn newest_before(&self, key: &str, create_revision: Revision) -> Option<Entry> {
+        self.queue(key)
+            .filter(|(_, kv)| kv.create_revision < create_revision)
+            .max_by_key(|(name, kv)| (kv.create_revision, *name))
+            .map(|(name, kv)| kv.to_entry(name))
+    }
+
     pub(crate) fn join(&mut self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
         let Some(lease_state) = self.leases.get_mut(&lease) else {
             return Err(Error::LeaseLost { lease });
@@ -382,10 +390,10 @@ impl State {
                 retryable: false,
                 source: None,
             })?;
-        let holder = self.oldest(key).unwrap_or_else(|| entry.clone());
+        let predecessor = self.newest_before(key, entry.create_revision);
         Ok(Joined {
             entry,
-            holder,
+            predecessor,
             revision: self.revision,
         })
     }
@@ -401,11 +409,7 @@ impl State {
             .get(entry_key)
             .filter(|kv| kv.create_revision == create_revision)
             .map(|kv| kv.to_entry(entry_key));
-        let predecessor = self
-            .queue(key)
-            .filter(|(_, kv)| kv.create_revision < create_revision)
-            .max_by_key(|(name, kv)| (kv.create_revision, *name))
-            .map(|(name, kv)| kv.to_entry(name));
+        let predecessor = self.newest_before(key, create_revision);
         Position {
             own,
             predecessor,

@@ -65,7 +65,7 @@ async fn revisions_increase_by_one_per_write_and_only_per_write() {
     );
     let j2 = b.join("k", l2, b"two").await.unwrap();
     assert_eq!((j2.entry.create_revision, j2.revision), (3, 3));
-    assert_eq!(j2.holder, j1.entry);
+    assert_eq!(j2.predecessor, Some(j1.entry.clone()));
 
     // Guarded operations that do not match make no revision.
     assert!(!b.delete_entry(&j2.entry.key, 2).await.unwrap());
@@ -189,6 +189,38 @@ async fn join_is_idempotent_and_needs_a_live_lease() {
 }
 
 #[tokio::test]
+async fn join_answers_the_newest_entry_before_its_own() {
+    let b = MemoryBackend::new();
+    let (l1, l2, l3) = (lease(&b).await, lease(&b).await, lease(&b).await);
+    let first = b.join("q", l1, b"1").await.unwrap();
+    assert_eq!(first.predecessor, None, "first in the queue: the holder");
+    let deeper = b.join("q/deeper", l3, b"deep").await.unwrap();
+    let second = b.join("q", l2, b"2").await.unwrap();
+    assert_eq!(second.predecessor, Some(first.entry.clone()));
+    let third = b.join("q", l3, b"3").await.unwrap();
+    assert_eq!(
+        third.predecessor,
+        Some(second.entry.clone()),
+        "the newer of the two before it"
+    );
+
+    // A retried join answers the same entry and its predecessor, not the newest of the queue.
+    let again = b.join("q", l2, b"other").await.unwrap();
+    assert_eq!(again.entry, second.entry);
+    assert_eq!(again.predecessor, Some(first.entry.clone()));
+    assert_eq!(again.revision, third.revision);
+    let again = b.join("q", l1, b"other").await.unwrap();
+    assert_eq!((again.entry, again.predecessor), (first.entry, None));
+
+    // The entry of the deeper queue was created between them but never counts.
+    b.revoke_lease(l2).await.unwrap();
+    let again = b.join("q", l3, b"3").await.unwrap();
+    assert!(deeper.entry.create_revision < third.entry.create_revision);
+    assert_eq!(again.entry, third.entry);
+    assert_eq!(again.predecessor.map(|e| e.lease), Some(l1));
+}
+
+#[tokio::test]
 async fn queues_never_see_each_others_entries() {
     let b = MemoryBackend::new();
     let (la, lb, lc) = (lease(&b).await, lease(&b).await, lease(&b).await);
@@ -196,15 +228,15 @@ async fn queues_never_see_each_others_entries() {
     let deep = b.join("a/b", lb, b"deep").await.unwrap();
     let alike = b.join("ab", lc, b"alike").await.unwrap();
     let deeper = b.join("a/b/c", la, b"deeper").await.unwrap();
-    assert_eq!(deep.holder, deep.entry);
-    assert_eq!(alike.holder, alike.entry);
-    assert_eq!(deeper.holder, deeper.entry);
+    assert_eq!(deep.predecessor, None);
+    assert_eq!(alike.predecessor, None);
+    assert_eq!(deeper.predecessor, None);
     assert_eq!(b.holder("a").await.unwrap(), (None, 4));
 
     let a1 = b.join("a", la, b"a1").await.unwrap();
-    assert_eq!(a1.holder, a1.entry);
+    assert_eq!(a1.predecessor, None);
     let a2 = b.join("a", lb, b"a2").await.unwrap();
-    assert_eq!(a2.holder, a1.entry);
+    assert_eq!(a2.predecessor, Some(a1.entry.clone()));
 
     let keys = |entries: Vec<Entry>| entries.into_iter().map(|e| e.key).collect::<Vec<_>>();
     assert_eq!(
@@ -492,7 +524,11 @@ async fn hang_partition_blocks_until_healed() {
     b.faults().heal();
     let joined = hung.await.unwrap().unwrap();
     assert_eq!(joined.entry.create_revision, 4);
-    assert_eq!(joined.holder.lease, l2);
+    let predecessor = joined.predecessor.expect("the entry of l2 before ours");
+    assert_eq!(
+        (predecessor.key, predecessor.lease),
+        (entry_key("k", l2), l2)
+    );
     for expected in 2..=4 {
         assert_eq!(revision_of(&next_batch(&mut stream).await), expected);
     }

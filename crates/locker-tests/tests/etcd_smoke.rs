@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, CompactionOptions, LockOptions, Permission, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, CompactionOptions, Compare, CompareOp, LockOptions, Permission, PutOptions, Txn, TxnOp,
+};
 use futures::StreamExt;
 use locker_core::backend::{Entry, EventKind, WatchEvent, WatchStream, entry_key};
 use locker_core::{Error, LockBackend, Watcher};
@@ -80,7 +82,7 @@ async fn keep_alive_of_a_lease_revoked_elsewhere_is_none() {
 }
 
 #[tokio::test]
-async fn join_is_idempotent_and_answers_the_holder() {
+async fn join_is_idempotent_and_answers_the_predecessor() {
     let backend = backend("join").await;
     let a = backend.grant_lease(TTL).await.unwrap().id;
     let b = backend.grant_lease(TTL).await.unwrap().id;
@@ -91,16 +93,16 @@ async fn join_is_idempotent_and_answers_the_holder() {
     assert_eq!(first.entry.value, b"value-a");
     assert_eq!(first.entry.lease, a);
     assert_eq!(first.entry.create_revision, first.revision);
-    assert_eq!(first.holder, first.entry);
+    assert_eq!(first.predecessor, None, "first in the queue: the holder");
 
     // A second join under the same lease finds the same entry, value and place.
     let again = backend.join("k", a, b"other").await.unwrap();
     assert_eq!(again.entry, first.entry);
-    assert_eq!(again.holder, first.entry);
+    assert_eq!(again.predecessor, None);
     assert!(again.revision >= first.revision);
 
     let second = backend.join("k", b, b"value-b").await.unwrap();
-    assert_eq!(second.holder, first.entry);
+    assert_eq!(second.predecessor, Some(first.entry.clone()));
     assert!(second.entry.create_revision > first.entry.create_revision);
 
     let (holder, revision) = backend.holder("k").await.unwrap();
@@ -174,8 +176,8 @@ async fn queues_are_isolated() {
 
     let in_a = backend.join("a", lease, b"a").await.unwrap();
     assert_eq!(
-        in_a.holder, in_a.entry,
-        "the holder of `a` is not from `a/b`"
+        in_a.predecessor, None,
+        "the predecessor in `a` is not from `a/b`"
     );
     assert_eq!(
         backend.holder("a").await.unwrap().0,
@@ -185,7 +187,7 @@ async fn queues_are_isolated() {
     // More deeper entries between the two entries of `a`: the predecessor read must page too.
     raw.txn(deeper("a/c")).await.unwrap();
     let second = backend.join("a", other, b"a2").await.unwrap();
-    assert_eq!(second.holder, in_a.entry);
+    assert_eq!(second.predecessor, Some(in_a.entry.clone()));
     let position = backend
         .position("a", &second.entry.key, second.entry.create_revision)
         .await
@@ -194,8 +196,12 @@ async fn queues_are_isolated() {
 
     let in_ab = backend.join("ab", lease, b"ab").await.unwrap();
     let in_a_b = backend.join("a/b", other, b"a/b").await.unwrap();
-    assert_eq!(in_ab.holder, in_ab.entry, "`ab` is its own queue");
-    assert_eq!(in_a_b.holder.value, b"deep", "`a/b` holds the raw entries");
+    assert_eq!(in_ab.predecessor, None, "`ab` is its own queue");
+    assert_eq!(
+        in_a_b.predecessor.map(|e| e.value),
+        Some(b"deep".to_vec()),
+        "`a/b` holds the raw entries"
+    );
 
     let entries = backend.entries("a").await.unwrap().entries;
     assert_eq!(entries, vec![in_a.entry.clone(), second.entry.clone()]);
@@ -281,6 +287,190 @@ async fn a_gone_lease_makes_join_fail_with_lease_lost() {
         Err(Error::LeaseLost { lease }) => assert_eq!(lease, 0x7777_0000_1234),
         other => panic!("expected LeaseLost, got {other:?}"),
     }
+    assert!(backend.entries("k").await.unwrap().entries.is_empty());
+
+    // The same on a queue that is not empty (the join takes its other branch), and on one that
+    // holds only entries of a deeper queue.
+    let live = backend.grant_lease(TTL).await.unwrap().id;
+    let holder = backend.join("k", live, b"holder").await.unwrap();
+    backend.join("d/deeper", live, b"deep").await.unwrap();
+    for queue in ["k", "d"] {
+        for gone in [lease, 0x7777_0000_1234] {
+            match backend.join(queue, gone, b"v").await {
+                Err(Error::LeaseLost { lease: lost }) => assert_eq!(lost, gone),
+                other => panic!("expected LeaseLost in {queue}, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        backend.entries("k").await.unwrap().entries,
+        vec![holder.entry]
+    );
+    assert!(backend.entries("d").await.unwrap().entries.is_empty());
+    backend.revoke_lease(live).await.unwrap();
+}
+
+/// What `join` relies on: etcd compares a range holding no key as one zero key, so
+/// `create_revision(range) == 0` holds exactly when nothing is under the range.
+#[tokio::test]
+async fn a_create_revision_compare_over_a_range_holds_only_when_it_is_empty() {
+    let etcd = shared_etcd().await;
+    let prefix = unique_prefix("range-compare");
+    let backend = etcd.backend(&prefix).await;
+    let mut raw = etcd.client().await;
+    let lease = backend.grant_lease(TTL).await.unwrap().id;
+    let put = PutOptions::new().with_lease(lease);
+    let empty = |queue: &str| {
+        Txn::new().when([Compare::create_revision(
+            format!("{prefix}{queue}/"),
+            CompareOp::Equal,
+            0,
+        )
+        .with_prefix()])
+    };
+    assert!(raw.txn(empty("q")).await.unwrap().succeeded());
+    // The key of the queue itself and a look-alike queue are outside the range.
+    raw.put(format!("{prefix}q"), "", Some(put.clone()))
+        .await
+        .unwrap();
+    raw.put(format!("{prefix}qq/1"), "", Some(put.clone()))
+        .await
+        .unwrap();
+    assert!(raw.txn(empty("q")).await.unwrap().succeeded());
+    // A key of a deeper queue is inside it.
+    raw.put(format!("{prefix}q/b/1"), "", Some(put.clone()))
+        .await
+        .unwrap();
+    assert!(!raw.txn(empty("q")).await.unwrap().succeeded());
+    assert!(!raw.txn(empty("q/b")).await.unwrap().succeeded());
+    backend.revoke_lease(lease).await.unwrap();
+    assert!(raw.txn(empty("q")).await.unwrap().succeeded());
+}
+
+#[tokio::test]
+async fn join_on_an_empty_queue_creates_the_holder() {
+    let backend = backend("join-empty").await;
+    let lease = backend.grant_lease(TTL).await.unwrap().id;
+    let joined = backend.join("e", lease, b"first").await.unwrap();
+    assert_eq!(joined.predecessor, None);
+    assert_eq!(joined.entry.key, entry_key("e", lease));
+    assert_eq!(joined.entry.value, b"first");
+    assert_eq!(joined.entry.lease, lease);
+    assert_eq!(joined.entry.create_revision, joined.revision);
+    assert_eq!(joined.entry.mod_revision, joined.revision);
+    // The answer is what etcd stored.
+    let snapshot = backend.entries("e").await.unwrap();
+    assert_eq!(snapshot.entries, vec![joined.entry.clone()]);
+    assert_eq!(backend.holder("e").await.unwrap().0, Some(joined.entry));
+    backend.revoke_lease(lease).await.unwrap();
+}
+
+#[tokio::test]
+async fn join_behind_two_answers_the_newer() {
+    let backend = backend("join-behind-two").await;
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        leases.push(backend.grant_lease(TTL).await.unwrap().id);
+    }
+    let first = backend.join("t", leases[0], b"1").await.unwrap();
+    let second = backend.join("t", leases[1], b"2").await.unwrap();
+    let third = backend.join("t", leases[2], b"3").await.unwrap();
+    assert_eq!(first.predecessor, None);
+    assert_eq!(second.predecessor, Some(first.entry.clone()));
+    assert_eq!(third.predecessor, Some(second.entry.clone()));
+    assert_eq!(third.entry.create_revision, third.revision);
+    assert!(third.entry.create_revision > second.entry.create_revision);
+    let position = backend
+        .position("t", &third.entry.key, third.entry.create_revision)
+        .await
+        .unwrap();
+    assert_eq!(
+        position.predecessor, third.predecessor,
+        "as position answers"
+    );
+    for lease in leases {
+        backend.revoke_lease(lease).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn join_ignores_entries_of_deeper_queues() {
+    let etcd = shared_etcd().await;
+    let prefix = unique_prefix("join-deeper");
+    let backend = etcd.backend(&prefix).await;
+    let mut raw = etcd.client().await;
+    let deep = backend.grant_lease(TTL).await.unwrap().id;
+    let first = backend.grant_lease(TTL).await.unwrap().id;
+    let second = backend.grant_lease(TTL).await.unwrap().id;
+    // More than a page of keys of the deeper queue `a/b`, each at its own revision.
+    let mut put_deep = async |range: std::ops::Range<u32>| {
+        for i in range {
+            raw.put(
+                format!("{prefix}a/b/{i:x}"),
+                "deep",
+                Some(PutOptions::new().with_lease(deep)),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    put_deep(0..10).await;
+    let in_a = backend.join("a", first, b"a1").await.unwrap();
+    assert_eq!(in_a.predecessor, None, "keys of `a/b` are not in `a`");
+    assert_eq!(in_a.entry.create_revision, in_a.revision);
+
+    // Newer deeper keys than the entry of `a`: the predecessor read pages past them.
+    put_deep(10..30).await;
+    let behind = backend.join("a", second, b"a2").await.unwrap();
+    assert_eq!(behind.predecessor, Some(in_a.entry.clone()));
+    // Retried, both find the same answers in the whole queue.
+    let again = backend.join("a", second, b"a2").await.unwrap();
+    assert_eq!(again.entry, behind.entry);
+    assert_eq!(again.predecessor, Some(in_a.entry.clone()));
+    let again = backend.join("a", first, b"a1").await.unwrap();
+    assert_eq!((again.entry, again.predecessor), (in_a.entry.clone(), None));
+    assert_eq!(
+        backend.entries("a").await.unwrap().entries,
+        vec![in_a.entry, behind.entry]
+    );
+    for lease in [deep, first, second] {
+        backend.revoke_lease(lease).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_retried_join_answers_its_own_place() {
+    let backend = backend("join-retried").await;
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        leases.push(backend.grant_lease(TTL).await.unwrap().id);
+    }
+    let mut joined = Vec::new();
+    for (i, lease) in leases.iter().enumerate() {
+        joined.push(
+            backend
+                .join("r", *lease, format!("v{i}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    let last = joined[2].revision;
+    for (i, lease) in leases.iter().enumerate() {
+        let again = backend.join("r", *lease, b"changed").await.unwrap();
+        assert_eq!(
+            again.entry, joined[i].entry,
+            "the same entry, value and place"
+        );
+        let expected = i.checked_sub(1).map(|before| joined[before].entry.clone());
+        assert_eq!(again.predecessor, expected, "the predecessor of entry {i}");
+        assert!(again.revision >= last);
+    }
+    // With the middle one gone, the last waits for the first.
+    backend.revoke_lease(leases[1]).await.unwrap();
+    let again = backend.join("r", leases[2], b"v2").await.unwrap();
+    assert_eq!(again.predecessor, Some(joined[0].entry.clone()));
+    backend.revoke_lease(leases[0]).await.unwrap();
+    backend.revoke_lease(leases[2]).await.unwrap();
 }
 
 #[tokio::test]
@@ -457,8 +647,9 @@ async fn etcd_lock_service_interoperates() {
     assert_eq!(their_key, format!("{prefix}{}", entry_key("m", theirs)));
 
     let joined = backend.join("m", ours, b"ours").await.unwrap();
-    assert_eq!(joined.holder.key, entry_key("m", theirs));
-    assert_eq!(joined.holder.lease, theirs);
+    let predecessor = joined.predecessor.clone().expect("their entry before ours");
+    assert_eq!(predecessor.key, entry_key("m", theirs));
+    assert_eq!(predecessor.lease, theirs);
     let position = backend
         .position("m", &joined.entry.key, joined.entry.create_revision)
         .await
@@ -529,7 +720,7 @@ async fn limits_match_etcd() {
     assert_eq!(limits.max_ttl, Duration::from_secs(9_000_000_000));
     assert_eq!(limits.max_value_len, 1_572_864 - 16 * 1024);
     let prefix_len = backend.prefix().len();
-    assert_eq!(limits.max_key_len, (16 * 1024 - 512) / 7 - prefix_len - 17);
+    assert_eq!(limits.max_key_len, (16 * 1024 - 512) / 9 - prefix_len - 17);
 
     // The largest key and value together fit in one join.
     let lease = backend.grant_lease(TTL).await.unwrap().id;
@@ -591,7 +782,7 @@ async fn credentials_and_permissions_are_checked() {
     assert!(!format!("{backend:?}").contains("alice-pw"));
     let lease = backend.grant_lease(TTL).await.unwrap().id;
     let joined = backend.join("k", lease, b"v").await.unwrap();
-    assert_eq!(joined.holder, joined.entry);
+    assert_eq!(joined.predecessor, None);
     let mut stream = backend.watch("k/", Some(joined.revision)).await.unwrap();
     assert_eq!(next_events(&mut stream, 1).await[0].entry, joined.entry);
     backend.revoke_lease(lease).await.unwrap();

@@ -43,7 +43,7 @@ async fn raw_cycle(client: &mut Client, key: &[u8], lease: i64) -> BenchResult<D
 async fn backend_cycle(backend: &dyn LockBackend, lease: i64) -> BenchResult<Duration> {
     let started = Instant::now();
     let joined = backend.join("direct", lease, b"v").await?;
-    if joined.holder.key != joined.entry.key {
+    if joined.predecessor.is_some() {
         return Err("backend cycle: the key was held".into());
     }
     if !backend
