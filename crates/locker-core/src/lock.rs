@@ -25,7 +25,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{Entry, EventKind, entry_key};
+use crate::backend::{Entry, EventKind, Revision, entry_key};
 use crate::error::{Error, LossReason, Result};
 use crate::hub::{HubMsg, Registration, Sink};
 use crate::locker::{KeyClaim, LockOptions, Locker, check_ttl};
@@ -738,13 +738,14 @@ impl Driver {
                     self.held = Some((session.clone(), entry.clone()));
                 }
             }
-            if joined.predecessor.is_some() {
+            if let Some(predecessor) = joined.predecessor {
                 if self.mode == Mode::TryOnce {
                     debug!(key = %self.key(), "try_acquire: held by another");
                     return Err(Exit::Release(None));
                 }
                 debug!(key = %self.key(), token = entry.create_revision, "waiting in queue");
-                match self.wait_turn(&session, entry).await {
+                let known = (predecessor, joined.revision);
+                match self.wait_turn(&session, entry, Some(known)).await {
                     Turn::Owned(owned) => self.held = Some((session.clone(), owned)),
                     Turn::Rejoin => continue,
                     Turn::Exit(exit) => return Err(exit),
@@ -924,7 +925,14 @@ impl Driver {
     }
 
     /// Waits until `entry` is the oldest in its queue, watching only the entry just before it.
-    async fn wait_turn(&mut self, session: &Arc<Session>, mut entry: Entry) -> Turn {
+    /// `known`: the predecessor and the revision it was read at, if the join just answered it
+    /// (saves one read).
+    async fn wait_turn(
+        &mut self,
+        session: &Arc<Session>,
+        mut entry: Entry,
+        mut known: Option<(Entry, Revision)>,
+    ) -> Turn {
         self.shared.publish(Ownership::Acquiring);
         let mut session_rx = session.subscribe();
         loop {
@@ -932,30 +940,36 @@ impl Driver {
                 self.forget_entry_in_background();
                 return Turn::Rejoin;
             }
-            let position = match self
-                .backend()
-                .position(self.key(), &entry.key, entry.create_revision)
-                .await
-            {
-                Ok(position) => position,
-                Err(Error::LeaseLost { .. }) => {
-                    self.held = None;
-                    return Turn::Rejoin;
+            let (predecessor, read_at) = match known.take() {
+                Some(known) => known,
+                None => {
+                    let position = match self
+                        .backend()
+                        .position(self.key(), &entry.key, entry.create_revision)
+                        .await
+                    {
+                        Ok(position) => position,
+                        Err(Error::LeaseLost { .. }) => {
+                            self.held = None;
+                            return Turn::Rejoin;
+                        }
+                        Err(err) => match self.failed(err).await {
+                            Some(exit) => return Turn::Exit(exit),
+                            None => continue,
+                        },
+                    };
+                    self.failures = 0;
+                    let Some(own) = position.own else {
+                        debug!(key = %self.key(), "own entry gone while waiting; joining again");
+                        self.held = None;
+                        return Turn::Rejoin;
+                    };
+                    entry.value = own.value;
+                    match position.predecessor {
+                        Some(predecessor) => (predecessor, position.revision),
+                        None => return Turn::Owned(entry),
+                    }
                 }
-                Err(err) => match self.failed(err).await {
-                    Some(exit) => return Turn::Exit(exit),
-                    None => continue,
-                },
-            };
-            self.failures = 0;
-            let Some(own) = position.own else {
-                debug!(key = %self.key(), "own entry gone while waiting; joining again");
-                self.held = None;
-                return Turn::Rejoin;
-            };
-            entry.value = own.value;
-            let Some(predecessor) = position.predecessor else {
-                return Turn::Owned(entry);
             };
             // Wait for the predecessor (or our own entry) to go, after the read.
             loop {
@@ -965,7 +979,7 @@ impl Driver {
                     match msg {
                         HubMsg::Event(event) => {
                             moved |= event.kind == EventKind::Delete
-                                && event.entry.mod_revision > position.revision
+                                && event.entry.mod_revision > read_at
                                 && (event.entry.key == predecessor.key
                                     || event.entry.key == entry.key);
                         }
