@@ -85,6 +85,20 @@ struct Inbox {
     handle_gone: bool,
     /// The task has ended: nothing is read any more.
     task_gone: bool,
+    /// The tenure the task holds now, which the handle may release on its own task.
+    tenure: Option<Tenure>,
+    /// The handle took the tenure and released it: the task only cleans up.
+    released: bool,
+}
+
+/// What releasing a held lock needs, without the task: the handle deletes the entry itself
+/// (one round trip, no hand-off between tasks).
+struct Tenure {
+    locker: Locker,
+    session: Arc<Session>,
+    create_revision: Revision,
+    /// The task's claim on the key, given up once the entry is deleted.
+    claim: Option<KeyClaim>,
 }
 
 /// What the task finds in its inbox.
@@ -249,6 +263,28 @@ impl Shared {
         std::mem::take(&mut inbox.commands)
     }
 
+    fn set_tenure(&self, tenure: Tenure) {
+        lock(&self.inbox).tenure = Some(tenure);
+    }
+
+    /// The task takes its tenure back (holding ended); `true` if the handle released it.
+    fn end_tenure(&self) -> (Option<Tenure>, bool) {
+        let mut inbox = lock(&self.inbox);
+        (inbox.tenure.take(), inbox.released)
+    }
+
+    /// The handle takes the tenure to release it, if the task holds one.
+    fn take_tenure_to_release(&self) -> Option<Tenure> {
+        let mut inbox = lock(&self.inbox);
+        let tenure = inbox.tenure.take()?;
+        inbox.released = true;
+        Some(tenure)
+    }
+
+    fn released_by_handle(&self) -> bool {
+        lock(&self.inbox).released
+    }
+
     fn set_error(&self, err: Error) {
         *lock(&self.error) = Some(err);
     }
@@ -277,13 +313,60 @@ impl Sink for Shared {
     }
 }
 
+/// `Locker::lock`: a handle whose task joins, waits, holds and rejoins.
 pub(crate) fn start(
     locker: Locker,
     key: String,
     value: Vec<u8>,
     options: LockOptions,
-    mode: Mode,
 ) -> Result<LockHandle> {
+    let (driver, handle) = prepare(locker, key, value, options, Mode::Persistent)?;
+    tokio::spawn(driver.run(Start::Fresh));
+    Ok(handle)
+}
+
+/// `Locker::acquire` (`Mode::Once`) and `Locker::try_acquire` (`Mode::TryOnce`): joins and
+/// waits on the caller's task, then leaves the holding to a task of the lock's own. `None` if
+/// the attempt ended without owning (a `try_acquire` that found the lock held).
+///
+/// Cancel safe: a dropped call removes the entry it made, in the background.
+pub(crate) async fn acquire(
+    locker: Locker,
+    key: String,
+    value: Vec<u8>,
+    options: LockOptions,
+    mode: Mode,
+) -> Result<Option<LockGuard>> {
+    let (mut driver, handle) = prepare(locker, key, value, options, mode)?;
+    match Box::pin(driver.acquire()).await {
+        Ok((session, registration)) => match driver.begin_hold(&session) {
+            Some(token) => {
+                tokio::spawn(driver.run(Start::Holding(session, registration, token)));
+                return Ok(Some(LockGuard { handle, token }));
+            }
+            None => {
+                // The session ended just before owning: the task joins again on a new one.
+                drop(registration);
+                driver.forget_entry_in_background();
+                driver.drop_session(&session).await;
+                tokio::spawn(driver.run(Start::Fresh));
+            }
+        },
+        Err(exit) => {
+            tokio::spawn(driver.run(Start::Exited(exit)));
+        }
+    }
+    handle.into_guard().await
+}
+
+/// Checks the input (no I/O) and makes a lock's driver and handle.
+fn prepare(
+    locker: Locker,
+    key: String,
+    value: Vec<u8>,
+    options: LockOptions,
+    mode: Mode,
+) -> Result<(Driver, LockHandle)> {
     locker.check_key(&key)?;
     locker.check_value(&value)?;
     if let Some(ttl) = options.ttl {
@@ -295,7 +378,7 @@ pub(crate) fn start(
             )));
         }
     }
-    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+    tokio::runtime::Handle::try_current().map_err(|_| {
         Error::InvalidConfig("locks must be started within a tokio runtime".to_owned())
     })?;
     let shared = Arc::new(Shared::new(Arc::from(key)));
@@ -311,8 +394,7 @@ pub(crate) fn start(
         held: None,
         failures: 0,
     };
-    runtime.spawn(driver.run());
-    Ok(LockHandle { shared })
+    Ok((driver, LockHandle { shared }))
 }
 
 /// A lock that keeps trying to own `key` with its value until released: the seed's `Lock`.
@@ -423,6 +505,9 @@ impl LockHandle {
     /// [`Error::NotOwned`] if a one-shot lock was lost before the release; store errors while
     /// deleting (the lease then expires as usual).
     pub async fn release(self) -> Result<()> {
+        if let Some(tenure) = self.shared.take_tenure_to_release() {
+            return self.release_here(tenure).await;
+        }
         let (tx, rx) = oneshot::channel();
         if self.shared.send(Command::Release(tx)).is_err() {
             return match self.ownership() {
@@ -434,6 +519,38 @@ impl LockHandle {
             };
         }
         rx.await.unwrap_or(Ok(()))
+    }
+
+    /// Releases a held lock on the caller's task; the lock task only cleans up after.
+    async fn release_here(&self, tenure: Tenure) -> Result<()> {
+        let was_owned = self.ownership().is_owned();
+        let still_valid = self.shared.session_valid();
+        self.shared.set_session(None);
+        // Stop claiming ownership before the entry goes: the next holder may own as soon as it
+        // is deleted.
+        self.shared.publish(Ownership::Released);
+        let Tenure {
+            locker,
+            session,
+            create_revision,
+            claim,
+        } = tenure;
+        let entry = entry_key(self.key(), session.lease());
+        let mut result = delete_until_gone(&locker, &session, &entry, create_revision).await;
+        // The key is free for another lock of this locker; the task (woken here) only ends.
+        drop(claim);
+        self.shared.doorbell.notify_one();
+        if let Err(err) = &result {
+            warn!(key = %self.key(), error = %err, "release failed; retrying in the background");
+        } else if was_owned && !still_valid {
+            // Released, but ownership had already ended (deadline passed) before it.
+            result = Err(Error::NotOwned {
+                key: self.key().to_owned(),
+                reason: LossReason::DeadlinePassed,
+            });
+        }
+        info!(key = %self.key(), "released");
+        result
     }
 
     /// Stops without deleting: the entry stays until the lease would expire, as if this process
@@ -610,6 +727,18 @@ enum Exit {
     Abandon,
     /// A one-shot attempt ended (not owned, lost, or failed); state already published.
     Done,
+    /// The handle released the tenure itself: only clean up.
+    Gone,
+}
+
+/// Where a lock task begins.
+enum Start {
+    /// Join the queue.
+    Fresh,
+    /// The caller's task acquired the lock and began the tenure: hold it.
+    Holding(Arc<Session>, Registration, FencingToken),
+    /// The caller's task's attempt ended: clean up.
+    Exited(Exit),
 }
 
 /// The outcome of waiting for one's turn.
@@ -646,15 +775,35 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self) {
+    async fn run(mut self, start: Start) {
         debug!(key = %self.key(), mode = ?self.mode, "lock task started");
+        let mut start = Some(start);
         // Only `hold` is awaited in place: while a lock is held, the task keeps nothing else.
         let exit = loop {
-            let (session, registration) = match Box::pin(self.acquire()).await {
-                Ok(acquired) => acquired,
-                Err(exit) => break exit,
+            let (session, registration, token) = match start.take() {
+                Some(Start::Holding(session, registration, token)) => {
+                    (session, registration, token)
+                }
+                Some(Start::Exited(exit)) => break exit,
+                Some(Start::Fresh) | None => {
+                    let (session, registration) = match Box::pin(self.acquire()).await {
+                        Ok(acquired) => acquired,
+                        Err(exit) => break exit,
+                    };
+                    match self.begin_hold(&session) {
+                        Some(token) => (session, registration, token),
+                        None => {
+                            let end = HoldEnd::NeverOwned;
+                            match Box::pin(self.after_hold(end, session)).await {
+                                Some(exit) => break exit,
+                                None => continue,
+                            }
+                        }
+                    }
+                }
             };
-            let end = self.hold(&session, registration).await;
+            let end = self.hold(&session, registration, token).await;
+            let end = self.end_tenure(end);
             if let Some(exit) = Box::pin(self.after_hold(end, session)).await {
                 break exit;
             }
@@ -675,6 +824,47 @@ impl Driver {
         }
         self.shared.end();
         debug!(key = %self.key(), "lock task ended");
+    }
+
+    /// Begins a tenure of the entry in `held` under `session`: publishes it as owned and lets
+    /// the handle release it. `None` if the session was no longer valid (nothing published).
+    fn begin_hold(&mut self, session: &Arc<Session>) -> Option<FencingToken> {
+        let token = FencingToken(self.held.as_ref()?.1.create_revision);
+        let state = *session.subscribe().borrow();
+        let now = Instant::now();
+        match state {
+            SessionState::Live { deadline } if now < deadline => {
+                self.shared.set_session(Some(session.subscribe()));
+                self.shared.publish(Ownership::Owned { token });
+            }
+            SessionState::Unconfirmed { deadline } if now < deadline => {
+                self.shared.set_session(Some(session.subscribe()));
+                self.shared
+                    .publish(Ownership::Unconfirmed { token, deadline });
+            }
+            _ => return None,
+        }
+        self.shared.set_tenure(Tenure {
+            locker: self.locker.clone(),
+            session: session.clone(),
+            create_revision: token.0,
+            claim: self.claim.take(),
+        });
+        info!(key = %self.key(), %token, "owned");
+        Some(token)
+    }
+
+    /// Takes the tenure back once holding ended; the handle may have released it meanwhile.
+    fn end_tenure(&mut self, end: HoldEnd) -> HoldEnd {
+        let (tenure, released) = self.shared.end_tenure();
+        if let Some(tenure) = tenure {
+            self.claim = tenure.claim;
+        }
+        if released {
+            HoldEnd::Exit(Exit::Gone)
+        } else {
+            end
+        }
     }
 
     fn key(&self) -> &str {
@@ -1015,23 +1205,19 @@ impl Driver {
     ///
     /// This is the one state a lock spends most of its life in, so its future stays small:
     /// it waits on its session's state and on its doorbell, and boxes everything else.
-    async fn hold(&mut self, session: &Arc<Session>, registration: Registration) -> HoldEnd {
+    async fn hold(
+        &mut self,
+        session: &Arc<Session>,
+        registration: Registration,
+        token: FencingToken,
+    ) -> HoldEnd {
         // Kept (and replaced) only so that the hub keeps delivering to this lock.
         let mut _registration = registration;
-        let Some(token) = self
-            .held
-            .as_ref()
-            .map(|(_, entry)| FencingToken(entry.create_revision))
-        else {
-            return HoldEnd::NeverOwned;
-        };
         let mut session_rx = session.subscribe();
-        if !session_rx.borrow_and_update().valid_at(Instant::now()) {
-            return HoldEnd::NeverOwned;
-        }
-        self.shared.set_session(Some(session.subscribe()));
-        info!(key = %self.key(), %token, "owned");
         loop {
+            if self.shared.released_by_handle() {
+                return HoldEnd::Exit(Exit::Gone);
+            }
             let state = *session_rx.borrow_and_update();
             match state {
                 SessionState::Live { deadline } | SessionState::Unconfirmed { deadline }
@@ -1181,53 +1367,18 @@ impl Driver {
         let Some((session, entry)) = self.held.take() else {
             return Ok(());
         };
-        let mut failures = 0u32;
-        loop {
-            match self
-                .backend()
-                .delete_entry(&entry.key, entry.create_revision)
-                .await
-            {
-                Ok(_) | Err(Error::LeaseLost { .. }) => return Ok(()),
-                // The lease is no longer renewed, so the entry goes with it.
-                Err(_) if session.is_lost() => return Ok(()),
-                Err(err) if err.is_retryable() => {
-                    let delay = self.locker.retry_delay(&mut failures);
-                    debug!(key = %self.key(), error = %err, ?delay, "release failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(err) => {
-                    self.delete_in_background(session, entry, true);
-                    return Err(err);
-                }
-            }
-        }
-    }
-
-    /// Deletes the held entry (guarded) in the background, so that a loss or an exit never waits
-    /// for the store. With `until_gone`, retries (with back-off) while the session lives.
-    fn delete_in_background(&self, session: Arc<Session>, entry: Entry, until_gone: bool) {
-        let locker = self.locker.clone();
-        tokio::spawn(async move {
-            let mut failures = 0u32;
-            loop {
-                match locker
-                    .inner
-                    .backend
-                    .delete_entry(&entry.key, entry.create_revision)
-                    .await
-                {
-                    Ok(_) | Err(Error::LeaseLost { .. }) => return,
-                    Err(_) if !until_gone || session.is_lost() => return,
-                    Err(_) => tokio::time::sleep(locker.retry_delay(&mut failures)).await,
-                }
-            }
-        });
+        delete_until_gone(&self.locker, &session, &entry.key, entry.create_revision).await
     }
 
     fn forget_entry_in_background(&mut self) {
         if let Some((session, entry)) = self.held.take() {
-            self.delete_in_background(session, entry, false);
+            delete_in_background(
+                self.locker.clone(),
+                session,
+                entry.key,
+                entry.create_revision,
+                false,
+            );
         }
     }
 
@@ -1287,6 +1438,118 @@ impl Driver {
                 let _ = self.delete_held().await;
                 self.own_session = None;
             }
+            Exit::Gone => {
+                // The handle deleted the entry; a dedicated lease goes now.
+                self.held = None;
+                self.own_session = None;
+            }
         }
     }
+}
+
+impl Drop for Driver {
+    /// A driver dropped before it finished (an `acquire` cancelled on the caller's task, or a
+    /// runtime shutting down): removes what it has in the store, in the background.
+    fn drop(&mut self) {
+        if self.held.is_none() && self.pending.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // the lease expires by itself
+        };
+        let locker = self.locker.clone();
+        let key = self.shared.key.clone();
+        let (held, pending) = (self.held.take(), self.pending.take());
+        // Keep the claim on the key (and a dedicated session) until the entry is gone, so that
+        // another lock of this locker does not take the entry for its own meanwhile.
+        let keep = (self.claim.take(), self.own_session.take());
+        runtime.spawn(async move {
+            let held = match (held, pending) {
+                (Some(held), _) => Some(held),
+                (None, Some((session, entry_key))) => {
+                    // The join may have gone through although its answer was not seen.
+                    match locker.inner.backend.entries(&key).await {
+                        Ok(snapshot) => snapshot
+                            .entries
+                            .into_iter()
+                            .find(|e| e.key == entry_key)
+                            .map(|entry| (session, entry)),
+                        Err(_) => None,
+                    }
+                }
+                (None, None) => None,
+            };
+            if let Some((session, entry)) = held {
+                let _ =
+                    delete_until_gone(&locker, &session, &entry.key, entry.create_revision).await;
+            }
+            drop(keep);
+        });
+    }
+}
+
+/// Deletes `entry_key` if it still has `create_revision`, retrying transient errors until the
+/// entry or its lease is gone; after a permanent error keeps retrying in the background for as
+/// long as the session lives, and answers the error.
+async fn delete_until_gone(
+    locker: &Locker,
+    session: &Arc<Session>,
+    entry_key: &str,
+    create_revision: Revision,
+) -> Result<()> {
+    let mut failures = 0u32;
+    loop {
+        match locker
+            .inner
+            .backend
+            .delete_entry(entry_key, create_revision)
+            .await
+        {
+            Ok(_) | Err(Error::LeaseLost { .. }) => return Ok(()),
+            // The lease is no longer renewed, so the entry goes with it.
+            Err(_) if session.is_lost() => return Ok(()),
+            Err(err) if err.is_retryable() => {
+                let delay = locker.retry_delay(&mut failures);
+                debug!(entry = %entry_key, error = %err, ?delay, "release failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => {
+                delete_in_background(
+                    locker.clone(),
+                    session.clone(),
+                    entry_key.to_owned(),
+                    create_revision,
+                    true,
+                );
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// Deletes an entry (guarded by its create revision) in the background, so that a loss or an
+/// exit never waits for the store. With `until_gone`, retries (with back-off) while the session
+/// lives.
+fn delete_in_background(
+    locker: Locker,
+    session: Arc<Session>,
+    entry_key: String,
+    create_revision: Revision,
+    until_gone: bool,
+) {
+    tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            match locker
+                .inner
+                .backend
+                .delete_entry(&entry_key, create_revision)
+                .await
+            {
+                Ok(_) | Err(Error::LeaseLost { .. }) => return,
+                Err(_) if !until_gone || session.is_lost() => return,
+                Err(_) => tokio::time::sleep(locker.retry_delay(&mut failures)).await,
+            }
+        }
+    });
 }

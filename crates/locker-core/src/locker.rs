@@ -304,13 +304,7 @@ impl Locker {
         value: impl Into<Vec<u8>>,
         options: LockOptions,
     ) -> Result<LockHandle> {
-        lock::start(
-            self.clone(),
-            key.into(),
-            value.into(),
-            options,
-            Mode::Persistent,
-        )
+        lock::start(self.clone(), key.into(), value.into(), options)
     }
 
     /// Waits until `key` is owned with `value` and returns a guard: mutex style.
@@ -342,9 +336,10 @@ impl Locker {
         value: impl Into<Vec<u8>>,
         options: LockOptions,
     ) -> Result<LockGuard> {
-        let handle = lock::start(self.clone(), key.into(), value.into(), options, Mode::Once)?;
-        let guard = handle.into_guard().await?;
-        guard.ok_or_else(|| Error::unavailable("the lock task ended before owning"))
+        let guard = lock::acquire(self.clone(), key.into(), value.into(), options, Mode::Once);
+        guard
+            .await?
+            .ok_or_else(|| Error::unavailable("the lock task ended before owning"))
     }
 
     /// Owns `key` with `value` if nobody holds it, in one round trip; `None` if it is held.
@@ -371,14 +366,14 @@ impl Locker {
         value: impl Into<Vec<u8>>,
         options: LockOptions,
     ) -> Result<Option<LockGuard>> {
-        let handle = lock::start(
+        lock::acquire(
             self.clone(),
             key.into(),
             value.into(),
             options,
             Mode::TryOnce,
-        )?;
-        handle.into_guard().await
+        )
+        .await
     }
 
     /// The current holder of `key`, or `None`: the seed's `client.Get(key)`.

@@ -64,6 +64,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "dedicated_session_release_revokes_its_lease",
     "close_releases_default_session_locks",
     "reacquire_on_the_same_locker_after_a_drop",
+    "release_then_acquire_reuses_the_session",
     "two_locks_on_one_key_in_one_locker_exclude_each_other",
     "try_acquire_fails_fast_when_the_store_is_unreachable",
     "input_at_the_limits_is_accepted",
@@ -119,6 +120,7 @@ macro_rules! conformance_suite {
             dedicated_session_release_revokes_its_lease,
             close_releases_default_session_locks,
             reacquire_on_the_same_locker_after_a_drop,
+            release_then_acquire_reuses_the_session,
             two_locks_on_one_key_in_one_locker_exclude_each_other,
             try_acquire_fails_fast_when_the_store_is_unreachable,
             input_at_the_limits_is_accepted,
@@ -1079,6 +1081,31 @@ pub async fn close_releases_default_session_locks(h: &dyn Harness) {
     );
     drop(guard);
     assert_clean(h, &[lease]).await;
+}
+
+/// A released guard frees its key for the next lock of the same locker at once, and its task
+/// ends: acquire + release in a loop use the locker's one session (no lease per acquisition).
+pub async fn release_then_acquire_reuses_the_session(h: &dyn Harness) {
+    let key = h.key("cycle");
+    let locker = h.client().await.locker(TTL);
+    for round in 0..20 {
+        let guard = timeout(PATIENCE, locker.acquire(key.clone(), format!("r{round}")))
+            .await
+            .expect("acquired in time")
+            .expect("acquire");
+        let mut state = guard.subscribe();
+        guard.release().await.expect("release");
+        assert_eq!(*state.borrow_and_update(), Ownership::Released);
+        // The lock's task ends (dropping the state's sender) once it has cleaned up.
+        timeout(PATIENCE, async {
+            while state.changed().await.is_ok() {}
+        })
+        .await
+        .expect("the lock task ended");
+        assert_eq!(*state.borrow(), Ownership::Released);
+    }
+    let leases = h.granted_leases();
+    assert_eq!(leases.len(), 1, "one session for all cycles: {leases:?}");
 }
 
 /// Acquiring and dropping a guard on one key over and over on the same locker (same lease, so
