@@ -341,7 +341,8 @@ pub(crate) async fn acquire(
     match Box::pin(driver.acquire()).await {
         Ok((session, registration)) => match driver.begin_hold(&session) {
             Some(token) => {
-                tokio::spawn(driver.run(Start::Holding(session, registration, token)));
+                let holding = Box::new((session, registration, token));
+                tokio::spawn(driver.run(Start::Holding(holding)));
                 return Ok(Some(LockGuard { handle, token }));
             }
             None => {
@@ -536,9 +537,21 @@ impl LockHandle {
             claim,
         } = tenure;
         let entry = entry_key(self.key(), session.lease());
+        // Should this call be dropped before the store answered, the delete goes on in the
+        // background (the task, told that the handle released, no longer deletes anything).
+        let mut unfinished = DeleteOnDrop {
+            entry: Some((
+                locker.clone(),
+                session.clone(),
+                entry.clone(),
+                create_revision,
+            )),
+            claim,
+        };
         let mut result = delete_until_gone(&locker, &session, &entry, create_revision).await;
-        // The key is free for another lock of this locker; the task (woken here) only ends.
-        drop(claim);
+        // Done: the key is free for another lock of this locker; the task (woken here) ends.
+        unfinished.entry = None;
+        drop(unfinished);
         self.shared.doorbell.notify_one();
         if let Err(err) = &result {
             warn!(key = %self.key(), error = %err, "release failed; retrying in the background");
@@ -735,8 +748,9 @@ enum Exit {
 enum Start {
     /// Join the queue.
     Fresh,
-    /// The caller's task acquired the lock and began the tenure: hold it.
-    Holding(Arc<Session>, Registration, FencingToken),
+    /// The caller's task acquired the lock and began the tenure: hold it. (Boxed: the task's
+    /// future keeps its arguments for its whole life.)
+    Holding(Box<(Arc<Session>, Registration, FencingToken)>),
     /// The caller's task's attempt ended: clean up.
     Exited(Exit),
 }
@@ -781,9 +795,7 @@ impl Driver {
         // Only `hold` is awaited in place: while a lock is held, the task keeps nothing else.
         let exit = loop {
             let (session, registration, token) = match start.take() {
-                Some(Start::Holding(session, registration, token)) => {
-                    (session, registration, token)
-                }
+                Some(Start::Holding(holding)) => *holding,
                 Some(Start::Exited(exit)) => break exit,
                 Some(Start::Fresh) | None => {
                     let (session, registration) = match Box::pin(self.acquire()).await {
@@ -1378,6 +1390,7 @@ impl Driver {
                 entry.key,
                 entry.create_revision,
                 false,
+                None,
             );
         }
     }
@@ -1488,6 +1501,24 @@ impl Drop for Driver {
     }
 }
 
+/// Deletes an entry in the background if dropped with it set (a release cancelled half-way),
+/// keeping the claim on the key until then.
+struct DeleteOnDrop {
+    entry: Option<(Locker, Arc<Session>, String, Revision)>,
+    claim: Option<KeyClaim>,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if let Some((locker, session, entry_key, revision)) = self.entry.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let claim = self.claim.take();
+            delete_in_background(locker, session, entry_key, revision, true, claim);
+        }
+    }
+}
+
 /// Deletes `entry_key` if it still has `create_revision`, retrying transient errors until the
 /// entry or its lease is gone; after a permanent error keeps retrying in the background for as
 /// long as the session lives, and answers the error.
@@ -1520,6 +1551,7 @@ async fn delete_until_gone(
                     entry_key.to_owned(),
                     create_revision,
                     true,
+                    None,
                 );
                 return Err(err);
             }
@@ -1536,8 +1568,12 @@ fn delete_in_background(
     entry_key: String,
     create_revision: Revision,
     until_gone: bool,
+    claim: Option<KeyClaim>,
 ) {
     tokio::spawn(async move {
+        // Held until the entry is gone, so that another lock of this locker does not take the
+        // entry for its own meanwhile.
+        let _claim = claim;
         let mut failures = 0u32;
         loop {
             match locker

@@ -1097,11 +1097,9 @@ pub async fn release_then_acquire_reuses_the_session(h: &dyn Harness) {
         guard.release().await.expect("release");
         assert_eq!(*state.borrow_and_update(), Ownership::Released);
         // The lock's task ends (dropping the state's sender) once it has cleaned up.
-        timeout(PATIENCE, async {
-            while state.changed().await.is_ok() {}
-        })
-        .await
-        .expect("the lock task ended");
+        timeout(PATIENCE, async { while state.changed().await.is_ok() {} })
+            .await
+            .expect("the lock task ended");
         assert_eq!(*state.borrow(), Ownership::Released);
     }
     let leases = h.granted_leases();
