@@ -233,36 +233,71 @@ impl RawContender {
     }
 }
 
-/// The shape of our backend's join, in raw calls: `if create_revision(entry) == 0 then [put entry
-/// (lease), range queue sorted by create revision, limit 8] else [range entry, range queue]`.
-/// Answers the entry's create revision.
+/// A range of the queue under `queue` (a prefix), sorted by create revision, at most 8 keys.
+fn queue_range(queue: &[u8], order: SortOrder) -> TxnOp {
+    TxnOp::get(
+        queue,
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, order)
+                .with_limit(8),
+        ),
+    )
+}
+
+/// The shape of our backend's join, in raw calls: `if create_revision(entry) == 0 then [txn(if
+/// create_revision(queue/*) == 0 then [] else [range queue, newest first, limit 8]), put entry
+/// (lease)] else [range entry, range queue]`: nothing is read when the queue is empty. Answers
+/// the entry's create revision.
 pub(crate) async fn join_shaped(
     client: &mut Client,
     queue: &[u8],
     entry: &[u8],
     lease: i64,
 ) -> BenchResult<i64> {
-    let holder = || {
-        TxnOp::get(
-            queue,
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_sort(SortTarget::Create, SortOrder::Ascend)
-                    .with_limit(8),
-            ),
-        )
-    };
+    let predecessor = Txn::new()
+        .when([Compare::create_revision(queue, CompareOp::Equal, 0).with_prefix()])
+        .or_else([queue_range(queue, SortOrder::Descend)]);
+    let txn = Txn::new()
+        .when([Compare::create_revision(entry, CompareOp::Equal, 0)])
+        .and_then([
+            TxnOp::txn(predecessor),
+            TxnOp::put(entry, "v", Some(PutOptions::new().with_lease(lease))),
+        ])
+        .or_else([
+            TxnOp::get(entry, None),
+            queue_range(queue, SortOrder::Ascend),
+        ]);
+    let answer = client.txn(txn).await?;
+    if !answer.succeeded() {
+        return Err("join-shaped txn: the entry was already there".into());
+    }
+    Ok(revision(answer.header()))
+}
+
+/// The previous shape of our join, which read the queue every time: `if create_revision(entry)
+/// == 0 then [put entry (lease), range queue oldest first, limit 8] else [range entry, range
+/// queue]`. Answers the entry's create revision.
+pub(crate) async fn join_ranged(
+    client: &mut Client,
+    queue: &[u8],
+    entry: &[u8],
+    lease: i64,
+) -> BenchResult<i64> {
     let txn = Txn::new()
         .when([Compare::create_revision(entry, CompareOp::Equal, 0)])
         .and_then([
             TxnOp::put(entry, "v", Some(PutOptions::new().with_lease(lease))),
-            holder(),
+            queue_range(queue, SortOrder::Ascend),
         ])
-        .or_else([TxnOp::get(entry, None), holder()]);
+        .or_else([
+            TxnOp::get(entry, None),
+            queue_range(queue, SortOrder::Ascend),
+        ]);
     let answer = client.txn(txn).await?;
     if !answer.succeeded() {
-        return Err("join-shaped txn: the entry was already there".into());
+        return Err("join-ranged txn: the entry was already there".into());
     }
     Ok(revision(answer.header()))
 }
@@ -326,42 +361,4 @@ pub(crate) async fn guarded_put(
         return Err("guarded put: the key changed".into());
     }
     Ok(())
-}
-
-/// A join that skips the queue read when the queue is empty: `if create_revision(queue/*) == 0
-/// (no entry at all) then [put entry (lease)] else [the join txn]`. The shape a lighter join could
-/// have; answers the entry's create revision.
-pub(crate) async fn join_if_empty(
-    client: &mut Client,
-    queue: &[u8],
-    entry: &[u8],
-    lease: i64,
-) -> BenchResult<i64> {
-    let full = Txn::new()
-        .when([Compare::create_revision(entry, CompareOp::Equal, 0)])
-        .and_then([
-            TxnOp::put(entry, "v", Some(PutOptions::new().with_lease(lease))),
-            TxnOp::get(
-                queue,
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_limit(8),
-                ),
-            ),
-        ]);
-    let txn = Txn::new()
-        .when([Compare::create_revision(queue, CompareOp::Equal, 0).with_prefix()])
-        .and_then([TxnOp::put(
-            entry,
-            "v",
-            Some(PutOptions::new().with_lease(lease)),
-        )])
-        .or_else([TxnOp::txn(full)]);
-    let answer = client.txn(txn).await?;
-    if !answer.succeeded() {
-        return Err("join-if-empty: the queue was not empty".into());
-    }
-    Ok(revision(answer.header()))
 }

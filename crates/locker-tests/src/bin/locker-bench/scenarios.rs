@@ -100,7 +100,7 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         format!("{:x}", lease.id).as_bytes(),
     ]
     .concat();
-    let empty_queue = format!("{}if-empty/", env.prefix("acquire_release", "raw")).into_bytes();
+    let empty_queue = format!("{}previous/", env.prefix("acquire_release", "raw")).into_bytes();
     let empty_entry = [empty_queue.as_slice(), format!("{:x}", lease.id).as_bytes()].concat();
     let deletes_queue = format!("{deletes_prefix}q/").into_bytes();
     let deletes_entry = [
@@ -116,7 +116,7 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         Samples::default(),
     );
     let (mut watched, mut deletes) = (Samples::default(), Samples::default());
-    let mut if_empty = Samples::default();
+    let mut previous = Samples::default();
     // Which half of the shape costs: the join txn with a plain delete, a plain create with the
     // guarded delete.
     let (mut join_plain, mut create_guarded) = (Samples::default(), Samples::default());
@@ -138,9 +138,9 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         }
         for _ in 0..cycles / BLOCKS {
             let started = Instant::now();
-            let rev = raw::join_if_empty(&mut client, &empty_queue, &empty_entry, lease.id).await?;
+            let rev = raw::join_ranged(&mut client, &empty_queue, &empty_entry, lease.id).await?;
             raw::guarded_delete(&mut client, &empty_entry, rev).await?;
-            if_empty.push(started.elapsed());
+            previous.push(started.elapsed());
         }
         for (queue, entry, samples) in [
             (&shaped_queue, &shaped_entry, &mut shaped),
@@ -192,7 +192,7 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
     let shaped_p50 = shaped.quantile(0.5).map_or(f64::NAN, us);
     let watched_p50 = watched.quantile(0.5).map_or(f64::NAN, us);
     let deletes_p50 = deletes.quantile(0.5).map_or(f64::NAN, us);
-    let if_empty_p50 = if_empty.quantile(0.5).map_or(f64::NAN, us);
+    let previous_p50 = previous.quantile(0.5).map_or(f64::NAN, us);
     let bare_p50 = bare_samples.quantile(0.5).map_or(f64::NAN, us);
     outcome.extra("backend_only_no_watch_p50_us", bare_p50);
     outcome.note(format!(
@@ -206,16 +206,16 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         "which half costs (p50): raw join txn + plain delete {join_plain_p50:.0} us; raw \
          create-if-absent + guarded delete txn {create_guarded_p50:.0} us"
     ));
-    outcome.extra("raw_lighter_join_p50_us", if_empty_p50);
+    outcome.extra("raw_previous_join_p50_us", previous_p50);
     outcome.extra("raw_same_txn_shapes_p50_us", shaped_p50);
     outcome.extra("raw_same_txn_shapes_watched_p50_us", watched_p50);
     outcome.extra("raw_same_txn_shapes_deletes_watched_p50_us", deletes_p50);
     outcome.note(format!(
-        "breakdown of p50: raw {:.0} us; raw calls with our txn shapes (join txn with the queue \
-         range + guarded delete txn) {shaped_p50:.0} us, the same with a prefix watch open on the \
+        "breakdown of p50: raw {:.0} us; raw calls with our txn shapes (join txn reading the \
+         queue only if not empty + guarded delete txn) {shaped_p50:.0} us, the same with a prefix watch open on the \
          connection {watched_p50:.0} us (deletes-only watch {deletes_p50:.0} us); our backend's \
-         calls alone (no state machine) {direct_p50:.0} us; through Locker {:.0} us; a lighter join \
-         (put alone when the queue is empty) + guarded delete {if_empty_p50:.0} us",
+         calls alone (no state machine) {direct_p50:.0} us; through Locker {:.0} us; the previous \
+         join (reading the queue every time) + guarded delete {previous_p50:.0} us",
         outcome
             .baseline
             .as_ref()
@@ -878,14 +878,14 @@ pub(crate) async fn failover(env: &Env) -> BenchResult<Outcome> {
 enum Shape {
     /// The baseline: create-if-absent (a put in a txn with one compare).
     Minimal,
-    /// Our join txn's shape: the put plus a sorted range of the queue.
+    /// Our join txn's shape: the put, and a sorted range of the queue only if it is not empty.
     JoinShaped,
     /// Join-shaped, with a watch open on the whole prefix (as our locker's hub has).
     JoinShapedWatched,
     /// Join-shaped, with a deletes-only watch open on the whole prefix.
     JoinShapedWatchedDeletes,
-    /// A lighter join: the put alone when the queue is empty (a compare over the queue range).
-    JoinIfEmpty,
+    /// The previous join: the put plus a sorted range of the queue every time.
+    JoinRanged,
 }
 
 async fn raw_many(
@@ -927,9 +927,8 @@ async fn raw_many(
                     if !raw::try_create(&mut client, key.as_bytes(), lease).await? {
                         return Err("raw many: key already there".into());
                     }
-                } else if shape == Shape::JoinIfEmpty {
-                    raw::join_if_empty(&mut client, queue.as_bytes(), key.as_bytes(), lease)
-                        .await?;
+                } else if shape == Shape::JoinRanged {
+                    raw::join_ranged(&mut client, queue.as_bytes(), key.as_bytes(), lease).await?;
                 } else {
                     raw::join_shaped(&mut client, queue.as_bytes(), key.as_bytes(), lease).await?;
                 }
@@ -962,7 +961,7 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
         Shape::JoinShaped,
         Shape::JoinShapedWatched,
         Shape::JoinShapedWatchedDeletes,
-        Shape::JoinIfEmpty,
+        Shape::JoinRanged,
     ];
     let mut times = [Duration::ZERO; 5];
     let mut base = Samples::default();
@@ -1048,7 +1047,7 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
     }
     let rate = |i: usize| 2.0 * keys as f64 / times[i].as_secs_f64();
     let (shaped_rate, watched_rate, deletes_rate) = (rate(1), rate(2), rate(3));
-    let if_empty_rate = rate(4);
+    let previous_rate = rate(4);
 
     let mut measure = ours.measure();
     measure.ops_per_s = Some(keys as f64 / acquire_time.as_secs_f64());
@@ -1081,12 +1080,12 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
     outcome.extra("raw_join_shaped_per_s", shaped_rate);
     outcome.extra("raw_join_shaped_watched_per_s", watched_rate);
     outcome.extra("raw_join_shaped_deletes_watched_per_s", deletes_rate);
-    outcome.extra("raw_join_if_empty_per_s", if_empty_rate);
+    outcome.extra("raw_previous_join_per_s", previous_rate);
     outcome.note(format!(
         "breakdown (acquires/s at 64 tasks): raw create-if-absent {:.0}; raw with our join txn's \
          shape {shaped_rate:.0}; same with a prefix watch open (like our hub) {watched_rate:.0}, \
-         with a deletes-only prefix watch {deletes_rate:.0}; a lighter join (put alone when the queue \
-         is empty) {if_empty_rate:.0}; ours {:.0}",
+         with a deletes-only prefix watch {deletes_rate:.0}; the previous join (reading the queue \
+         every time) {previous_rate:.0}; ours {:.0}",
         outcome
             .baseline
             .as_ref()
