@@ -390,7 +390,8 @@ impl Locker {
     /// A stream of the holder of `key`: the current state first, then every change of holder or
     /// of the holder's value; `None` whenever nobody holds it. The seed's `client.Watch(key)`.
     ///
-    /// The stream rides on the locker's one watch of the store (no polling), resumes by itself
+    /// The stream rides on the locker's one watch of the store (no polling of the store; it does
+    /// its work as it is polled, with no task of its own), resumes by itself
     /// after a broken connection or a compaction (re-reading the state), and retries transient
     /// errors. It yields an error only for a permanent failure, and then ends.
     ///

@@ -4,12 +4,11 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::backend::{Entry, EventKind, Revision};
 use crate::error::Result;
-use crate::hub::HubMsg;
+use crate::hub::{HubMsg, Subscription};
 use crate::locker::Locker;
 use crate::types::Holder;
 
@@ -47,95 +46,116 @@ impl Queue {
     }
 }
 
+/// The stream runs on the caller's task, polled by the caller: no task of its own, so a change
+/// reaches the reader in one hop from the hub.
 pub(crate) fn holder_stream(
     locker: Locker,
     key: String,
 ) -> BoxStream<'static, Result<Option<Holder>>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(feed(locker, key, tx));
-    let abort = task.abort_handle();
-    // Stop the feeding task when the stream is dropped.
-    struct AbortOnDrop(tokio::task::AbortHandle);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let guard = AbortOnDrop(abort);
-    futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-        rx.recv().await.map(|item| (item, (rx, guard)))
+    let feed = Feed {
+        locker,
+        key,
+        sub: None,
+        view: None,
+        last: None,
+        failures: 0,
+        done: false,
+    };
+    futures::stream::unfold(feed, |mut feed| async move {
+        let item = feed.next().await?;
+        Some((item, feed))
     })
     .boxed()
 }
 
-async fn feed(locker: Locker, key: String, tx: mpsc::UnboundedSender<Result<Option<Holder>>>) {
-    let inner = &locker.inner;
-    let mut last: Option<Option<Holder>> = None;
-    let mut failures = 0u32;
-    // Each round: subscribe (again after the hub's watch failed), read the queue, follow events.
-    loop {
-        let mut sub = match inner.hub.subscribe(&key).await {
-            Ok(sub) => sub,
-            Err(err) if !err.is_retryable() => {
-                let _ = tx.send(Err(err));
-                return;
-            }
-            Err(err) => {
-                let delay = locker.retry_delay(&mut failures);
-                debug!(%key, error = %err, ?delay, "watch: subscribe failed; retrying");
-                tokio::time::sleep(delay).await;
+/// A watch stream's state: its subscription, its view of the queue, and what it sent last.
+struct Feed {
+    locker: Locker,
+    key: String,
+    sub: Option<Subscription>,
+    /// The queue as read, and the revision of the read (events at or before it are in it).
+    view: Option<(Queue, Revision)>,
+    last: Option<Option<Holder>>,
+    failures: u32,
+    done: bool,
+}
+
+impl Feed {
+    /// The next change of holder; `None` once the stream has ended (after a permanent error).
+    async fn next(&mut self) -> Option<Result<Option<Holder>>> {
+        if self.done {
+            return None;
+        }
+        let inner = &self.locker.inner;
+        // Each round: subscribe (again after the hub's watch failed), read the queue (again
+        // after a gap), follow events.
+        loop {
+            let Some(sub) = &mut self.sub else {
+                match inner.hub.subscribe(&self.key).await {
+                    Ok(sub) => {
+                        self.sub = Some(sub);
+                        self.view = None;
+                    }
+                    Err(err) if !err.is_retryable() => return self.fail(err),
+                    Err(err) => {
+                        let delay = self.locker.retry_delay(&mut self.failures);
+                        debug!(key = %self.key, error = %err, ?delay, "watch: subscribe failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
                 continue;
-            }
-        };
-        'resync: loop {
-            let snapshot = match inner.backend.entries(&key).await {
-                Ok(snapshot) => snapshot,
-                Err(err) if err.is_retryable() => {
-                    let delay = locker.retry_delay(&mut failures);
-                    debug!(%key, error = %err, ?delay, "watch: read failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-                Err(err) => {
-                    let _ = tx.send(Err(err));
-                    return;
-                }
             };
-            failures = 0;
-            let read_at = snapshot.revision;
-            let mut queue = Queue::from_entries(snapshot.entries);
-            if !emit(&tx, &mut last, queue.holder()) {
-                return;
-            }
-            loop {
-                match sub.recv().await {
-                    Some(HubMsg::Event(event)) => {
-                        if event.entry.mod_revision <= read_at {
-                            continue;
-                        }
-                        queue.apply(event.kind, event.entry);
-                        if !emit(&tx, &mut last, queue.holder()) {
-                            return;
+            let Some((queue, read_at)) = &mut self.view else {
+                match inner.backend.entries(&self.key).await {
+                    Ok(snapshot) => {
+                        self.failures = 0;
+                        let queue = Queue::from_entries(snapshot.entries);
+                        let holder = queue.holder();
+                        self.view = Some((queue, snapshot.revision));
+                        if let Some(item) = changed(&mut self.last, holder) {
+                            return Some(Ok(item));
                         }
                     }
-                    Some(HubMsg::Resync) => continue 'resync,
-                    // The hub's watch failed: subscribe again.
-                    None => break 'resync,
+                    Err(err) if err.is_retryable() => {
+                        let delay = self.locker.retry_delay(&mut self.failures);
+                        debug!(key = %self.key, error = %err, ?delay, "watch: read failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    Err(err) => return self.fail(err),
                 }
+                continue;
+            };
+            match sub.recv().await {
+                Some(HubMsg::Event(event)) => {
+                    if event.entry.mod_revision <= *read_at {
+                        continue;
+                    }
+                    queue.apply(event.kind, event.entry);
+                    let holder = queue.holder();
+                    if let Some(item) = changed(&mut self.last, holder) {
+                        return Some(Ok(item));
+                    }
+                }
+                // History was lost: read the queue again.
+                Some(HubMsg::Resync) => self.view = None,
+                // The hub's watch failed: subscribe again.
+                None => self.sub = None,
             }
         }
     }
+
+    fn fail(&mut self, err: crate::error::Error) -> Option<Result<Option<Holder>>> {
+        self.done = true;
+        self.sub = None;
+        Some(Err(err))
+    }
 }
 
-/// Sends `holder` if it differs from the last one sent. `false` once the stream is dropped.
-fn emit(
-    tx: &mpsc::UnboundedSender<Result<Option<Holder>>>,
-    last: &mut Option<Option<Holder>>,
-    holder: Option<Holder>,
-) -> bool {
+/// `holder` if it differs from the last one sent (and now the last one sent).
+fn changed(last: &mut Option<Option<Holder>>, holder: Option<Holder>) -> Option<Option<Holder>> {
     if last.as_ref() == Some(&holder) {
-        return !tx.is_closed();
+        return None;
     }
     *last = Some(holder.clone());
-    tx.send(Ok(holder)).is_ok()
+    Some(holder)
 }
