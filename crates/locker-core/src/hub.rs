@@ -166,15 +166,24 @@ impl fmt::Debug for Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(state) = self.state.upgrade() {
-            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(list) = state.subscribers.get_mut(&self.queue) {
-                list.retain(|(id, _)| *id != self.id);
-                if list.is_empty() {
-                    state.subscribers.remove(&self.queue);
-                }
-            }
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = state.subscribers.get_mut(&self.queue) else {
+            return;
+        };
+        let Some(at) = list.iter().position(|(id, _)| *id == self.id) else {
+            return;
+        };
+        let sink = list.swap_remove(at);
+        if list.is_empty() {
+            state.subscribers.remove(&self.queue);
         }
+        // The sink may be the last reference to a lock's state, and through it to the locker
+        // and this hub: drop it only once the hub's state is unlocked.
+        drop(state);
+        drop(sink);
     }
 }
 
@@ -292,16 +301,18 @@ impl Drop for Hub {
         if let Some(task) = &state.task {
             task.abort();
         }
-        close_all(&mut state.subscribers);
+        let subscribers = std::mem::take(&mut state.subscribers);
+        drop(state);
+        close_all(subscribers);
     }
 }
 
-/// Tells every subscriber that no more messages will come, and forgets them.
-fn close_all(subscribers: &mut Subscribers) {
+/// Tells every subscriber that no more messages will come. Called with the hub's state
+/// unlocked: a sink may be the last reference to a lock's state, and through it to the hub.
+fn close_all(subscribers: Subscribers) {
     for (_, sink) in subscribers.values().flatten() {
         sink.close();
     }
-    subscribers.clear();
 }
 
 async fn run(
@@ -332,7 +343,10 @@ async fn run(
                 });
                 // Subscribers see their mailbox close and subscribe again (starting a new task).
                 if let Some(state) = state.upgrade() {
-                    close_all(&mut state.lock().unwrap_or_else(|e| e.into_inner()).subscribers);
+                    let subscribers = std::mem::take(
+                        &mut state.lock().unwrap_or_else(|e| e.into_inner()).subscribers,
+                    );
+                    close_all(subscribers);
                 }
                 return;
             }

@@ -99,6 +99,8 @@ struct Tenure {
     create_revision: Revision,
     /// The task's claim on the key, given up once the entry is deleted.
     claim: Option<KeyClaim>,
+    /// A guard's tenure (`acquire`, `try_acquire`): releasing one that had ended is an error.
+    one_shot: bool,
 }
 
 /// What the task finds in its inbox.
@@ -535,6 +537,7 @@ impl LockHandle {
             session,
             create_revision,
             claim,
+            one_shot,
         } = tenure;
         let entry = entry_key(self.key(), session.lease());
         // Should this call be dropped before the store answered, the delete goes on in the
@@ -548,19 +551,49 @@ impl LockHandle {
             )),
             claim,
         };
-        let mut result = delete_until_gone(&locker, &session, &entry, create_revision).await;
-        // Done: the key is free for another lock of this locker; the task (woken here) ends.
-        unfinished.entry = None;
+        let not_owned = |reason| Error::NotOwned {
+            key: self.key().to_owned(),
+            reason,
+        };
+        let mut result = match locker
+            .inner
+            .backend
+            .delete_entry(&entry, create_revision)
+            .await
+        {
+            Ok(true) => Ok(()),
+            // Gone before the release: ownership had ended before this guard heard of it (a
+            // handle, which would have joined again, just stops).
+            Ok(false) | Err(Error::LeaseLost { .. }) if one_shot => {
+                Err(not_owned(if session.is_lost() {
+                    LossReason::LeaseGone
+                } else {
+                    LossReason::EntryDeleted
+                }))
+            }
+            Ok(false) | Err(Error::LeaseLost { .. }) => Ok(()),
+            // No answer (a timeout, a broken connection): retry; a later "not there" may be
+            // this very delete having gone through.
+            Err(_) => delete_until_gone(&locker, &session, &entry, create_revision).await,
+        };
+        match &result {
+            Err(err) if !matches!(err, Error::NotOwned { .. }) => {
+                // Keep `unfinished` armed: it retries in the background, holding the claim.
+                warn!(key = %self.key(), error = %err, "release failed; retrying in the background");
+            }
+            // Done: the key is free for another lock of this locker.
+            _ => unfinished.entry = None,
+        }
         drop(unfinished);
+        // The task (told that the handle released) only ends.
         self.shared.doorbell.notify_one();
-        if let Err(err) = &result {
-            warn!(key = %self.key(), error = %err, "release failed; retrying in the background");
-        } else if was_owned && !still_valid {
-            // Released, but ownership had already ended (deadline passed) before it.
-            result = Err(Error::NotOwned {
-                key: self.key().to_owned(),
-                reason: LossReason::DeadlinePassed,
-            });
+        if result.is_ok() && was_owned && !still_valid {
+            // Released, but ownership had already ended before it.
+            result = Err(not_owned(match *session.subscribe().borrow() {
+                SessionState::Lost(LossReason::Released) => LossReason::LeaseGone,
+                SessionState::Lost(reason) => reason,
+                _ => LossReason::DeadlinePassed,
+            }));
         }
         info!(key = %self.key(), "released");
         result
@@ -861,6 +894,7 @@ impl Driver {
             session: session.clone(),
             create_revision: token.0,
             claim: self.claim.take(),
+            one_shot: self.mode != Mode::Persistent,
         });
         info!(key = %self.key(), %token, "owned");
         Some(token)
@@ -1117,9 +1151,22 @@ impl Driver {
             }
             Ok(false) | Err(Error::LeaseLost { .. }) => {
                 self.held = None;
+                let reason = match self.shared.session_valid() {
+                    true => LossReason::EntryDeleted,
+                    false => LossReason::LeaseGone,
+                };
+                // If it was owned, it is not any more: say so now, whatever the task is in the
+                // middle of (holding notices the missing entry when it next looks).
+                if let state @ (Ownership::Owned { token } | Ownership::Unconfirmed { token, .. }) =
+                    self.shared.state()
+                {
+                    debug!(key = %self.key(), ?state, "set_value found the entry gone");
+                    self.shared.set_session(None);
+                    self.shared.publish(Ownership::Lost { token, reason });
+                }
                 Err(Error::NotOwned {
                     key: self.key().to_owned(),
-                    reason: LossReason::EntryDeleted,
+                    reason,
                 })
             }
             Err(err) => Err(err),
@@ -1271,25 +1318,36 @@ impl Driver {
                     HubMsg::Resync => resync = true,
                 }
             }
+            let mut unwatched = false;
             if hub_closed {
                 // The hub's watch failed: subscribe again, then check what was missed.
                 match Box::pin(self.resubscribe()).await {
                     Ok(Some(fresh)) => _registration = fresh,
-                    Ok(None) => {}
+                    // Not watched: try again (after the back-off `resubscribe` waited).
+                    Ok(None) => unwatched = true,
                     Err(exit) => return HoldEnd::Exit(exit),
                 }
                 resync = true;
             }
-            if self.shared.has_commands() {
-                if let Some(exit) = Box::pin(self.serve_commands()).await {
-                    return HoldEnd::Exit(exit);
-                }
-                if self.held.is_none() {
-                    return HoldEnd::Lost(token, LossReason::EntryDeleted);
-                }
+            if self.shared.has_commands()
+                && let Some(exit) = Box::pin(self.serve_commands()).await
+            {
+                return HoldEnd::Exit(exit);
+            }
+            // A set_value served anywhere while holding (here, or in resubscribe's register or
+            // pause) may have found the entry gone.
+            if self.held.is_none() {
+                let reason = match self.shared.state() {
+                    Ownership::Lost { reason, .. } => reason,
+                    _ => LossReason::EntryDeleted,
+                };
+                return HoldEnd::Lost(token, reason);
             }
             if resync && let Some(end) = Box::pin(self.check_still_there(session, token)).await {
                 return end;
+            }
+            if unwatched {
+                continue;
             }
             tokio::select! {
                 biased;
@@ -1379,7 +1437,19 @@ impl Driver {
         let Some((session, entry)) = self.held.take() else {
             return Ok(());
         };
-        delete_until_gone(&self.locker, &session, &entry.key, entry.create_revision).await
+        let result =
+            delete_until_gone(&self.locker, &session, &entry.key, entry.create_revision).await;
+        if result.is_err() {
+            delete_in_background(
+                self.locker.clone(),
+                session,
+                entry.key,
+                entry.create_revision,
+                true,
+                self.claim.take(),
+            );
+        }
+        result
     }
 
     fn forget_entry_in_background(&mut self) {
@@ -1464,6 +1534,10 @@ impl Drop for Driver {
     /// A driver dropped before it finished (an `acquire` cancelled on the caller's task, or a
     /// runtime shutting down): removes what it has in the store, in the background.
     fn drop(&mut self) {
+        // However the task ended (finished, panicked, or dropped with its runtime): readers and
+        // senders must not wait for it.
+        drop(self.shared.close_inbox());
+        self.shared.end();
         if self.held.is_none() && self.pending.is_none() {
             return;
         }
@@ -1492,11 +1566,16 @@ impl Drop for Driver {
                 }
                 (None, None) => None,
             };
-            if let Some((session, entry)) = held {
-                let _ =
-                    delete_until_gone(&locker, &session, &entry.key, entry.create_revision).await;
+            if let Some((session, entry)) = held
+                && delete_until_gone(&locker, &session, &entry.key, entry.create_revision)
+                    .await
+                    .is_err()
+            {
+                // A permanent error: go on retrying while the session lives.
+                let (claim, _own_session) = keep;
+                let (key, revision) = (entry.key, entry.create_revision);
+                delete_in_background(locker, session, key, revision, true, claim);
             }
-            drop(keep);
         });
     }
 }
@@ -1520,8 +1599,7 @@ impl Drop for DeleteOnDrop {
 }
 
 /// Deletes `entry_key` if it still has `create_revision`, retrying transient errors until the
-/// entry or its lease is gone; after a permanent error keeps retrying in the background for as
-/// long as the session lives, and answers the error.
+/// entry or its lease is gone; answers a permanent error (the caller goes on in the background).
 async fn delete_until_gone(
     locker: &Locker,
     session: &Arc<Session>,
@@ -1544,17 +1622,7 @@ async fn delete_until_gone(
                 debug!(entry = %entry_key, error = %err, ?delay, "release failed; retrying");
                 tokio::time::sleep(delay).await;
             }
-            Err(err) => {
-                delete_in_background(
-                    locker.clone(),
-                    session.clone(),
-                    entry_key.to_owned(),
-                    create_revision,
-                    true,
-                    None,
-                );
-                return Err(err);
-            }
+            Err(err) => return Err(err),
         }
     }
 }

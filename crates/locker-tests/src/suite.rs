@@ -51,6 +51,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "lost_lease_reacquires_when_fault_heals",
     "operator_deleted_entry_means_loss",
     "operator_deleted_entry_makes_handle_rejoin",
+    "release_right_after_an_operator_delete_reports_not_owned",
     "cancelled_acquire_leaves_no_entry",
     "transient_errors_below_deadline_keep_ownership",
     "slow_store_keeps_ownership",
@@ -107,6 +108,7 @@ macro_rules! conformance_suite {
             lost_lease_reacquires_when_fault_heals,
             operator_deleted_entry_means_loss,
             operator_deleted_entry_makes_handle_rejoin,
+            release_right_after_an_operator_delete_reports_not_owned,
             cancelled_acquire_leaves_no_entry,
             transient_errors_below_deadline_keep_ownership,
             slow_store_keeps_ownership,
@@ -776,6 +778,27 @@ pub async fn operator_deleted_entry_means_loss(h: &dyn Harness) {
             ..
         })
     ));
+}
+
+/// A release that comes right after an operator deleted the entry (before or after the lock
+/// heard of it) says the lock was not owned to the end.
+pub async fn release_right_after_an_operator_delete_reports_not_owned(h: &dyn Harness) {
+    let key = h.key("operator-release");
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let entry = h.entries(&key).await.remove(0);
+    h.delete_key(&entry.key).await;
+    let result = guard.release().await;
+    assert!(
+        matches!(
+            result,
+            Err(Error::NotOwned {
+                reason: LossReason::EntryDeleted,
+                ..
+            })
+        ),
+        "release after the entry was deleted answered {result:?}"
+    );
 }
 
 /// A handle whose entry an operator deleted reports the loss and owns again with a new token.

@@ -10,3 +10,208 @@ locker_tests::conformance_suite!(
     #[tokio::test(start_paused = true)]
     harness
 );
+
+/// Lock behaviours that need a store whose watch alone fails, and a runtime that goes away.
+mod edges {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use futures::StreamExt;
+    use locker_core::backend::{
+        Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchStream,
+    };
+    use locker_core::{Error, LockBackend, Locker, Result, Watcher};
+    use locker_memory::MemoryBackend;
+    use tokio::sync::Notify;
+
+    /// A memory client whose watches can be broken, and refused while `refuse` is set (as a
+    /// store does after a permission is revoked).
+    #[derive(Debug)]
+    struct WatchGate {
+        inner: MemoryBackend,
+        refuse: Arc<AtomicBool>,
+        cut: Arc<Notify>,
+    }
+
+    #[async_trait]
+    impl Watcher for WatchGate {
+        async fn watch(&self, prefix: &str, from: Option<Revision>) -> Result<WatchStream> {
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err(Error::PermissionDenied {
+                    message: "watch refused (test)".into(),
+                    source: None,
+                });
+            }
+            let stream = self.inner.watch(prefix, from).await?;
+            let cut = self.cut.clone().notified_owned();
+            let broken = futures::stream::once(async { Err(Error::unavailable("cut (test)")) });
+            Ok(WatchStream {
+                start_revision: stream.start_revision,
+                events: stream.events.take_until(cut).chain(broken).boxed(),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl LockBackend for WatchGate {
+        fn limits(&self) -> Limits {
+            self.inner.limits()
+        }
+        async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+            self.inner.revoke_lease(lease).await
+        }
+        async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
+            self.inner.join(key, lease, value).await
+        }
+        async fn position(&self, key: &str, entry: &str, rev: Revision) -> Result<Position> {
+            self.inner.position(key, entry, rev).await
+        }
+        async fn holder(&self, key: &str) -> Result<(Option<Entry>, Revision)> {
+            self.inner.holder(key).await
+        }
+        async fn entries(&self, key: &str) -> Result<Snapshot> {
+            self.inner.entries(key).await
+        }
+        async fn delete_entry(&self, entry: &str, rev: Revision) -> Result<bool> {
+            self.inner.delete_entry(entry, rev).await
+        }
+        async fn update_value(&self, entry: &str, rev: Revision, value: &[u8]) -> Result<bool> {
+            self.inner.update_value(entry, rev, value).await
+        }
+    }
+
+    /// While the locker cannot watch (its watch broken, a new one refused), a `set_value` that
+    /// finds the entry deleted ends ownership: the guard never claims a lock someone else owns.
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_found_gone_while_unwatched_ends_ownership() {
+        let store = MemoryBackend::new();
+        let (refuse, cut) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
+        let a = Locker::new(WatchGate {
+            inner: store.new_client(),
+            refuse: refuse.clone(),
+            cut: cut.clone(),
+        });
+        let b = Locker::new(store.new_client());
+        let guard = a.acquire("k", "a").await.expect("acquire");
+        refuse.store(true, Ordering::SeqCst);
+        cut.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let entry = store
+            .keys()
+            .into_iter()
+            .find(|e| e.key.starts_with("k/"))
+            .expect("the holder's entry");
+        assert!(store.delete_key(&entry.key));
+        let err = tokio::time::timeout(Duration::from_secs(5), guard.set_value("a2"))
+            .await
+            .expect("set_value answers")
+            .expect_err("the entry is gone");
+        assert!(matches!(err, Error::NotOwned { .. }), "{err:?}");
+        refuse.store(false, Ordering::SeqCst);
+        let other = tokio::time::timeout(Duration::from_secs(10), b.acquire("k", "b"))
+            .await
+            .expect("b acquires in time")
+            .expect("acquire");
+        assert!(other.is_owned());
+        assert!(
+            !guard.is_owned(),
+            "two owners: a still says {:?} with its entry deleted",
+            guard.ownership()
+        );
+        other.release().await.expect("release");
+    }
+
+    /// The watch refused for a while and then allowed again: a holder watches again, and
+    /// notices a later delete of its entry.
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_watches_again_after_its_watch_was_refused() {
+        let store = MemoryBackend::new();
+        let (refuse, cut) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
+        let a = Locker::new(WatchGate {
+            inner: store.new_client(),
+            refuse: refuse.clone(),
+            cut: cut.clone(),
+        });
+        let guard = a.acquire("k", "a").await.expect("acquire");
+        refuse.store(true, Ordering::SeqCst);
+        cut.notify_waiters();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        refuse.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(guard.is_owned(), "nothing happened to the entry");
+        let entry = store
+            .keys()
+            .into_iter()
+            .find(|e| e.key.starts_with("k/"))
+            .expect("the holder's entry");
+        assert!(store.delete_key(&entry.key));
+        let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
+            .await
+            .expect("the delete is seen");
+        assert_eq!(reason, locker_core::LossReason::EntryDeleted);
+    }
+
+    /// A lock task that goes away with its runtime does not leave readers waiting.
+    #[test]
+    fn waiters_end_when_the_lock_task_is_gone() {
+        let store = MemoryBackend::new();
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (locker, guard) = first.block_on(async {
+            let locker = Locker::new(store.new_client());
+            let guard = locker.acquire("k", "a").await.expect("acquire");
+            tokio::task::yield_now().await;
+            (locker, guard)
+        });
+        drop(first);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        second.block_on(async {
+            let lost = tokio::time::timeout(Duration::from_secs(2), guard.lost()).await;
+            assert!(lost.is_ok(), "lost() waits for a task that is gone");
+            let set = tokio::time::timeout(Duration::from_secs(2), guard.set_value("x")).await;
+            assert!(
+                matches!(set, Ok(Err(Error::Released { .. }))),
+                "set_value answered {set:?}"
+            );
+        });
+        drop((guard, locker));
+    }
+
+    /// A runtime that goes away right after an `acquire` (its lock task never ran) shuts down:
+    /// dropping the lock's last state does not wait for the hub it is being removed from.
+    #[test]
+    fn a_runtime_dropped_right_after_an_acquire_shuts_down() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let store = MemoryBackend::new();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let locker = Locker::new(store.new_client());
+                let guard = locker.acquire("k", "a").await.expect("acquire");
+                drop((guard, locker));
+            });
+            drop(runtime);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "dropping the runtime hangs"
+        );
+    }
+}
