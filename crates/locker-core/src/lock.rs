@@ -101,6 +101,9 @@ struct Tenure {
     claim: Option<KeyClaim>,
     /// A guard's tenure (`acquire`, `try_acquire`): releasing one that had ended is an error.
     one_shot: bool,
+    /// The lock's place among its hub's subscribers: a release leaves at once, so that a lock
+    /// task that is slow to end costs the hub nothing.
+    registration: Option<Registration>,
 }
 
 /// What the task finds in its inbox.
@@ -269,6 +272,20 @@ impl Shared {
         lock(&self.inbox).tenure = Some(tenure);
     }
 
+    /// Keeps a new hub registration in the tenure; `false` if there is no tenure (any more).
+    fn set_registration(&self, registration: Registration) -> bool {
+        let mut inbox = lock(&self.inbox);
+        let Some(tenure) = inbox.tenure.as_mut() else {
+            drop(inbox);
+            return false;
+        };
+        let old = tenure.registration.replace(registration);
+        drop(inbox);
+        // Unregistering locks the hub, which may deliver to this inbox: not under its lock.
+        drop(old);
+        true
+    }
+
     /// The task takes its tenure back (holding ended); `true` if the handle released it.
     fn end_tenure(&self) -> (Option<Tenure>, bool) {
         let mut inbox = lock(&self.inbox);
@@ -341,15 +358,14 @@ pub(crate) async fn acquire(
 ) -> Result<Option<LockGuard>> {
     let (mut driver, handle) = prepare(locker, key, value, options, mode)?;
     match Box::pin(driver.acquire()).await {
-        Ok((session, registration)) => match driver.begin_hold(&session) {
+        Ok((session, registration)) => match driver.begin_hold(&session, registration) {
             Some(token) => {
-                let holding = Box::new((session, registration, token));
+                let holding = Box::new((session, token));
                 tokio::spawn(driver.run(Start::Holding(holding)));
                 return Ok(Some(LockGuard { handle, token }));
             }
             None => {
                 // The session ended just before owning: the task joins again on a new one.
-                drop(registration);
                 driver.forget_entry_in_background();
                 driver.drop_session(&session).await;
                 tokio::spawn(driver.run(Start::Fresh));
@@ -508,8 +524,11 @@ impl LockHandle {
     /// [`Error::NotOwned`] if a one-shot lock was lost before the release; store errors while
     /// deleting (the lease then expires as usual).
     pub async fn release(self) -> Result<()> {
+        // Read before the task can hear of the release (it then stops publishing).
+        let was_owned = self.ownership().is_owned();
+        let still_valid = self.shared.session_valid();
         if let Some(tenure) = self.shared.take_tenure_to_release() {
-            return self.release_here(tenure).await;
+            return self.release_here(tenure, was_owned, still_valid).await;
         }
         let (tx, rx) = oneshot::channel();
         if self.shared.send(Command::Release(tx)).is_err() {
@@ -525,9 +544,7 @@ impl LockHandle {
     }
 
     /// Releases a held lock on the caller's task; the lock task only cleans up after.
-    async fn release_here(&self, tenure: Tenure) -> Result<()> {
-        let was_owned = self.ownership().is_owned();
-        let still_valid = self.shared.session_valid();
+    async fn release_here(&self, tenure: Tenure, was_owned: bool, still_valid: bool) -> Result<()> {
         self.shared.set_session(None);
         // Stop claiming ownership before the entry goes: the next holder may own as soon as it
         // is deleted.
@@ -538,7 +555,10 @@ impl LockHandle {
             create_revision,
             claim,
             one_shot,
+            registration,
         } = tenure;
+        // This lock hears nothing more from the hub.
+        drop(registration);
         let entry = entry_key(self.key(), session.lease());
         // Should this call be dropped before the store answered, the delete goes on in the
         // background (the task, told that the handle released, no longer deletes anything).
@@ -783,7 +803,7 @@ enum Start {
     Fresh,
     /// The caller's task acquired the lock and began the tenure: hold it. (Boxed: the task's
     /// future keeps its arguments for its whole life.)
-    Holding(Box<(Arc<Session>, Registration, FencingToken)>),
+    Holding(Box<(Arc<Session>, FencingToken)>),
     /// The caller's task's attempt ended: clean up.
     Exited(Exit),
 }
@@ -827,7 +847,7 @@ impl Driver {
         let mut start = Some(start);
         // Only `hold` is awaited in place: while a lock is held, the task keeps nothing else.
         let exit = loop {
-            let (session, registration, token) = match start.take() {
+            let (session, token) = match start.take() {
                 Some(Start::Holding(holding)) => *holding,
                 Some(Start::Exited(exit)) => break exit,
                 Some(Start::Fresh) | None => {
@@ -835,8 +855,8 @@ impl Driver {
                         Ok(acquired) => acquired,
                         Err(exit) => break exit,
                     };
-                    match self.begin_hold(&session) {
-                        Some(token) => (session, registration, token),
+                    match self.begin_hold(&session, registration) {
+                        Some(token) => (session, token),
                         None => {
                             let end = HoldEnd::NeverOwned;
                             match Box::pin(self.after_hold(end, session)).await {
@@ -847,7 +867,7 @@ impl Driver {
                     }
                 }
             };
-            let end = self.hold(&session, registration, token).await;
+            let end = self.hold(&session, token).await;
             let end = self.end_tenure(end);
             if let Some(exit) = Box::pin(self.after_hold(end, session)).await {
                 break exit;
@@ -873,7 +893,11 @@ impl Driver {
 
     /// Begins a tenure of the entry in `held` under `session`: publishes it as owned and lets
     /// the handle release it. `None` if the session was no longer valid (nothing published).
-    fn begin_hold(&mut self, session: &Arc<Session>) -> Option<FencingToken> {
+    fn begin_hold(
+        &mut self,
+        session: &Arc<Session>,
+        registration: Registration,
+    ) -> Option<FencingToken> {
         let token = FencingToken(self.held.as_ref()?.1.create_revision);
         let state = *session.subscribe().borrow();
         let now = Instant::now();
@@ -895,6 +919,7 @@ impl Driver {
             create_revision: token.0,
             claim: self.claim.take(),
             one_shot: self.mode != Mode::Persistent,
+            registration: Some(registration),
         });
         info!(key = %self.key(), %token, "owned");
         Some(token)
@@ -1264,14 +1289,7 @@ impl Driver {
     ///
     /// This is the one state a lock spends most of its life in, so its future stays small:
     /// it waits on its session's state and on its doorbell, and boxes everything else.
-    async fn hold(
-        &mut self,
-        session: &Arc<Session>,
-        registration: Registration,
-        token: FencingToken,
-    ) -> HoldEnd {
-        // Kept (and replaced) only so that the hub keeps delivering to this lock.
-        let mut _registration = registration;
+    async fn hold(&mut self, session: &Arc<Session>, token: FencingToken) -> HoldEnd {
         let mut session_rx = session.subscribe();
         loop {
             if self.shared.released_by_handle() {
@@ -1322,7 +1340,12 @@ impl Driver {
             if hub_closed {
                 // The hub's watch failed: subscribe again, then check what was missed.
                 match Box::pin(self.resubscribe()).await {
-                    Ok(Some(fresh)) => _registration = fresh,
+                    Ok(Some(fresh)) => {
+                        if !self.shared.set_registration(fresh) {
+                            // The handle released meanwhile.
+                            return HoldEnd::Exit(Exit::Gone);
+                        }
+                    }
                     // Not watched: try again (after the back-off `resubscribe` waited).
                     Ok(None) => unwatched = true,
                     Err(exit) => return HoldEnd::Exit(exit),
@@ -1538,6 +1561,13 @@ impl Drop for Driver {
         // senders must not wait for it.
         drop(self.shared.close_inbox());
         self.shared.end();
+        // A tenure left in the state (the task dropped while holding) refers to the locker and
+        // the hub: take it back, keeping its claim for the clean-up below.
+        if let (Some(tenure), _) = self.shared.end_tenure()
+            && self.claim.is_none()
+        {
+            self.claim = tenure.claim;
+        }
         if self.held.is_none() && self.pending.is_none() {
             return;
         }
