@@ -32,9 +32,8 @@ const KEY_BUDGET: usize = 16 * 1024;
 /// protobuf tags and lengths, the lease id, sort options.
 const REQUEST_OVERHEAD: usize = 512;
 /// How often the join transaction (the largest request) carries the key: the entry key three times
-/// (compare, put, get) and the queue prefix six times (the emptiness compare and two ranges, each
-/// with a range end).
-const KEY_COPIES: usize = 9;
+/// (compare, put, get) and the queue prefix four times (two ranges, each with a range end).
+const KEY_COPIES: usize = 7;
 /// `/` and 16 hex digits of a lease id.
 const ENTRY_SUFFIX: usize = 17;
 /// The smallest `max_request_bytes` accepted.
@@ -126,7 +125,7 @@ impl EtcdBackend {
 
     /// A backend on a client you already have, under `prefix`. No I/O.
     ///
-    /// A prefix too long to leave room for keys (over about 1,740 bytes) gives a
+    /// A prefix too long to leave room for keys (over about 2,200 bytes) gives a
     /// [`max_key_len`](Limits::max_key_len) of 0, so every key is refused by core.
     pub fn from_client_with_prefix(client: Client, prefix: impl Into<String>) -> Self {
         Self::from_parts(client, Settings::new(prefix.into()))
@@ -242,6 +241,7 @@ impl EtcdBackend {
         order: Order,
         first: &GetResponse,
         revision: Revision,
+        except: Option<&str>,
     ) -> Result<Option<Entry>> {
         let mut page = first.clone();
         let mut limit = PAGE;
@@ -258,6 +258,7 @@ impl EtcdBackend {
                 fresh += 1;
                 if let Some(entry) = self.entry(kv)
                     && is_entry_of(&entry.key, key)
+                    && except != Some(entry.key.as_str())
                 {
                     return Ok(Some(entry));
                 }
@@ -295,23 +296,18 @@ impl EtcdBackend {
         let relative = entry_key(key, lease);
         let entry = self.full(&relative);
         let queue = self.queue_prefix(key);
-        // Runs before the put: the queue as it was without us. A compare over a range with no
-        // keys compares a zero key (create revision 0), so it holds exactly when nothing is under
-        // the queue prefix; then there is nobody before us and nothing to read.
-        let before_us = Txn::new()
-            .when([Compare::create_revision(queue.clone(), CompareOp::Equal, 0).with_prefix()])
-            .or_else([TxnOp::get(
-                queue.clone(),
-                Some(Self::queue_options(Order::Newest, PAGE)),
-            )]);
+        // After the put, the newest entries of the queue: ours first, then our predecessor.
         let txn = Txn::new()
             .when([Compare::create_revision(entry.clone(), CompareOp::Equal, 0)])
             .and_then([
-                TxnOp::txn(before_us),
                 TxnOp::put(
                     entry.clone(),
                     value,
                     Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::get(
+                    queue.clone(),
+                    Some(Self::queue_options(Order::Newest, PAGE)),
                 ),
             ])
             .or_else([
@@ -321,16 +317,12 @@ impl EtcdBackend {
         let (response, revision) = self.txn(txn, Context::op("join").lease(lease)).await?;
         let ops = response.op_responses();
         if response.succeeded() {
-            let before_us = txn_response(&ops, 0)?;
-            let predecessor = if before_us.succeeded() {
-                None
-            } else {
-                let newest = before_us.op_responses();
-                // Pages on (below our create revision) only if the page held nothing but
-                // entries of deeper queues.
-                self.first_of_queue(key, Order::Newest, get_response(&newest, 0)?, revision)
-                    .await?
-            };
+            // Pages on (at the txn's revision) only if the page held nothing but our entry and
+            // entries of deeper queues.
+            let newest = get_response(&ops, 1)?;
+            let predecessor = self
+                .first_of_queue(key, Order::Newest, newest, revision, Some(&relative))
+                .await?;
             let entry = Entry {
                 key: relative,
                 value: value.to_vec(),
@@ -392,7 +384,7 @@ impl EtcdBackend {
             .filter(|kv| kv.create_revision() == create_revision)
             .and_then(|kv| self.entry(kv));
         let predecessor = if has_older {
-            self.first_of_queue(key, Order::Newest, get_response(&ops, 1)?, revision)
+            self.first_of_queue(key, Order::Newest, get_response(&ops, 1)?, revision, None)
                 .await?
         } else {
             None
@@ -413,7 +405,7 @@ impl EtcdBackend {
             )
             .await?;
         let holder = self
-            .first_of_queue(key, Order::Oldest, &first, revision)
+            .first_of_queue(key, Order::Oldest, &first, revision, None)
             .await?;
         Ok((holder, revision))
     }
@@ -432,14 +424,6 @@ where
             Err(Error::Compacted { .. }) if tries < 3 => tries += 1,
             other => return other,
         }
-    }
-}
-
-/// The nested transaction's answer at `index` of a transaction's answers.
-fn txn_response(ops: &[TxnOpResponse], index: usize) -> Result<&TxnResponse> {
-    match ops.get(index) {
-        Some(TxnOpResponse::Txn(response)) => Ok(response),
-        _ => Err(malformed("a txn answer without the expected nested txn")),
     }
 }
 
@@ -486,9 +470,9 @@ impl Watcher for EtcdBackend {
 #[async_trait]
 impl LockBackend for EtcdBackend {
     /// - `max_value_len` = `max_request_bytes` − 16 KiB: the join transaction carries the value
-    ///   once and keys nine times; 16 KiB are kept for keys and request overhead.
-    /// - `max_key_len` = (16 KiB − 512 B overhead) / 9 − prefix length − 17 (`/` and 16 hex digits
-    ///   of the lease id): about 1,740 bytes with the default prefix.
+    ///   once and keys seven times; 16 KiB are kept for keys and request overhead.
+    /// - `max_key_len` = (16 KiB − 512 B overhead) / 7 − prefix length − 17 (`/` and 16 hex digits
+    ///   of the lease id): about 2,240 bytes with the default prefix.
     /// - TTL between 2 s (etcd's minimum) and 9,000,000,000 s (etcd's `MaxLeaseTTL`).
     fn limits(&self) -> Limits {
         Limits {
@@ -674,7 +658,7 @@ mod tests {
         let entry = prefix.len() + key + ENTRY_SUFFIX;
         let queue = prefix.len() + key + 1;
         let value = crate::config::DEFAULT_MAX_REQUEST_BYTES - KEY_BUDGET;
-        assert!(3 * entry + 6 * queue + value + REQUEST_OVERHEAD <= 1_572_864);
+        assert!(3 * entry + 4 * queue + value + REQUEST_OVERHEAD <= 1_572_864);
     }
 
     #[test]

@@ -155,7 +155,7 @@ fn load_average() -> String {
 }
 
 /// Compacts etcd's history up to its current revision, waiting for the compaction to apply.
-async fn compact(client: &mut Client) -> BenchResult<()> {
+pub(crate) async fn compact(client: &mut Client) -> BenchResult<()> {
     let revision = client
         .get("bench/", None)
         .await?

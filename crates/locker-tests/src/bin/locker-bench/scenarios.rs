@@ -100,7 +100,8 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         format!("{:x}", lease.id).as_bytes(),
     ]
     .concat();
-    let empty_queue = format!("{}previous/", env.prefix("acquire_release", "raw")).into_bytes();
+    let empty_queue =
+        format!("{}skip-if-empty/", env.prefix("acquire_release", "raw")).into_bytes();
     let empty_entry = [empty_queue.as_slice(), format!("{:x}", lease.id).as_bytes()].concat();
     let deletes_queue = format!("{deletes_prefix}q/").into_bytes();
     let deletes_entry = [
@@ -116,7 +117,7 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         Samples::default(),
     );
     let (mut watched, mut deletes) = (Samples::default(), Samples::default());
-    let mut previous = Samples::default();
+    let mut skip_if_empty = Samples::default();
     // Which half of the shape costs: the join txn with a plain delete, a plain create with the
     // guarded delete.
     let (mut join_plain, mut create_guarded) = (Samples::default(), Samples::default());
@@ -138,9 +139,10 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         }
         for _ in 0..cycles / BLOCKS {
             let started = Instant::now();
-            let rev = raw::join_ranged(&mut client, &empty_queue, &empty_entry, lease.id).await?;
+            let rev =
+                raw::join_skip_if_empty(&mut client, &empty_queue, &empty_entry, lease.id).await?;
             raw::guarded_delete(&mut client, &empty_entry, rev).await?;
-            previous.push(started.elapsed());
+            skip_if_empty.push(started.elapsed());
         }
         for (queue, entry, samples) in [
             (&shaped_queue, &shaped_entry, &mut shaped),
@@ -192,7 +194,7 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
     let shaped_p50 = shaped.quantile(0.5).map_or(f64::NAN, us);
     let watched_p50 = watched.quantile(0.5).map_or(f64::NAN, us);
     let deletes_p50 = deletes.quantile(0.5).map_or(f64::NAN, us);
-    let previous_p50 = previous.quantile(0.5).map_or(f64::NAN, us);
+    let skip_if_empty_p50 = skip_if_empty.quantile(0.5).map_or(f64::NAN, us);
     let bare_p50 = bare_samples.quantile(0.5).map_or(f64::NAN, us);
     outcome.extra("backend_only_no_watch_p50_us", bare_p50);
     outcome.note(format!(
@@ -206,16 +208,16 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         "which half costs (p50): raw join txn + plain delete {join_plain_p50:.0} us; raw \
          create-if-absent + guarded delete txn {create_guarded_p50:.0} us"
     ));
-    outcome.extra("raw_previous_join_p50_us", previous_p50);
+    outcome.extra("raw_join_skip_if_empty_p50_us", skip_if_empty_p50);
     outcome.extra("raw_same_txn_shapes_p50_us", shaped_p50);
     outcome.extra("raw_same_txn_shapes_watched_p50_us", watched_p50);
     outcome.extra("raw_same_txn_shapes_deletes_watched_p50_us", deletes_p50);
     outcome.note(format!(
-        "breakdown of p50: raw {:.0} us; raw calls with our txn shapes (join txn reading the \
-         queue only if not empty + guarded delete txn) {shaped_p50:.0} us, the same with a prefix watch open on the \
+        "breakdown of p50: raw {:.0} us; raw calls with our txn shapes (join txn with the queue \
+         range + guarded delete txn) {shaped_p50:.0} us, the same with a prefix watch open on the \
          connection {watched_p50:.0} us (deletes-only watch {deletes_p50:.0} us); our backend's \
-         calls alone (no state machine) {direct_p50:.0} us; through Locker {:.0} us; the previous \
-         join (reading the queue every time) + guarded delete {previous_p50:.0} us",
+         calls alone (no state machine) {direct_p50:.0} us; through Locker {:.0} us; a join \
+         reading the queue only when it is not empty + guarded delete {skip_if_empty_p50:.0} us",
         outcome
             .baseline
             .as_ref()
@@ -878,14 +880,14 @@ pub(crate) async fn failover(env: &Env) -> BenchResult<Outcome> {
 enum Shape {
     /// The baseline: create-if-absent (a put in a txn with one compare).
     Minimal,
-    /// Our join txn's shape: the put, and a sorted range of the queue only if it is not empty.
+    /// Our join txn's shape: the put plus a sorted range of the queue.
     JoinShaped,
     /// Join-shaped, with a watch open on the whole prefix (as our locker's hub has).
     JoinShapedWatched,
     /// Join-shaped, with a deletes-only watch open on the whole prefix.
     JoinShapedWatchedDeletes,
-    /// The previous join: the put plus a sorted range of the queue every time.
-    JoinRanged,
+    /// A join that reads the queue only when it is not empty (a compare over its range).
+    JoinSkipIfEmpty,
 }
 
 async fn raw_many(
@@ -896,6 +898,7 @@ async fn raw_many(
     shape: Shape,
 ) -> BenchResult<(Duration, Samples, f64)> {
     let client = env.raw().await?;
+    settle(&client).await?;
     let lease = RawLease::grant(&client, SESSION_TTL).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let watcher = match shape {
@@ -927,8 +930,9 @@ async fn raw_many(
                     if !raw::try_create(&mut client, key.as_bytes(), lease).await? {
                         return Err("raw many: key already there".into());
                     }
-                } else if shape == Shape::JoinRanged {
-                    raw::join_ranged(&mut client, queue.as_bytes(), key.as_bytes(), lease).await?;
+                } else if shape == Shape::JoinSkipIfEmpty {
+                    raw::join_skip_if_empty(&mut client, queue.as_bytes(), key.as_bytes(), lease)
+                        .await?;
                 } else {
                     raw::join_shaped(&mut client, queue.as_bytes(), key.as_bytes(), lease).await?;
                 }
@@ -948,6 +952,17 @@ async fn raw_many(
     Ok((elapsed, samples, allocated))
 }
 
+/// Compacts and defragments etcd before a run of `many_locks`: each run writes (and its lease's
+/// revoke deletes) thousands of keys, and etcd slows down as its history grows, so without this
+/// the runs after the first are measured on a slower store than the first.
+async fn settle(client: &Client) -> BenchResult<()> {
+    let mut client = client.clone();
+    crate::compact(&mut client).await?;
+    // The member this client talks to (the bench's own etcd has one).
+    client.defragment().await?;
+    Ok(())
+}
+
 /// `many_locks`: 10,000 keys acquired by 64 tasks on one session, held, released.
 pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
     const CONCURRENCY: usize = 64;
@@ -961,9 +976,11 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
         Shape::JoinShaped,
         Shape::JoinShapedWatched,
         Shape::JoinShapedWatchedDeletes,
-        Shape::JoinRanged,
+        Shape::JoinSkipIfEmpty,
     ];
     let mut times = [Duration::ZERO; 5];
+    // The minimal raw run's own time before and after ours.
+    let mut minimal_runs = Vec::new();
     let mut base = Samples::default();
     let mut raw_allocated = 0.0;
     for (i, shape) in SHAPES.iter().enumerate() {
@@ -973,9 +990,11 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
         if *shape == Shape::Minimal {
             base.extend(&samples);
             raw_allocated = allocated;
+            minimal_runs.push(keys as f64 / time.as_secs_f64());
         }
     }
 
+    settle(&env.raw().await?).await?;
     let (backend, counts) = env.ours(&env.prefix("many_locks", "ours")).await?;
     let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
     ours_cycle(&locker, "warm-up").await?;
@@ -1043,11 +1062,12 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
         times[i] += time;
         if *shape == Shape::Minimal {
             base.extend(&samples);
+            minimal_runs.push(keys as f64 / time.as_secs_f64());
         }
     }
     let rate = |i: usize| 2.0 * keys as f64 / times[i].as_secs_f64();
     let (shaped_rate, watched_rate, deletes_rate) = (rate(1), rate(2), rate(3));
-    let previous_rate = rate(4);
+    let skip_if_empty_rate = rate(4);
 
     let mut measure = ours.measure();
     measure.ops_per_s = Some(keys as f64 / acquire_time.as_secs_f64());
@@ -1080,19 +1100,29 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
     outcome.extra("raw_join_shaped_per_s", shaped_rate);
     outcome.extra("raw_join_shaped_watched_per_s", watched_rate);
     outcome.extra("raw_join_shaped_deletes_watched_per_s", deletes_rate);
-    outcome.extra("raw_previous_join_per_s", previous_rate);
+    outcome.extra("raw_join_skip_if_empty_per_s", skip_if_empty_rate);
     outcome.note(format!(
-        "breakdown (acquires/s at 64 tasks): raw create-if-absent {:.0}; raw with our join txn's \
-         shape {shaped_rate:.0}; same with a prefix watch open (like our hub) {watched_rate:.0}, \
-         with a deletes-only prefix watch {deletes_rate:.0}; the previous join (reading the queue \
-         every time) {previous_rate:.0}; ours {:.0}",
+        "breakdown (acquires/s at 64 tasks): raw create-if-absent {:.0} (before ours {:.0}, after \
+         {:.0}); raw with our join txn's shape {shaped_rate:.0}; same with a prefix watch open (like our hub) {watched_rate:.0}, \
+         with a deletes-only prefix watch {deletes_rate:.0}; a join reading the queue only when it \
+         is not empty {skip_if_empty_rate:.0}; ours {:.0}",
         outcome
             .baseline
             .as_ref()
             .and_then(|(_, m)| m.ops_per_s)
             .unwrap_or(f64::NAN),
+        minimal_runs.first().copied().unwrap_or(f64::NAN),
+        minimal_runs.last().copied().unwrap_or(f64::NAN),
         outcome.ours.ops_per_s.unwrap_or(f64::NAN),
     ));
+    outcome.extra(
+        "raw_minimal_before_per_s",
+        minimal_runs.first().copied().unwrap_or(f64::NAN),
+    );
+    outcome.extra(
+        "raw_minimal_after_per_s",
+        minimal_runs.last().copied().unwrap_or(f64::NAN),
+    );
     outcome.extra("live_bytes_per_lock_after_release", left_per_lock);
     outcome.extra("release_per_s", keys as f64 / release_time.as_secs_f64());
     outcome.extra("release_failures", failed.load(Ordering::Relaxed));
