@@ -22,7 +22,7 @@ mod edges {
     use locker_core::backend::{
         Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchStream,
     };
-    use locker_core::{Error, LockBackend, Locker, Result, Watcher};
+    use locker_core::{Error, LockBackend, LockGuard, Locker, Result, Watcher};
     use locker_memory::MemoryBackend;
     use tokio::sync::Notify;
 
@@ -88,28 +88,40 @@ mod edges {
         }
     }
 
-    /// While the locker cannot watch (its watch broken, a new one refused), a `set_value` that
-    /// finds the entry deleted ends ownership: the guard never claims a lock someone else owns.
-    #[tokio::test(start_paused = true)]
-    async fn an_entry_found_gone_while_unwatched_ends_ownership() {
+    /// A guard on `k` from a locker whose watch is then broken, and refused while the flag is
+    /// set; with the store and the flag.
+    async fn watch_refused_after_owning() -> (MemoryBackend, LockGuard, Arc<AtomicBool>) {
         let store = MemoryBackend::new();
         let (refuse, cut) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
-        let a = Locker::new(WatchGate {
+        let locker = Locker::new(WatchGate {
             inner: store.new_client(),
             refuse: refuse.clone(),
             cut: cut.clone(),
         });
-        let b = Locker::new(store.new_client());
-        let guard = a.acquire("k", "a").await.expect("acquire");
+        let guard = locker.acquire("k", "a").await.expect("acquire");
         refuse.store(true, Ordering::SeqCst);
         cut.notify_waiters();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        (store, guard, refuse)
+    }
+
+    /// An operator deletes the entry of the holder of `k`.
+    fn delete_holder_entry(store: &MemoryBackend) {
         let entry = store
             .keys()
             .into_iter()
             .find(|e| e.key.starts_with("k/"))
             .expect("the holder's entry");
         assert!(store.delete_key(&entry.key));
+    }
+
+    /// While the locker cannot watch (its watch broken, a new one refused), a `set_value` that
+    /// finds the entry deleted ends ownership: the guard never claims a lock someone else owns.
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_found_gone_while_unwatched_ends_ownership() {
+        let (store, guard, refuse) = watch_refused_after_owning().await;
+        let b = Locker::new(store.new_client());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        delete_holder_entry(&store);
         let err = tokio::time::timeout(Duration::from_secs(5), guard.set_value("a2"))
             .await
             .expect("set_value answers")
@@ -133,26 +145,12 @@ mod edges {
     /// notices a later delete of its entry.
     #[tokio::test(start_paused = true)]
     async fn a_holder_watches_again_after_its_watch_was_refused() {
-        let store = MemoryBackend::new();
-        let (refuse, cut) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
-        let a = Locker::new(WatchGate {
-            inner: store.new_client(),
-            refuse: refuse.clone(),
-            cut: cut.clone(),
-        });
-        let guard = a.acquire("k", "a").await.expect("acquire");
-        refuse.store(true, Ordering::SeqCst);
-        cut.notify_waiters();
+        let (store, guard, refuse) = watch_refused_after_owning().await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         refuse.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(guard.is_owned(), "nothing happened to the entry");
-        let entry = store
-            .keys()
-            .into_iter()
-            .find(|e| e.key.starts_with("k/"))
-            .expect("the holder's entry");
-        assert!(store.delete_key(&entry.key));
+        delete_holder_entry(&store);
         let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
             .await
             .expect("the delete is seen");

@@ -261,15 +261,8 @@ pub(crate) async fn join_shaped(
             TxnOp::put(entry, "v", Some(PutOptions::new().with_lease(lease))),
             queue_range(queue, SortOrder::Descend),
         ])
-        .or_else([
-            TxnOp::get(entry, None),
-            queue_range(queue, SortOrder::Ascend),
-        ]);
-    let answer = client.txn(txn).await?;
-    if !answer.succeeded() {
-        return Err("join-shaped txn: the entry was already there".into());
-    }
-    Ok(revision(answer.header()))
+        .or_else(retried_join(queue, entry));
+    commit_join(client, txn, "join-shaped txn").await
 }
 
 /// A join shape that skips the queue read when the queue is empty (tried, and measured slower
@@ -291,13 +284,23 @@ pub(crate) async fn join_skip_if_empty(
             TxnOp::txn(predecessor),
             TxnOp::put(entry, "v", Some(PutOptions::new().with_lease(lease))),
         ])
-        .or_else([
-            TxnOp::get(entry, None),
-            queue_range(queue, SortOrder::Ascend),
-        ]);
+        .or_else(retried_join(queue, entry));
+    commit_join(client, txn, "join-skip-if-empty txn").await
+}
+
+/// The `else` of a join: read the entry that is already there, and the whole queue.
+fn retried_join(queue: &[u8], entry: &[u8]) -> [TxnOp; 2] {
+    [
+        TxnOp::get(entry, None),
+        queue_range(queue, SortOrder::Ascend),
+    ]
+}
+
+/// Sends a join txn; answers its revision (the new entry's create revision).
+async fn commit_join(client: &mut Client, txn: Txn, what: &str) -> BenchResult<i64> {
     let answer = client.txn(txn).await?;
     if !answer.succeeded() {
-        return Err("join-skip-if-empty txn: the entry was already there".into());
+        return Err(format!("{what}: the entry was already there").into());
     }
     Ok(revision(answer.header()))
 }
