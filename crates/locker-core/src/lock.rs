@@ -366,9 +366,11 @@ pub(crate) async fn acquire(
             }
             None => {
                 // The session ended just before owning: the task joins again on a new one.
-                driver.forget_entry_in_background();
-                driver.drop_session(&session).await;
-                tokio::spawn(driver.run(Start::Fresh));
+                let next = match driver.after_hold(HoldEnd::NeverOwned, session).await {
+                    Some(exit) => Start::Exited(exit),
+                    None => Start::Fresh,
+                };
+                tokio::spawn(driver.run(next));
             }
         },
         Err(exit) => {

@@ -63,16 +63,20 @@ fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
     header.map_or(0, |h| h.revision())
 }
 
-/// Create-if-absent: `if create_revision(key) == 0 then put key value (lease)`, one txn.
-pub(crate) async fn try_create(client: &mut Client, key: &[u8], lease: i64) -> BenchResult<bool> {
-    let txn = Txn::new()
+/// `if create_revision(key) == 0 then put key value (lease)`.
+fn create_txn(key: &[u8], lease: i64) -> Txn {
+    Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
         .and_then([TxnOp::put(
             key,
             "v",
             Some(PutOptions::new().with_lease(lease)),
-        )]);
-    Ok(client.txn(txn).await?.succeeded())
+        )])
+}
+
+/// Create-if-absent, one txn: whether the key was created.
+pub(crate) async fn try_create(client: &mut Client, key: &[u8], lease: i64) -> BenchResult<bool> {
+    Ok(client.txn(create_txn(key, lease)).await?.succeeded())
 }
 
 /// Create-if-absent that must succeed, answering the key's create revision.
@@ -81,14 +85,7 @@ pub(crate) async fn create_revision(
     key: &[u8],
     lease: i64,
 ) -> BenchResult<i64> {
-    let txn = Txn::new()
-        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(
-            key,
-            "v",
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
-    let answer = client.txn(txn).await?;
+    let answer = client.txn(create_txn(key, lease)).await?;
     if !answer.succeeded() {
         return Err("create: the key was already there".into());
     }
