@@ -48,6 +48,11 @@ impl Calls {
         }))
     }
 
+    /// The calls of both snapshots together.
+    pub fn plus(self, other: Calls) -> Calls {
+        Calls(std::array::from_fn(|i| self.0[i] + other.0[i]))
+    }
+
     pub fn get(self, method: &str) -> u64 {
         METHODS
             .iter()

@@ -14,7 +14,7 @@ use tokio::time::{Instant, timeout};
 
 use crate::counting::{Calls, Counts};
 use crate::raw::{self, DrainedWatch, RawContender, RawLease};
-use crate::stats::{Measure, Outcome, RatioKind, Samples, us};
+use crate::stats::{Measure, Outcome, ProcStats, RatioKind, Samples, us};
 use crate::{BenchResult, Env, alloc_stats};
 
 /// Latency scenarios alternate ours and the baseline in this many blocks, so that both see the
@@ -59,178 +59,239 @@ fn calls_note(what: &str, calls: Calls, ops: usize) -> String {
     format!("backend calls per {what}: {}", calls.per_op(ops))
 }
 
+/// The cycles `acquire_release` times, ours and the baseline first, then the breakdown: the same
+/// etcd work in raw calls, piece by piece, and our backend without the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cycle {
+    /// `Locker::acquire` + `LockGuard::release`.
+    Ours,
+    /// The baseline: raw create-if-absent txn + plain delete.
+    Raw,
+    /// Raw join txn (put + queue range) + plain delete.
+    JoinPlain,
+    /// Raw create-if-absent txn + guarded delete txn.
+    CreateGuarded,
+    /// Raw calls with both our txn shapes: join txn + guarded delete.
+    Shaped,
+    /// The same, on a prefix a watch on the same connection covers (as our hub's does).
+    Watched,
+    /// The same, under a deletes-only watch.
+    DeletesWatched,
+    /// A join that reads the queue only when it is not empty + guarded delete.
+    SkipIfEmpty,
+    /// Our backend's `join` + `delete_entry`, on the locker's backend (its hub's watch open).
+    Backend,
+    /// Our backend's `join` + `delete_entry` on a connection with no watch.
+    BackendUnwatched,
+}
+
+impl Cycle {
+    const ALL: [Cycle; 10] = [
+        Cycle::Ours,
+        Cycle::Raw,
+        Cycle::JoinPlain,
+        Cycle::CreateGuarded,
+        Cycle::Shaped,
+        Cycle::Watched,
+        Cycle::DeletesWatched,
+        Cycle::SkipIfEmpty,
+        Cycle::Backend,
+        Cycle::BackendUnwatched,
+    ];
+
+    /// The name in the JSON extras and notes.
+    /// Where this cycle's runs are in a list made in the order of [`Cycle::ALL`].
+    fn index(self) -> usize {
+        Cycle::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Cycle::Ours => "locker",
+            Cycle::Raw => "raw",
+            Cycle::JoinPlain => "raw_join_txn_plain_delete",
+            Cycle::CreateGuarded => "raw_create_guarded_delete",
+            Cycle::Shaped => "raw_same_txn_shapes",
+            Cycle::Watched => "raw_same_txn_shapes_watched",
+            Cycle::DeletesWatched => "raw_same_txn_shapes_deletes_watched",
+            Cycle::SkipIfEmpty => "raw_join_skip_if_empty",
+            Cycle::Backend => "backend_only",
+            Cycle::BackendUnwatched => "backend_only_no_watch",
+        }
+    }
+}
+
+/// One cycle's samples and the client CPU and context switches its blocks used.
+#[derive(Default)]
+struct CycleRuns {
+    samples: Samples,
+    used: ProcStats,
+}
+
+/// A raw queue and our entry in it (the entry named by the lease, as our backend names it).
+struct RawQueue {
+    queue: Vec<u8>,
+    entry: Vec<u8>,
+}
+
+impl RawQueue {
+    fn new(prefix: &str, lease: i64) -> Self {
+        let queue = format!("{prefix}q/").into_bytes();
+        let entry = [queue.as_slice(), format!("{lease:x}").as_bytes()].concat();
+        RawQueue { queue, entry }
+    }
+}
+
 /// `acquire_release`: uncontended acquire + release on a live session, against a raw
 /// create-if-absent txn + delete.
 pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
     let cycles = env.pick(3000, 300);
-    let (backend, counts) = env.ours(&env.prefix("acquire_release", "ours")).await?;
+    let prefix = |side: &str| env.prefix("acquire_release", side);
+    let (backend, counts) = env.ours(&prefix("ours")).await?;
     let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
     let mut client = env.raw().await?;
     let lease = RawLease::grant(&client, SESSION_TTL).await?;
-    let raw_key = format!("{}k", env.prefix("acquire_release", "raw")).into_bytes();
+    let raw_key = format!("{}k", prefix("raw")).into_bytes();
     // The backend's own calls without the state machine: join + guarded delete.
     let backend = locker.backend().clone();
     let backend_lease = backend.grant_lease(Duration::from_secs(600)).await?;
     // The same backend calls on a connection without any watch (no locker uses it).
-    let (bare, _) = env.ours(&env.prefix("acquire_release", "bare")).await?;
+    let (bare, _) = env.ours(&prefix("bare")).await?;
     let bare_lease = bare.grant_lease(Duration::from_secs(600)).await?;
-    let mut bare_samples = Samples::default();
-    for _ in 0..20 {
-        ours_cycle(&locker, "k").await?;
-        backend_cycle(backend.as_ref(), backend_lease.id).await?;
-        raw_cycle(&mut client, &raw_key, lease.id).await?;
-    }
-    let shaped_queue = format!("{}shaped/", env.prefix("acquire_release", "raw")).into_bytes();
-    let shaped_entry = [
-        shaped_queue.as_slice(),
-        format!("{:x}", lease.id).as_bytes(),
-    ]
-    .concat();
-    // The same, on prefixes with a watch open on the same connection (as our hub has), with
-    // all events or deletes only.
-    let watched_prefix = env.prefix("acquire_release", "raw-watched");
-    let deletes_prefix = env.prefix("acquire_release", "raw-watched-deletes");
+    let shaped = RawQueue::new(&format!("{}shaped/", prefix("raw")), lease.id);
+    let skip_if_empty = RawQueue::new(&format!("{}skip-if-empty/", prefix("raw")), lease.id);
+    // Prefixes with a watch open on the same connection (as our hub has), with all events or
+    // deletes only.
+    let watched = RawQueue::new(&prefix("raw-watched"), lease.id);
+    let deletes = RawQueue::new(&prefix("raw-watched-deletes"), lease.id);
     let _watches = (
-        DrainedWatch::open(&client, watched_prefix.as_bytes(), false).await?,
-        DrainedWatch::open(&client, deletes_prefix.as_bytes(), true).await?,
+        DrainedWatch::open(&client, &watched.queue, false).await?,
+        DrainedWatch::open(&client, &deletes.queue, true).await?,
     );
-    let watched_queue = format!("{watched_prefix}q/").into_bytes();
-    let watched_entry = [
-        watched_queue.as_slice(),
-        format!("{:x}", lease.id).as_bytes(),
-    ]
-    .concat();
-    let empty_queue =
-        format!("{}skip-if-empty/", env.prefix("acquire_release", "raw")).into_bytes();
-    let empty_entry = [empty_queue.as_slice(), format!("{:x}", lease.id).as_bytes()].concat();
-    let deletes_queue = format!("{deletes_prefix}q/").into_bytes();
-    let deletes_entry = [
-        deletes_queue.as_slice(),
-        format!("{:x}", lease.id).as_bytes(),
-    ]
-    .concat();
-    let before = counts.snapshot();
-    let (mut ours, mut base, mut direct, mut shaped) = (
-        Samples::default(),
-        Samples::default(),
-        Samples::default(),
-        Samples::default(),
-    );
-    let (mut watched, mut deletes) = (Samples::default(), Samples::default());
-    let mut skip_if_empty = Samples::default();
-    // Which half of the shape costs: the join txn with a plain delete, a plain create with the
-    // guarded delete.
-    let (mut join_plain, mut create_guarded) = (Samples::default(), Samples::default());
-    for _ in 0..BLOCKS {
-        for _ in 0..cycles / BLOCKS {
-            bare_samples.push(backend_cycle(bare.as_ref(), bare_lease.id).await?);
+    let mut runs: Vec<CycleRuns> = Cycle::ALL.iter().map(|_| CycleRuns::default()).collect();
+    let mut before = counts.snapshot();
+    for block in 0..=BLOCKS {
+        // Block 0 warms every cycle up (20 each) and is not counted.
+        let n = if block == 0 { 20 } else { cycles / BLOCKS };
+        if block == 1 {
+            before = counts.snapshot();
         }
-        for _ in 0..cycles / BLOCKS {
-            let started = Instant::now();
-            raw::join_shaped(&mut client, &shaped_queue, &shaped_entry, lease.id).await?;
-            client.delete(shaped_entry.clone(), None).await?;
-            join_plain.push(started.elapsed());
-        }
-        for _ in 0..cycles / BLOCKS {
-            let started = Instant::now();
-            let rev = raw::create_revision(&mut client, &raw_key, lease.id).await?;
-            raw::guarded_delete(&mut client, &raw_key, rev).await?;
-            create_guarded.push(started.elapsed());
-        }
-        for _ in 0..cycles / BLOCKS {
-            let started = Instant::now();
-            let rev =
-                raw::join_skip_if_empty(&mut client, &empty_queue, &empty_entry, lease.id).await?;
-            raw::guarded_delete(&mut client, &empty_entry, rev).await?;
-            skip_if_empty.push(started.elapsed());
-        }
-        for (queue, entry, samples) in [
-            (&shaped_queue, &shaped_entry, &mut shaped),
-            (&watched_queue, &watched_entry, &mut watched),
-            (&deletes_queue, &deletes_entry, &mut deletes),
-        ] {
-            for _ in 0..cycles / BLOCKS {
+        for (cycle, runs) in Cycle::ALL.iter().zip(runs.iter_mut()) {
+            let used = ProcStats::now();
+            for _ in 0..n {
                 let started = Instant::now();
-                let rev = raw::join_shaped(&mut client, queue, entry, lease.id).await?;
-                raw::guarded_delete(&mut client, entry, rev).await?;
-                samples.push(started.elapsed());
+                match cycle {
+                    Cycle::Ours => {
+                        ours_cycle(&locker, "k").await?;
+                    }
+                    Cycle::Raw => {
+                        raw_cycle(&mut client, &raw_key, lease.id).await?;
+                    }
+                    Cycle::JoinPlain => {
+                        raw::join_shaped(&mut client, &shaped.queue, &shaped.entry, lease.id)
+                            .await?;
+                        client.delete(shaped.entry.clone(), None).await?;
+                    }
+                    Cycle::CreateGuarded => {
+                        let rev = raw::create_revision(&mut client, &raw_key, lease.id).await?;
+                        raw::guarded_delete(&mut client, &raw_key, rev).await?;
+                    }
+                    Cycle::Shaped | Cycle::Watched | Cycle::DeletesWatched => {
+                        let queue = match cycle {
+                            Cycle::Shaped => &shaped,
+                            Cycle::Watched => &watched,
+                            _ => &deletes,
+                        };
+                        let rev =
+                            raw::join_shaped(&mut client, &queue.queue, &queue.entry, lease.id)
+                                .await?;
+                        raw::guarded_delete(&mut client, &queue.entry, rev).await?;
+                    }
+                    Cycle::SkipIfEmpty => {
+                        let rev = raw::join_skip_if_empty(
+                            &mut client,
+                            &skip_if_empty.queue,
+                            &skip_if_empty.entry,
+                            lease.id,
+                        )
+                        .await?;
+                        raw::guarded_delete(&mut client, &skip_if_empty.entry, rev).await?;
+                    }
+                    Cycle::Backend => {
+                        backend_cycle(backend.as_ref(), backend_lease.id).await?;
+                    }
+                    Cycle::BackendUnwatched => {
+                        backend_cycle(bare.as_ref(), bare_lease.id).await?;
+                    }
+                }
+                if block > 0 {
+                    runs.samples.push(started.elapsed());
+                }
+            }
+            if block > 0 {
+                runs.used.add(ProcStats::now().since(used));
             }
         }
-        for _ in 0..cycles / BLOCKS {
-            ours.push(ours_cycle(&locker, "k").await?);
-        }
-        for _ in 0..cycles / BLOCKS {
-            base.push(raw_cycle(&mut client, &raw_key, lease.id).await?);
-        }
-        for _ in 0..cycles / BLOCKS {
-            direct.push(backend_cycle(backend.as_ref(), backend_lease.id).await?);
-        }
     }
+    let backend_cycles = runs[Cycle::Backend.index()].samples.len() as u64;
     let calls = counts
         .snapshot()
         .since(before)
         .since(Calls(std::array::from_fn(|i| {
             // The direct backend cycles went through the same counters: one join and one delete each.
-            if i == 3 || i == 7 {
-                direct.len() as u64
-            } else {
-                0
-            }
+            if i == 3 || i == 7 { backend_cycles } else { 0 }
         })));
     backend.revoke_lease(backend_lease.id).await?;
     bare.revoke_lease(bare_lease.id).await?;
-    let mut outcome = Outcome::new("acquire_release", ours.measure()).compare(
+    let cycles_done = runs[Cycle::Ours.index()].samples.len();
+    let base_measure = runs[Cycle::Raw.index()].samples.measure();
+    let ours_measure = runs[Cycle::Ours.index()].samples.measure();
+    let mut outcome = Outcome::new("acquire_release", ours_measure).compare(
         "raw create-if-absent txn + delete",
-        base.measure(),
+        base_measure,
         RatioKind::P50,
         1.10,
     );
-    let direct_p50 = direct.quantile(0.5).map_or(f64::NAN, us);
-    outcome.extra("backend_only_p50_us", direct_p50);
+    let raw_p50 = base_measure.p50_us.unwrap_or(f64::NAN);
+    let mut lines = Vec::new();
+    for (cycle, runs) in Cycle::ALL.iter().zip(runs.iter_mut()) {
+        let p50 = runs.samples.quantile(0.5).map_or(f64::NAN, us);
+        let ops = runs.samples.len();
+        if *cycle != Cycle::Ours && *cycle != Cycle::Raw {
+            outcome.extra(&format!("{}_p50_us", cycle.name()), p50);
+        }
+        outcome.extra(
+            &format!("{}_cpu_us_per_cycle", cycle.name()),
+            us(runs.used.cpu) / ops.max(1) as f64,
+        );
+        outcome.extra(
+            &format!("{}_switches_per_cycle", cycle.name()),
+            runs.used.switches as f64 / ops.max(1) as f64,
+        );
+        lines.push(format!(
+            "{} {p50:.0} us ({:.3}; {})",
+            cycle.name(),
+            p50 / raw_p50,
+            runs.used.per_op(ops)
+        ));
+    }
     outcome.extra(
         "backend_only_p99_us",
-        direct.quantile(0.99).map_or(f64::NAN, us),
+        runs[Cycle::Backend.index()]
+            .samples
+            .quantile(0.99)
+            .map_or(f64::NAN, us),
     );
-    let shaped_p50 = shaped.quantile(0.5).map_or(f64::NAN, us);
-    let watched_p50 = watched.quantile(0.5).map_or(f64::NAN, us);
-    let deletes_p50 = deletes.quantile(0.5).map_or(f64::NAN, us);
-    let skip_if_empty_p50 = skip_if_empty.quantile(0.5).map_or(f64::NAN, us);
-    let bare_p50 = bare_samples.quantile(0.5).map_or(f64::NAN, us);
-    outcome.extra("backend_only_no_watch_p50_us", bare_p50);
     outcome.note(format!(
-        "our backend's calls on a connection with no watch (no locker on it): {bare_p50:.0} us"
+        "breakdown, p50 (÷ raw; client cpu and context switches per cycle, all threads): {}",
+        lines.join("; ")
     ));
-    let join_plain_p50 = join_plain.quantile(0.5).map_or(f64::NAN, us);
-    let create_guarded_p50 = create_guarded.quantile(0.5).map_or(f64::NAN, us);
-    outcome.extra("raw_join_txn_plain_delete_p50_us", join_plain_p50);
-    outcome.extra("raw_create_guarded_delete_p50_us", create_guarded_p50);
-    outcome.note(format!(
-        "which half costs (p50): raw join txn + plain delete {join_plain_p50:.0} us; raw \
-         create-if-absent + guarded delete txn {create_guarded_p50:.0} us"
-    ));
-    outcome.extra("raw_join_skip_if_empty_p50_us", skip_if_empty_p50);
-    outcome.extra("raw_same_txn_shapes_p50_us", shaped_p50);
-    outcome.extra("raw_same_txn_shapes_watched_p50_us", watched_p50);
-    outcome.extra("raw_same_txn_shapes_deletes_watched_p50_us", deletes_p50);
-    outcome.note(format!(
-        "breakdown of p50: raw {:.0} us; raw calls with our txn shapes (join txn with the queue \
-         range + guarded delete txn) {shaped_p50:.0} us, the same with a prefix watch open on the \
-         connection {watched_p50:.0} us (deletes-only watch {deletes_p50:.0} us); our backend's \
-         calls alone (no state machine) {direct_p50:.0} us; through Locker {:.0} us; a join \
-         reading the queue only when it is not empty + guarded delete {skip_if_empty_p50:.0} us",
-        outcome
-            .baseline
-            .as_ref()
-            .and_then(|(_, m)| m.p50_us)
-            .unwrap_or(f64::NAN),
-        outcome.ours.p50_us.unwrap_or(f64::NAN),
-    ));
-    outcome.extra("calls_per_cycle", calls.per_op(ours.len()));
+    outcome.extra("calls_per_cycle", calls.per_op(cycles_done));
     outcome.extra(
         "grant_lease_per_cycle",
-        calls.get("grant_lease") as f64 / ours.len() as f64,
+        calls.get("grant_lease") as f64 / cycles_done.max(1) as f64,
     );
-    outcome.note(calls_note("cycle", calls, ours.len()));
+    outcome.note(calls_note("cycle", calls, cycles_done));
     locker.close().await;
     lease.revoke(&client).await;
     Ok(outcome)
@@ -342,51 +403,67 @@ async fn next_event(
     }
 }
 
-/// The coordinator of a hand-off ring: waits until the queue holds the holder and every waiter,
-/// lets it settle, tells the holder to release, and times release → next acquisition.
-#[allow(clippy::too_many_arguments)]
-async fn ring(
-    counter: &mut Client,
-    queue: &[u8],
+/// A hand-off ring: N + 1 contenders taking turns on one queue, and what its coordinator needs.
+struct Ring {
+    queue: Vec<u8>,
     waiters: usize,
-    warmup: usize,
-    rounds: usize,
-    settle: Duration,
-    events: &mut mpsc::UnboundedReceiver<RingEvent>,
-    gos: &[mpsc::UnboundedSender<()>],
-    tasks: &mut JoinSet<BenchResult<()>>,
-    calls: &dyn Fn() -> Calls,
-) -> BenchResult<(Samples, Calls)> {
-    let mut samples = Samples::default();
-    let mut released: Option<Instant> = None;
-    let mut before = Calls::default();
-    for round in 0..=warmup + rounds {
-        let RingEvent::Acquired { id, at } = next_event(events, tasks).await? else {
-            return Err("a release without an acquisition".into());
-        };
-        if let Some(t) = released.take()
-            && round > warmup
-        {
-            samples.push(at - t);
-        }
-        if round == warmup {
-            before = calls();
-        }
-        if round == warmup + rounds {
+    events: mpsc::UnboundedReceiver<RingEvent>,
+    gos: Vec<mpsc::UnboundedSender<()>>,
+    tasks: JoinSet<BenchResult<()>>,
+    /// The contender that owns and waits for its go, between two runs of the ring.
+    holder: Option<usize>,
+}
+
+impl Ring {
+    /// Runs `rounds` hand-offs after `warmup` unmeasured ones: waits until the queue holds the
+    /// holder and every waiter, lets it settle, tells the holder to release, and times release →
+    /// next acquisition. Leaves the ring with its holder waiting, so that it can run again.
+    async fn run(
+        &mut self,
+        counter: &mut Client,
+        warmup: usize,
+        rounds: usize,
+        settle: Duration,
+    ) -> BenchResult<Samples> {
+        let mut samples = Samples::default();
+        let mut released: Option<Instant> = None;
+        for round in 0..=warmup + rounds {
+            let id = match (round, self.holder.take()) {
+                (0, Some(id)) => id,
+                _ => {
+                    let RingEvent::Acquired { id, at } =
+                        next_event(&mut self.events, &mut self.tasks).await?
+                    else {
+                        return Err("a release without an acquisition".into());
+                    };
+                    if let Some(t) = released.take()
+                        && round > warmup
+                    {
+                        samples.push(at - t);
+                    }
+                    id
+                }
+            };
             // Wait for the old holder's rejoin, which belongs to the last hand-off.
-            raw::wait_count(counter, queue, waiters as i64 + 1).await?;
+            raw::wait_count(counter, &self.queue, self.waiters as i64 + 1).await?;
             tokio::time::sleep(settle).await;
-            return Ok((samples, calls().since(before)));
+            if round == warmup + rounds {
+                self.holder = Some(id);
+                return Ok(samples);
+            }
+            self.gos[id].send(()).map_err(|_| "the holder is gone")?;
+            let RingEvent::Releasing { at } = next_event(&mut self.events, &mut self.tasks).await?
+            else {
+                return Err("an acquisition before the release".into());
+            };
+            released = Some(at);
         }
-        raw::wait_count(counter, queue, waiters as i64 + 1).await?;
-        tokio::time::sleep(settle).await;
-        gos[id].send(()).map_err(|_| "the holder is gone")?;
-        let RingEvent::Releasing { at } = next_event(events, tasks).await? else {
-            return Err("an acquisition before the release".into());
-        };
-        released = Some(at);
+        Err("the ring ended early".into())
     }
-    Err("the ring ended early".into())
+
+    async fn stop(self) {
+        stop_ring(self.gos, self.tasks).await;
+    }
 }
 
 async fn stop_ring(gos: Vec<mpsc::UnboundedSender<()>>, mut tasks: JoinSet<BenchResult<()>>) {
@@ -403,14 +480,15 @@ async fn stop_ring(gos: Vec<mpsc::UnboundedSender<()>>, mut tasks: JoinSet<Bench
 /// `handoff_N`: the holder releases → the next of `waiters` waiters' acquire returns.
 pub(crate) async fn handoff(env: &Env, waiters: usize) -> BenchResult<Outcome> {
     let name = format!("handoff_{waiters}");
-    let rounds = env.pick(200, 30);
+    let rounds = env.pick(600, 30);
+    let blocks = env.pick(BLOCKS, 1);
     let warmup = 5;
     let settle = Duration::from_millis(env.pick(10, 5));
     let mut counter = env.raw().await?;
 
     // Ours: each contender is a client of its own (its own connection, locker and session).
     let prefix = env.prefix(&name, "ours");
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let mut gos = Vec::new();
     let mut tasks = JoinSet::new();
     let mut counts: Vec<Arc<Counts>> = Vec::new();
@@ -423,34 +501,25 @@ pub(crate) async fn handoff(env: &Env, waiters: usize) -> BenchResult<Outcome> {
         tasks.spawn(ours_contender(locker, id, events_tx.clone(), go_rx));
     }
     drop(events_tx);
-    let snapshot = |counts: &[Arc<Counts>]| {
+    let snapshot = || {
         counts
             .iter()
             .map(|c| c.snapshot())
-            .fold(Calls::default(), |a, b| {
-                Calls(std::array::from_fn(|i| a.0[i] + b.0[i]))
-            })
+            .fold(Calls::default(), Calls::plus)
     };
-    let queue = format!("{prefix}k/").into_bytes();
-    let (mut ours, calls) = ring(
-        &mut counter,
-        &queue,
+    let mut ours_ring = Ring {
+        queue: format!("{prefix}k/").into_bytes(),
         waiters,
-        warmup,
-        rounds,
-        settle,
-        &mut events,
-        &gos,
-        &mut tasks,
-        &|| snapshot(&counts),
-    )
-    .await?;
-    stop_ring(gos, tasks).await;
+        events,
+        gos,
+        tasks,
+        holder: None,
+    };
 
-    // The baseline: the same ring of raw contenders.
+    // The baseline: the same ring of raw contenders, alive alongside ours (idle while ours runs).
     let prefix = env.prefix(&name, "raw");
     let queue = format!("{prefix}k/").into_bytes();
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let mut gos = Vec::new();
     let mut tasks = JoinSet::new();
     for id in 0..=waiters {
@@ -460,20 +529,36 @@ pub(crate) async fn handoff(env: &Env, waiters: usize) -> BenchResult<Outcome> {
         tasks.spawn(raw_contender(contender, id, events_tx.clone(), go_rx));
     }
     drop(events_tx);
-    let (mut base, _) = ring(
-        &mut counter,
-        &queue,
+    let mut raw_ring = Ring {
+        queue,
         waiters,
-        warmup,
-        rounds,
-        settle,
-        &mut events,
-        &gos,
-        &mut tasks,
-        &Calls::default,
-    )
-    .await?;
-    stop_ring(gos, tasks).await;
+        events,
+        gos,
+        tasks,
+        holder: None,
+    };
+
+    // Alternate the two rings in blocks, so that both see the same background load.
+    let (mut ours, mut base) = (Samples::default(), Samples::default());
+    let mut calls = Calls::default();
+    ours_ring.run(&mut counter, warmup, 0, settle).await?;
+    raw_ring.run(&mut counter, warmup, 0, settle).await?;
+    for _ in 0..blocks {
+        let before = snapshot();
+        ours.extend(
+            &ours_ring
+                .run(&mut counter, 0, rounds / blocks, settle)
+                .await?,
+        );
+        calls = calls.plus(snapshot().since(before));
+        base.extend(
+            &raw_ring
+                .run(&mut counter, 0, rounds / blocks, settle)
+                .await?,
+        );
+    }
+    ours_ring.stop().await;
+    raw_ring.stop().await;
 
     let mut outcome = Outcome::new(&name, ours.measure()).compare(
         "raw: delete -> watch event -> one read",

@@ -451,3 +451,62 @@ mod tests {
         assert_eq!(json_num(None), "null");
     }
 }
+
+/// What this process's threads have used so far, from `/proc/self/task/*`: CPU time (scheduler
+/// statistics, nanoseconds) and context switches (voluntary and not). Zero where `/proc` cannot
+/// be read (the breakdowns then say nothing about CPU).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ProcStats {
+    pub(crate) cpu: Duration,
+    pub(crate) switches: u64,
+}
+
+impl ProcStats {
+    pub(crate) fn now() -> ProcStats {
+        let mut stats = ProcStats::default();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return stats;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            if let Some(ns) = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            {
+                stats.cpu += Duration::from_nanos(ns);
+            }
+            if let Ok(status) = std::fs::read_to_string(path.join("status")) {
+                stats.switches += status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+        stats
+    }
+
+    /// What was used between `earlier` and this snapshot (threads that ended meanwhile are
+    /// not counted).
+    pub(crate) fn since(self, earlier: ProcStats) -> ProcStats {
+        ProcStats {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            switches: self.switches.saturating_sub(earlier.switches),
+        }
+    }
+
+    pub(crate) fn add(&mut self, other: ProcStats) {
+        self.cpu += other.cpu;
+        self.switches += other.switches;
+    }
+
+    /// `cpu 412 us, 16.3 switches` per `ops` operations.
+    pub(crate) fn per_op(self, ops: usize) -> String {
+        let ops = ops.max(1) as f64;
+        format!(
+            "cpu {:.0} us, {:.1} switches",
+            us(self.cpu) / ops,
+            self.switches as f64 / ops
+        )
+    }
+}
