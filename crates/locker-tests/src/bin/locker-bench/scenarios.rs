@@ -603,10 +603,12 @@ pub(crate) async fn contended(env: &Env) -> BenchResult<Outcome> {
     let (mut ours_n, mut ours_time) = (0u64, Duration::ZERO);
     let (mut base_n, mut base_time) = (0u64, Duration::ZERO);
     let mut calls = Calls::default();
+    let (mut ours_used, mut base_used) = (ProcStats::default(), ProcStats::default());
     for _ in 0..rounds {
         let stop = Arc::new(AtomicBool::new(false));
         let acquired = Arc::new(AtomicU64::new(0));
         let before = counts.snapshot();
+        let used = ProcStats::now();
         let started = Instant::now();
         let mut tasks = JoinSet::new();
         for locker in &lockers {
@@ -626,6 +628,7 @@ pub(crate) async fn contended(env: &Env) -> BenchResult<Outcome> {
         tokio::time::sleep(period).await;
         let n = acquired.load(Ordering::Relaxed);
         let elapsed = started.elapsed();
+        ours_used.add(ProcStats::now().since(used));
         let after = counts.snapshot();
         stop.store(true, Ordering::Relaxed);
         while let Some(done) = tasks.join_next().await {
@@ -633,15 +636,16 @@ pub(crate) async fn contended(env: &Env) -> BenchResult<Outcome> {
         }
         ours_n += n;
         ours_time += elapsed;
-        let c = after.since(before);
-        calls = Calls(std::array::from_fn(|i| calls.0[i] + c.0[i]));
+        calls = calls.plus(after.since(before));
 
+        let used = ProcStats::now();
         let started = Instant::now();
         while started.elapsed() < period {
             base.push(raw_cycle(&mut client, &raw_key, lease.id).await?);
             base_n += 1;
         }
         base_time += started.elapsed();
+        base_used.add(ProcStats::now().since(used));
     }
     let mut ours = waits.measure();
     ours.ops_per_s = Some(ours_n as f64 / ours_time.as_secs_f64());
@@ -656,6 +660,23 @@ pub(crate) async fn contended(env: &Env) -> BenchResult<Outcome> {
     outcome.note("p50/p99 = wait from acquire() to owning; baseline p50/p99 = one raw cycle");
     outcome.note(calls_note("acquisition", calls, ours_n as usize));
     outcome.extra("calls_per_acquisition", calls.per_op(ours_n as usize));
+    outcome.note(format!(
+        "client per acquisition (all threads): {}; per raw cycle: {}",
+        ours_used.per_op(ours_n as usize),
+        base_used.per_op(base_n as usize)
+    ));
+    outcome.extra(
+        "cpu_us_per_acquisition",
+        us(ours_used.cpu) / ours_n.max(1) as f64,
+    );
+    outcome.extra(
+        "switches_per_acquisition",
+        ours_used.switches as f64 / ours_n.max(1) as f64,
+    );
+    outcome.extra(
+        "raw_cpu_us_per_cycle",
+        us(base_used.cpu) / base_n.max(1) as f64,
+    );
     for locker in &lockers {
         locker.close().await;
     }
