@@ -317,6 +317,13 @@ impl Shared {
 
 impl Sink for Shared {
     fn deliver(&self, msg: HubMsg) {
+        // Only deletes move a lock (its own entry's, its predecessor's): a put, such as the one
+        // of its own join, neither queues anything nor wakes the task.
+        if let HubMsg::Event(event) = &msg
+            && event.kind != EventKind::Delete
+        {
+            return;
+        }
         let mut inbox = lock(&self.inbox);
         if inbox.task_gone {
             return;
@@ -1688,4 +1695,44 @@ fn delete_in_background(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::backend::{Entry, WatchEvent};
+
+    fn event(kind: EventKind, key: &str) -> HubMsg {
+        HubMsg::Event(WatchEvent {
+            kind,
+            entry: Entry {
+                key: key.to_owned(),
+                value: Vec::new(),
+                lease: 1,
+                create_revision: 2,
+                mod_revision: 3,
+            },
+        })
+    }
+
+    #[test]
+    fn a_lock_keeps_deletes_and_resyncs_but_not_puts() {
+        let shared = Shared::new(Arc::from("k"));
+        shared.deliver(event(EventKind::Put, "k/1"));
+        assert!(shared.take_events().0.is_empty(), "a put was queued");
+        assert!(
+            shared.doorbell.notified().now_or_never().is_none(),
+            "a put rang the doorbell"
+        );
+        shared.deliver(event(EventKind::Delete, "k/1"));
+        assert!(shared.doorbell.notified().now_or_never().is_some());
+        shared.deliver(HubMsg::Resync);
+        let (events, closed) = shared.take_events();
+        assert!(!closed);
+        assert_eq!(events.len(), 2);
+        assert!(matches!(&events[0], HubMsg::Event(e) if e.kind == EventKind::Delete));
+        assert!(matches!(events[1], HubMsg::Resync));
+    }
 }
