@@ -38,6 +38,12 @@ type Subscribers = BTreeMap<Arc<str>, Vec<(u64, Arc<dyn Sink>)>>;
 pub(crate) trait Sink: Send + Sync {
     /// Takes one message; must not block (the hub never waits for a reader).
     fn deliver(&self, msg: HubMsg);
+    /// Whether this sink takes `event` at all (the hub copies an event only for the sinks that
+    /// do). Every event, unless a sink says otherwise.
+    fn wants(&self, event: &WatchEvent) -> bool {
+        let _ = event;
+        true
+    }
     /// No more messages will come: the hub is gone or its watch failed for good.
     fn close(&self);
 }
@@ -407,7 +413,7 @@ fn send_events(state: &Weak<Mutex<State>>, batch: Vec<WatchEvent>) -> bool {
             continue;
         };
         if let Some(list) = state.subscribers.get_mut(queue) {
-            for (_, sink) in list.iter() {
+            for (_, sink) in list.iter().filter(|(_, sink)| sink.wants(&event)) {
                 sink.deliver(HubMsg::Event(event.clone()));
             }
         }

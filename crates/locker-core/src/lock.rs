@@ -25,7 +25,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{Entry, EventKind, Revision, entry_key};
+use crate::backend::{Entry, EventKind, Revision, WatchEvent, entry_key};
 use crate::error::{Error, LossReason, Result};
 use crate::hub::{HubMsg, Registration, Sink};
 use crate::locker::{KeyClaim, LockOptions, Locker, check_ttl};
@@ -317,10 +317,8 @@ impl Shared {
 
 impl Sink for Shared {
     fn deliver(&self, msg: HubMsg) {
-        // Only deletes move a lock (its own entry's, its predecessor's): a put, such as the one
-        // of its own join, neither queues anything nor wakes the task.
         if let HubMsg::Event(event) = &msg
-            && event.kind != EventKind::Delete
+            && !self.wants(event)
         {
             return;
         }
@@ -331,6 +329,12 @@ impl Sink for Shared {
         inbox.events.push_back(msg);
         drop(inbox);
         self.doorbell.notify_one();
+    }
+
+    /// Only deletes move a lock (its own entry's, its predecessor's): a put, such as the one of
+    /// its own join, is neither copied, nor queued, nor wakes the task.
+    fn wants(&self, event: &WatchEvent) -> bool {
+        event.kind == EventKind::Delete
     }
 
     fn close(&self) {
@@ -1702,7 +1706,7 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
-    use crate::backend::{Entry, WatchEvent};
+    use crate::backend::Entry;
 
     fn event(kind: EventKind, key: &str) -> HubMsg {
         HubMsg::Event(WatchEvent {
@@ -1720,6 +1724,12 @@ mod tests {
     #[test]
     fn a_lock_keeps_deletes_and_resyncs_but_not_puts() {
         let shared = Shared::new(Arc::from("k"));
+        let wanted = |msg: HubMsg| match msg {
+            HubMsg::Event(event) => shared.wants(&event),
+            HubMsg::Resync => true,
+        };
+        assert!(!wanted(event(EventKind::Put, "k/1")));
+        assert!(wanted(event(EventKind::Delete, "k/1")));
         shared.deliver(event(EventKind::Put, "k/1"));
         assert!(shared.take_events().0.is_empty(), "a put was queued");
         assert!(

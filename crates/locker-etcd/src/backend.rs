@@ -239,11 +239,11 @@ impl EtcdBackend {
         &self,
         key: &str,
         order: Order,
-        first: &GetResponse,
+        first: GetResponse,
         revision: Revision,
         except: Option<&str>,
     ) -> Result<Option<Entry>> {
-        let mut page = first.clone();
+        let mut page = first;
         let mut limit = PAGE;
         let mut boundary: Option<(Revision, HashSet<Vec<u8>>)> = None;
         loop {
@@ -315,11 +315,11 @@ impl EtcdBackend {
                 TxnOp::get(queue, Some(Self::whole_queue_options())),
             ]);
         let (response, revision) = self.txn(txn, Context::op("join").lease(lease)).await?;
-        let ops = response.op_responses();
+        let mut ops = response.op_responses();
         if response.succeeded() {
             // Pages on (at the txn's revision) only if the page held nothing but our entry and
             // entries of deeper queues.
-            let newest = get_response(&ops, 1)?;
+            let newest = take_get_response(&mut ops, 1)?;
             let predecessor = self
                 .first_of_queue(key, Order::Newest, newest, revision, Some(&relative))
                 .await?;
@@ -377,14 +377,15 @@ impl EtcdBackend {
         let (response, revision) = self
             .txn(Txn::new().and_then(ops), Context::op("position"))
             .await?;
-        let ops = response.op_responses();
+        let mut ops = response.op_responses();
         let own = get_response(&ops, 0)?
             .kvs()
             .first()
             .filter(|kv| kv.create_revision() == create_revision)
             .and_then(|kv| self.entry(kv));
         let predecessor = if has_older {
-            self.first_of_queue(key, Order::Newest, get_response(&ops, 1)?, revision, None)
+            let page = take_get_response(&mut ops, 1)?;
+            self.first_of_queue(key, Order::Newest, page, revision, None)
                 .await?
         } else {
             None
@@ -405,7 +406,7 @@ impl EtcdBackend {
             )
             .await?;
         let holder = self
-            .first_of_queue(key, Order::Oldest, &first, revision, None)
+            .first_of_queue(key, Order::Oldest, first, revision, None)
             .await?;
         Ok((holder, revision))
     }
@@ -430,6 +431,14 @@ where
 /// The range answer at `index` of a transaction's answers.
 fn get_response(ops: &[TxnOpResponse], index: usize) -> Result<&GetResponse> {
     match ops.get(index) {
+        Some(TxnOpResponse::Get(response)) => Ok(response),
+        _ => Err(malformed("a txn answer without the expected range")),
+    }
+}
+
+/// Takes the range answer at `index` out of a txn's answers (no copy of its keys and values).
+fn take_get_response(ops: &mut Vec<TxnOpResponse>, index: usize) -> Result<GetResponse> {
+    match (index < ops.len()).then(|| ops.swap_remove(index)) {
         Some(TxnOpResponse::Get(response)) => Ok(response),
         _ => Err(malformed("a txn answer without the expected range")),
     }
