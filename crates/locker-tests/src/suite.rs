@@ -12,7 +12,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use locker_core::backend::LeaseId;
 use locker_core::{
-    Error, FencingToken, Holder, LockHandle, LockOptions, Locker, LossReason, Ownership, Result,
+    Error, FencingToken, Holder, LockGuard, LockHandle, LockOptions, Locker, LossReason, Ownership,
+    Result,
 };
 use tokio::time::{Instant, sleep, timeout};
 
@@ -759,13 +760,19 @@ pub async fn lost_lease_reacquires_when_fault_heals(h: &dyn Harness) {
     handle.release().await.expect("release");
 }
 
-/// An entry deleted by an operator means the guard has lost the lock.
-pub async fn operator_deleted_entry_means_loss(h: &dyn Harness) {
-    let key = h.key("operator");
-    let a = h.client().await.locker(TTL);
-    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+/// A guard on a fresh key whose entry an operator has just deleted (the locker must outlive it).
+async fn acquire_then_operator_delete(h: &dyn Harness, name: &str) -> (Locker, LockGuard) {
+    let key = h.key(name);
+    let locker = h.client().await.locker(TTL);
+    let guard = locker.acquire(key.clone(), "a").await.expect("acquire");
     let entry = h.entries(&key).await.remove(0);
     h.delete_key(&entry.key).await;
+    (locker, guard)
+}
+
+/// An entry deleted by an operator means the guard has lost the lock.
+pub async fn operator_deleted_entry_means_loss(h: &dyn Harness) {
+    let (_locker, guard) = acquire_then_operator_delete(h, "operator").await;
     let reason = timeout(PATIENCE, guard.lost())
         .await
         .expect("loss reported");
@@ -783,11 +790,7 @@ pub async fn operator_deleted_entry_means_loss(h: &dyn Harness) {
 /// A release that comes right after an operator deleted the entry (before or after the lock
 /// heard of it) says the lock was not owned to the end.
 pub async fn release_right_after_an_operator_delete_reports_not_owned(h: &dyn Harness) {
-    let key = h.key("operator-release");
-    let a = h.client().await.locker(TTL);
-    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
-    let entry = h.entries(&key).await.remove(0);
-    h.delete_key(&entry.key).await;
+    let (_locker, guard) = acquire_then_operator_delete(h, "operator-release").await;
     let result = guard.release().await;
     assert!(
         matches!(
