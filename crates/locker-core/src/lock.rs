@@ -1464,8 +1464,7 @@ impl Driver {
     async fn delete_held(&mut self) -> Result<()> {
         if self.held.is_none()
             && let Some((session, key)) = self.pending.take()
-            && let Ok(snapshot) = self.backend().entries(self.key()).await
-            && let Some(entry) = snapshot.entries.into_iter().find(|e| e.key == key)
+            && let Some(entry) = find_unseen_join(&self.locker, &session, self.key(), &key).await
         {
             // The join went through although its answer was not seen.
             self.held = Some((session, entry));
@@ -1598,14 +1597,9 @@ impl Drop for Driver {
                 (Some(held), _) => Some(held),
                 (None, Some((session, entry_key))) => {
                     // The join may have gone through although its answer was not seen.
-                    match locker.inner.backend.entries(&key).await {
-                        Ok(snapshot) => snapshot
-                            .entries
-                            .into_iter()
-                            .find(|e| e.key == entry_key)
-                            .map(|entry| (session, entry)),
-                        Err(_) => None,
-                    }
+                    find_unseen_join(&locker, &session, &key, &entry_key)
+                        .await
+                        .map(|entry| (session, entry))
                 }
                 (None, None) => None,
             };
@@ -1666,6 +1660,34 @@ async fn delete_until_gone(
                 tokio::time::sleep(delay).await;
             }
             Err(err) => return Err(err),
+        }
+    }
+}
+
+/// The entry `entry_key` of a join whose answer was not seen, if the join went through. A failed
+/// read is retried (with the locker's back-off) while the session lives: an entry forgotten here
+/// would stay in the queue for as long as the session's lease is kept alive, and block the key.
+async fn find_unseen_join(
+    locker: &Locker,
+    session: &Session,
+    key: &str,
+    entry_key: &str,
+) -> Option<Entry> {
+    let mut failures = 0u32;
+    loop {
+        match locker.inner.backend.entries(key).await {
+            Ok(snapshot) => return snapshot.entries.into_iter().find(|e| e.key == entry_key),
+            // The lease is no longer renewed, so the entry (if any) goes with it.
+            Err(_) if session.is_lost() => return None,
+            Err(err) if err.is_retryable() => {
+                let delay = locker.retry_delay(&mut failures);
+                debug!(entry = %entry_key, error = %err, ?delay, "looking for an unseen join failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => {
+                warn!(entry = %entry_key, error = %err, "cannot look for the entry of an unseen join; it stays until its lease ends");
+                return None;
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ locker_tests::conformance_suite!(
 /// Lock behaviours that need a store whose watch alone fails, and a runtime that goes away.
 mod edges {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
 
     use async_trait::async_trait;
@@ -27,12 +27,15 @@ mod edges {
     use tokio::sync::Notify;
 
     /// A memory client whose watches can be broken, and refused while `refuse` is set (as a
-    /// store does after a permission is revoked).
-    #[derive(Debug)]
+    /// store does after a permission is revoked); whose joins, while `lose_joins` is set, go
+    /// through but are never answered; and whose next `fail_entries` reads of a queue fail.
+    #[derive(Debug, Default)]
     struct WatchGate {
         inner: MemoryBackend,
         refuse: Arc<AtomicBool>,
         cut: Arc<Notify>,
+        lose_joins: Arc<AtomicBool>,
+        fail_entries: Arc<AtomicU64>,
     }
 
     #[async_trait]
@@ -69,7 +72,12 @@ mod edges {
             self.inner.revoke_lease(lease).await
         }
         async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
-            self.inner.join(key, lease, value).await
+            let joined = self.inner.join(key, lease, value).await?;
+            if self.lose_joins.load(Ordering::SeqCst) {
+                // Applied, but the answer never comes back (a connection lost mid-call).
+                std::future::pending::<()>().await;
+            }
+            Ok(joined)
         }
         async fn position(&self, key: &str, entry: &str, rev: Revision) -> Result<Position> {
             self.inner.position(key, entry, rev).await
@@ -78,6 +86,13 @@ mod edges {
             self.inner.holder(key).await
         }
         async fn entries(&self, key: &str) -> Result<Snapshot> {
+            let failing = self
+                .fail_entries
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(Error::unavailable("queue read failed (test)"));
+            }
             self.inner.entries(key).await
         }
         async fn delete_entry(&self, entry: &str, rev: Revision) -> Result<bool> {
@@ -97,11 +112,54 @@ mod edges {
             inner: store.new_client(),
             refuse: refuse.clone(),
             cut: cut.clone(),
+            ..WatchGate::default()
         });
         let guard = locker.acquire("k", "a").await.expect("acquire");
         refuse.store(true, Ordering::SeqCst);
         cut.notify_waiters();
         (store, guard, refuse)
+    }
+
+    /// An `acquire` dropped while its join had gone through unanswered leaves no entry behind,
+    /// even when the first looks for that entry fail: otherwise the entry would block the key for
+    /// as long as the locker's session lives.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_acquire_whose_join_went_unanswered_leaves_no_entry() {
+        let store = MemoryBackend::new();
+        let gate = WatchGate {
+            inner: store.new_client(),
+            ..WatchGate::default()
+        };
+        let (lose, fail) = (gate.lose_joins.clone(), gate.fail_entries.clone());
+        let locker = Locker::new(gate);
+        lose.store(true, Ordering::SeqCst);
+        fail.store(2, Ordering::SeqCst);
+        let dropped = tokio::time::timeout(Duration::from_secs(1), locker.acquire("k", "a")).await;
+        assert!(dropped.is_err(), "the join was never answered");
+        let entries = |store: &MemoryBackend| {
+            store
+                .keys()
+                .into_iter()
+                .filter(|e| e.key.starts_with("k/"))
+                .count()
+        };
+        assert_eq!(entries(&store), 1, "the join went through");
+        lose.store(false, Ordering::SeqCst);
+        // The locker and its session live on: the entry must go all the same.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            fail.load(Ordering::SeqCst),
+            0,
+            "the failed reads were retried"
+        );
+        assert_eq!(entries(&store), 0, "the entry was left: {:?}", store.keys());
+        let other = Locker::new(store.new_client());
+        let guard = tokio::time::timeout(Duration::from_secs(1), other.acquire("k", "b"))
+            .await
+            .expect("the key is free")
+            .expect("acquire");
+        guard.release().await.expect("release");
+        drop(locker);
     }
 
     /// An operator deletes the entry of the holder of `k`.
