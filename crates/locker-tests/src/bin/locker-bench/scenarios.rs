@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 
-use crate::counting::{Calls, Counts};
+use crate::counting::{Calls, Counts, METHODS};
 use crate::raw::{self, DrainedWatch, RawContender, RawLease};
 use crate::stats::{Measure, Outcome, ProcStats, RatioKind, Samples, us};
 use crate::{BenchResult, Env, alloc_stats};
@@ -239,7 +239,10 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
         .since(before)
         .since(Calls(std::array::from_fn(|i| {
             // The direct backend cycles went through the same counters: one join and one delete each.
-            if i == 3 || i == 7 { backend_cycles } else { 0 }
+            match METHODS[i] {
+                "join" | "delete_entry" => backend_cycles,
+                _ => 0,
+            }
         })));
     backend.revoke_lease(backend_lease.id).await?;
     bare.revoke_lease(bare_lease.id).await?;
