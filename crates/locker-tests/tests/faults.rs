@@ -176,6 +176,22 @@ async fn leader_paused_while_lock_held() {
     leader_fault_while_lock_held("leader-paused", LeaderFault::Pause).await;
 }
 
+/// The answer of `call`, tried again while it fails with a retryable error (after a restart the
+/// client may still be reconnecting to a member), for at most [`PATIENCE`].
+async fn once_reachable<T, Fut>(mut call: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = locker_core::Result<T>>,
+{
+    let start = Instant::now();
+    loop {
+        match call().await {
+            Ok(answer) => return answer,
+            Err(err) => assert!(err.is_retryable() && start.elapsed() < PATIENCE, "{err}"),
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The whole cluster is down for longer than the TTL: the holder reports *not owned* before the
 /// TTL has run out, and owns again once the cluster is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,8 +218,10 @@ async fn whole_cluster_down_longer_than_ttl() {
     bed.cluster.restart_all().await.unwrap();
     let second = owned(&ha).await;
     assert!(second > first);
+    // (The client may still be reconnecting to a member: a retryable error, tried again.)
+    let holder = once_reachable(|| a.get("k")).await;
     assert_eq!(
-        a.get("k").await.unwrap().expect("held").token,
+        holder.expect("held").token,
         second,
         "the store agrees on the new tenure"
     );
@@ -235,11 +253,7 @@ async fn cluster_restart_keeps_sessions_and_watches() {
     bed.cluster.restart_all().await.unwrap();
     // The same tenure goes on; changes after the restart reach the watch in order. (The client
     // may still be reconnecting: set_value answers that as a retryable error.)
-    let start = Instant::now();
-    while let Err(err) = guard.set_value("v2").await {
-        assert!(err.is_retryable() && start.elapsed() < PATIENCE, "{err}");
-        sleep(Duration::from_millis(50)).await;
-    }
+    once_reachable(|| guard.set_value("v2")).await;
     assert!(guard.is_owned());
     let seen = next_holder(&mut stream).await.unwrap();
     assert_eq!((seen.value_str(), seen.token), (Some("v2"), guard.token()));
