@@ -2,7 +2,7 @@
 //! baselines on the same etcd, in the same run.
 //!
 //! ```text
-//! cargo run --release -p locker-tests --bin locker-bench -- [--quick] [--json FILE] [--only NAME[,NAME..]]
+//! cargo run --release -p locker-bench -- [--quick] [--json FILE] [--only NAME[,NAME..]]
 //! ```
 //!
 //! It starts its own etcd from the `etcd` binary (`LOCKER_ETCD_BIN`, else `PATH`) **with fsync
@@ -19,13 +19,9 @@ use locker_core::LockBackend;
 use locker_etcd::EtcdBackend;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
-#[path = "locker-bench/counting.rs"]
 mod counting;
-#[path = "locker-bench/raw.rs"]
 mod raw;
-#[path = "locker-bench/scenarios.rs"]
 mod scenarios;
-#[path = "locker-bench/stats.rs"]
 mod stats;
 
 use counting::Counts;

@@ -18,7 +18,7 @@ fn image() -> String {
     if let Ok(image) = std::env::var("LOCKER_ETCD_IMAGE") {
         return image;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/etcd-image.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-image.sh");
     let output = Command::new("bash")
         .arg(&script)
         .output()

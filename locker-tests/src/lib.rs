@@ -29,5 +29,5 @@ pub use harness::{Client, ClientFaults, Cut, Harness};
 
 /// The examples of the workspace README, compiled and run as doctests.
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
