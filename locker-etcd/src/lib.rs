@@ -4,6 +4,8 @@ mod backend;
 mod config;
 mod error;
 mod keepalive;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod watch;
 
 pub use backend::EtcdBackend;
@@ -14,3 +16,12 @@ pub use config::{
 /// etcd-client's TLS types, for [`EtcdBackendBuilder::tls`] (feature `tls`).
 #[cfg(feature = "tls")]
 pub use etcd_client::{Certificate, Identity, TlsOptions};
+
+/// The etcd client this crate is built on, for [`EtcdBackend::from_client`] and for what locker
+/// does not do: use it instead of a separate `etcd-client` dependency, so the versions match.
+pub use etcd_client;
+
+/// The examples of the workspace README, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -132,11 +132,8 @@ impl Plan {
 /// Per key, the tenures as (client, token, start offset µs, end offset µs).
 pub type History = BTreeMap<String, Vec<(usize, i64, u128, Option<u128>)>>;
 
-/// The leases a client was granted, in order.
-type Granted = Arc<Mutex<Vec<i64>>>;
-
-/// Per client: its proxies (one per member) and its granted leases.
-type Links = BTreeMap<usize, (Vec<Arc<crate::proxy::Proxy>>, Granted)>;
+/// The leases a client was granted, in order (see [`client_locker`]).
+pub type Granted = Arc<Mutex<Vec<i64>>>;
 
 /// What a run did and found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,6 +167,23 @@ impl Report {
             self.writes,
             self.violations.len()
         )
+    }
+
+    /// Prints the summary line, and panics with every violation if there is one, or if the run
+    /// acquired nothing or injected no fault (it tested nothing).
+    pub fn assert_safe(&self) {
+        println!("{}", self.summary());
+        assert!(
+            self.violations.is_empty(),
+            "{}\nviolations:\n{}",
+            self.summary(),
+            self.violations.join("\n")
+        );
+        assert!(
+            self.acquisitions > 0 && self.faults > 0,
+            "{}",
+            self.summary()
+        );
     }
 }
 
@@ -409,8 +423,8 @@ impl MemoryResource {
 }
 
 /// A chaos client's locker: its backend wrapped to record the leases it is granted, a jitter
-/// seeded by the client's number.
-fn client_locker(
+/// seeded by the client's number. Worlds make their lockers with it.
+pub fn client_locker(
     backend: Arc<dyn locker_core::LockBackend>,
     granted: Granted,
     client: usize,
@@ -423,304 +437,4 @@ fn client_locker(
         .retry_delays(Duration::from_millis(20), Duration::from_millis(250))
         .build()
         .expect("valid options")
-}
-
-/// The chaos world of the memory backend: one store, one client (with its own faults) per
-/// contender, virtual time. No members to kill.
-pub struct MemoryWorld {
-    store: locker_memory::MemoryBackend,
-    clients: Mutex<BTreeMap<usize, (locker_memory::MemoryBackend, Granted)>>,
-    resource: MemoryResource,
-    ttl: Duration,
-}
-
-impl MemoryWorld {
-    /// A fresh store.
-    pub fn new(ttl: Duration) -> Self {
-        MemoryWorld {
-            store: locker_memory::MemoryBackend::new(),
-            clients: Mutex::default(),
-            resource: MemoryResource::default(),
-            ttl,
-        }
-    }
-
-    /// The store (to check what is left in it).
-    pub fn store(&self) -> &locker_memory::MemoryBackend {
-        &self.store
-    }
-
-    fn client(&self, i: usize) -> Option<(locker_memory::MemoryBackend, Granted)> {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&i)
-            .cloned()
-    }
-}
-
-#[async_trait]
-impl World for MemoryWorld {
-    fn members(&self) -> usize {
-        0
-    }
-
-    async fn locker(&self, client: usize) -> Locker {
-        let backend = self.store.new_client();
-        let granted = Arc::new(Mutex::new(Vec::new()));
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client, (backend.clone(), granted.clone()));
-        client_locker(Arc::new(backend), granted, client, self.ttl)
-    }
-
-    async fn inject(&self, fault: Fault) {
-        use locker_memory::PartitionMode;
-        match fault {
-            Fault::KillMember(_) | Fault::PauseMember(_) => {}
-            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
-                if let Some((backend, _)) = self.client(c) {
-                    let faults = backend.faults();
-                    match fault {
-                        Fault::CutClient(_) => faults.partition(PartitionMode::Fail),
-                        Fault::BlackHoleClient(_) => faults.partition(PartitionMode::Hang),
-                        _ => faults.set_latency(Duration::from_millis(150)),
-                    }
-                }
-            }
-            Fault::Compact => {
-                let _ = self.store.compact(self.store.current_revision());
-            }
-            Fault::ExpireLease(c) => {
-                if let Some((_, granted)) = self.client(c) {
-                    let last = granted
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last()
-                        .copied();
-                    if let Some(lease) = last {
-                        self.store.expire_lease(lease);
-                    }
-                }
-            }
-        }
-    }
-
-    async fn heal(&self, fault: Fault) {
-        if let Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) = fault
-            && let Some((backend, _)) = self.client(c)
-        {
-            backend.faults().heal();
-            backend.faults().set_latency(Duration::ZERO);
-        }
-    }
-
-    async fn write_resource(&self, key: &str, client: usize, token: FencingToken) -> bool {
-        self.resource.write(key, client, token)
-    }
-
-    async fn resource_log(&self, key: &str) -> Vec<(usize, FencingToken)> {
-        self.resource.log(key)
-    }
-}
-
-/// A write the etcd resource accepted: (revision, client, token).
-type AcceptedWrite = (i64, usize, FencingToken);
-
-/// The chaos world of a real three-node etcd cluster: each client reaches every member through
-/// proxies of its own; the resource is an etcd key written only by a transaction that compares
-/// the fencing token.
-pub struct EtcdWorld {
-    cluster: tokio::sync::Mutex<crate::cluster::EtcdCluster>,
-    endpoints: Vec<String>,
-    prefix: String,
-    admin: etcd_client::Client,
-    links: Mutex<Links>,
-    /// Per key, the writes the resource accepted: (revision, client, token).
-    accepted: Mutex<BTreeMap<String, Vec<AcceptedWrite>>>,
-    ttl: Duration,
-}
-
-impl EtcdWorld {
-    /// A world on `cluster`, with every key under `prefix`.
-    pub async fn new(cluster: crate::cluster::EtcdCluster, prefix: String, ttl: Duration) -> Self {
-        let admin = cluster.client().await;
-        EtcdWorld {
-            endpoints: cluster.endpoints(),
-            cluster: tokio::sync::Mutex::new(cluster),
-            prefix,
-            admin,
-            links: Mutex::default(),
-            accepted: Mutex::default(),
-            ttl,
-        }
-    }
-
-    /// The admin client (to check what is left).
-    pub fn admin(&self) -> etcd_client::Client {
-        self.admin.clone()
-    }
-
-    /// The prefix of every key of the run.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// Every lease granted to the run's clients.
-    pub fn granted_leases(&self) -> Vec<i64> {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        links
-            .values()
-            .flat_map(|(_, granted)| granted.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .collect()
-    }
-
-    fn link(&self, client: usize) -> Option<(Vec<Arc<crate::proxy::Proxy>>, Granted)> {
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&client)
-            .cloned()
-    }
-}
-
-#[async_trait]
-impl World for EtcdWorld {
-    fn members(&self) -> usize {
-        self.endpoints.len()
-    }
-
-    async fn locker(&self, client: usize) -> Locker {
-        let mut proxies = Vec::new();
-        for endpoint in &self.endpoints {
-            let addr = endpoint
-                .trim_start_matches("http://")
-                .parse()
-                .expect("a loopback endpoint");
-            proxies.push(Arc::new(
-                crate::proxy::Proxy::start(addr).await.expect("a proxy"),
-            ));
-        }
-        let backend = locker_etcd::EtcdBackend::builder()
-            .endpoints(proxies.iter().map(|p| p.endpoint()))
-            .prefix(self.prefix.clone())
-            .request_timeout(Duration::from_millis(700))
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .expect("connect to the cluster");
-        let granted = Arc::new(Mutex::new(Vec::new()));
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client, (proxies, granted.clone()));
-        client_locker(Arc::new(backend), granted, client, self.ttl)
-    }
-
-    async fn inject(&self, fault: Fault) {
-        use crate::proxy::LinkState;
-        match fault {
-            Fault::KillMember(m) => {
-                let _ = self.cluster.lock().await.kill(m);
-            }
-            Fault::PauseMember(m) => {
-                let _ = self.cluster.lock().await.pause(m);
-            }
-            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
-                if let Some((proxies, _)) = self.link(c) {
-                    for proxy in proxies {
-                        match fault {
-                            Fault::CutClient(_) => proxy.set(LinkState::Cut),
-                            Fault::BlackHoleClient(_) => proxy.set(LinkState::BlackHole),
-                            _ => proxy.set_latency(Duration::from_millis(100)),
-                        }
-                    }
-                }
-            }
-            Fault::Compact => {
-                let mut admin = self.admin.clone();
-                if let Ok(read) = admin.get("chaos-revision", None).await
-                    && let Some(header) = read.header()
-                {
-                    let _ = admin.compact(header.revision(), None).await;
-                }
-            }
-            Fault::ExpireLease(c) => {
-                if let Some((_, granted)) = self.link(c) {
-                    let last = granted
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last()
-                        .copied();
-                    if let Some(lease) = last {
-                        let _ = self.admin.clone().lease_revoke(lease).await;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn heal(&self, fault: Fault) {
-        use crate::proxy::LinkState;
-        match fault {
-            Fault::KillMember(m) => {
-                let mut cluster = self.cluster.lock().await;
-                // A member that does not come back is a failed run, not a fault to tolerate.
-                cluster.restart(m).await.expect("the member restarts");
-            }
-            Fault::PauseMember(m) => {
-                let _ = self.cluster.lock().await.resume(m);
-            }
-            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
-                if let Some((proxies, _)) = self.link(c) {
-                    for proxy in proxies {
-                        proxy.set(LinkState::Up);
-                        proxy.set_latency(Duration::ZERO);
-                    }
-                }
-            }
-            Fault::Compact | Fault::ExpireLease(_) => {}
-        }
-    }
-
-    async fn write_resource(&self, key: &str, client: usize, token: FencingToken) -> bool {
-        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let resource = format!("chaos-resource/{}{key}", self.prefix);
-        // Zero-padded, so that the store's byte-wise compare orders tokens as numbers.
-        let padded = format!("{:020}", token.as_i64());
-        let txn = Txn::new()
-            .when([Compare::value(
-                resource.clone(),
-                CompareOp::Greater,
-                padded.clone(),
-            )])
-            .or_else([TxnOp::put(resource, padded, None)]);
-        let Ok(response) = self.admin.clone().txn(txn).await else {
-            return false;
-        };
-        if response.succeeded() {
-            return false; // the resource holds a higher token: a stale write, refused
-        }
-        let revision = response.header().map_or(0, |h| h.revision());
-        self.accepted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.to_owned())
-            .or_default()
-            .push((revision, client, token));
-        true
-    }
-
-    async fn resource_log(&self, key: &str) -> Vec<(usize, FencingToken)> {
-        let mut log = self
-            .accepted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
-            .unwrap_or_default();
-        log.sort_by_key(|(revision, _, _)| *revision);
-        log.into_iter().map(|(_, c, t)| (c, t)).collect()
-    }
 }

@@ -1,5 +1,7 @@
-//! The conformance suite of locker: one `pub async fn` per behaviour, run unchanged on every
-//! backend through a [`Harness`], plus the harnesses themselves.
+//! The conformance suite of locker: the behaviours every backend must show through the public API
+//! ([`suite`]), one `pub async fn` each, run unchanged on every backend through a [`Harness`];
+//! the recorder of believed tenures ([`record`]) and the seeded chaos run with its safety checker
+//! ([`chaos`]).
 //!
 //! A backend's test file instantiates the whole suite with one macro call, which makes one named
 //! test per behaviour:
@@ -15,19 +17,8 @@
 
 pub mod calls;
 pub mod chaos;
-pub mod cluster;
-pub mod etcd;
-pub mod etcd_server;
 pub mod harness;
-pub mod interop;
-pub mod memory;
-pub mod proxy;
 pub mod record;
 pub mod suite;
 
-pub use harness::{Client, ClientFaults, Cut, Harness};
-
-/// The examples of the workspace README, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;
+pub use harness::{Client, ClientFaults, Cut, Harness, RecordingBackend, init_logging};

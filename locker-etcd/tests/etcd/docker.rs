@@ -3,7 +3,6 @@
 //! The image is `LOCKER_ETCD_IMAGE`; without it the test builds one from the local etcd binary
 //! with `scripts/etcd-image.sh` (no registry needed). Without a reachable Docker engine the test
 //! fails: it never passes by skipping.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +10,7 @@ use std::time::Duration;
 
 use locker_core::{Locker, Ownership};
 use locker_etcd::EtcdBackend;
-use locker_tests::etcd_server::{start_docker_etcd, unique_prefix};
+use locker_etcd::testing::{start_docker_etcd, unique_prefix};
 
 /// `LOCKER_ETCD_IMAGE`, else the tag `scripts/etcd-image.sh` prints after building the image.
 fn image() -> String {

@@ -12,16 +12,17 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::time::{sleep, timeout};
 
-use crate::etcd::EtcdHarness;
-use crate::harness::Harness;
-use crate::suite::{PATIENCE, TTL, assert_test_left_nothing, next_holder, owned, queue_len};
+use locker_tests::Harness;
+use locker_tests::suite::{PATIENCE, TTL, assert_test_left_nothing, next_holder, owned, queue_len};
+
+use crate::harness::EtcdHarness;
 
 /// The `etcdctl` to run: `LOCKER_ETCDCTL_BIN`, else `etcdctl` on `PATH`.
 ///
 /// # Panics
 ///
 /// If there is none, saying how to get one.
-pub fn etcdctl() -> PathBuf {
+fn etcdctl() -> PathBuf {
     if let Some(path) = std::env::var_os("LOCKER_ETCDCTL_BIN") {
         return PathBuf::from(path);
     }
@@ -123,8 +124,10 @@ async fn isolated(h: &EtcdHarness, steps: impl Future<Output = Locker>) {
 }
 
 /// While `etcdctl lock` holds the lock, a locker client waits; it owns once etcdctl lets go.
-pub async fn locker_waits_for_etcdctl_lock(h: &EtcdHarness) {
-    isolated(h, locker_waits_for_etcdctl_lock_steps(h)).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locker_waits_for_etcdctl_lock() {
+    let h = EtcdHarness::new("interop-1").await;
+    isolated(&h, locker_waits_for_etcdctl_lock_steps(&h)).await;
 }
 
 async fn locker_waits_for_etcdctl_lock_steps(h: &EtcdHarness) -> Locker {
@@ -148,8 +151,10 @@ async fn locker_waits_for_etcdctl_lock_steps(h: &EtcdHarness) -> Locker {
 }
 
 /// While locker holds the lock, `etcdctl lock` waits; it gets the lock once locker releases.
-pub async fn etcdctl_lock_waits_for_locker(h: &EtcdHarness) {
-    isolated(h, etcdctl_lock_waits_for_locker_steps(h)).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_lock_waits_for_locker() {
+    let h = EtcdHarness::new("interop-2").await;
+    isolated(&h, etcdctl_lock_waits_for_locker_steps(&h)).await;
 }
 
 async fn etcdctl_lock_waits_for_locker_steps(h: &EtcdHarness) -> Locker {
@@ -173,8 +178,10 @@ async fn etcdctl_lock_waits_for_locker_steps(h: &EtcdHarness) -> Locker {
 }
 
 /// A leader elected with `etcdctl elect` is the holder `get` and `watch` report, with its value.
-pub async fn etcdctl_elect_is_seen_as_holder(h: &EtcdHarness) {
-    isolated(h, etcdctl_elect_is_seen_as_holder_steps(h)).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_elect_is_seen_as_holder() {
+    let h = EtcdHarness::new("interop-3").await;
+    isolated(&h, etcdctl_elect_is_seen_as_holder_steps(&h)).await;
 }
 
 async fn etcdctl_elect_is_seen_as_holder_steps(h: &EtcdHarness) -> Locker {
@@ -201,8 +208,10 @@ async fn etcdctl_elect_is_seen_as_holder_steps(h: &EtcdHarness) -> Locker {
 }
 
 /// A locker holder is the leader `etcdctl elect -l` observes, with its value.
-pub async fn locker_holder_is_etcdctl_elect_leader(h: &EtcdHarness) {
-    isolated(h, locker_holder_is_etcdctl_elect_leader_steps(h)).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locker_holder_is_etcdctl_elect_leader() {
+    let h = EtcdHarness::new("interop-4").await;
+    isolated(&h, locker_holder_is_etcdctl_elect_leader_steps(&h)).await;
 }
 
 async fn locker_holder_is_etcdctl_elect_leader_steps(h: &EtcdHarness) -> Locker {

@@ -1,7 +1,5 @@
-//! Smoke tests of the etcd backend against a real etcd (see `locker_tests::etcd_server`).
-//!
-//! Each test works under its own prefix and revokes the leases it granted.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+//! The etcd backend's calls against a real etcd (the one [`EtcdServer::shared`] gives this
+//! binary). Each test works under its own prefix and revokes the leases it granted.
 
 use std::time::Duration;
 
@@ -10,7 +8,7 @@ use futures::StreamExt;
 use locker_core::backend::{Entry, EventKind, WatchEvent, WatchStream, entry_key};
 use locker_core::{Error, LockBackend, Watcher};
 use locker_etcd::EtcdBackend;
-use locker_tests::etcd_server::{shared_etcd, start_etcd_binary, unique_prefix};
+use locker_etcd::testing::{EtcdServer, start_etcd_binary, unique_prefix};
 use tokio::sync::RwLock;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -19,8 +17,13 @@ const TTL: Duration = Duration::from_secs(10);
 /// for reading, the compaction test for writing.
 static HISTORY: RwLock<()> = RwLock::const_new(());
 
+/// The etcd of this test binary.
+async fn shared() -> &'static EtcdServer {
+    EtcdServer::shared().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
 async fn backend(test: &str) -> EtcdBackend {
-    shared_etcd().await.backend(&unique_prefix(test)).await
+    shared().await.backend(&unique_prefix(test)).await.unwrap()
 }
 
 async fn next_batch(stream: &mut WatchStream) -> Vec<WatchEvent> {
@@ -68,7 +71,7 @@ async fn lease_grant_keep_alive_revoke() {
 #[tokio::test]
 async fn keep_alive_of_a_lease_revoked_elsewhere_is_none() {
     let backend = backend("revoked-elsewhere").await;
-    let other = shared_etcd().await.backend(backend.prefix()).await;
+    let other = shared().await.backend(backend.prefix()).await.unwrap();
     // One lease with an open keep-alive stream here, one never refreshed here.
     let refreshed = backend.grant_lease(TTL).await.unwrap();
     let fresh = backend.grant_lease(TTL).await.unwrap();
@@ -145,10 +148,10 @@ async fn join_is_idempotent_and_answers_the_predecessor() {
 
 #[tokio::test]
 async fn queues_are_isolated() {
-    let etcd = shared_etcd().await;
+    let etcd = shared().await;
     let prefix = unique_prefix("isolation");
-    let backend = etcd.backend(&prefix).await;
-    let mut raw = etcd.client().await;
+    let backend = etcd.backend(&prefix).await.unwrap();
+    let mut raw = etcd.client().await.unwrap();
     let lease = backend.grant_lease(TTL).await.unwrap().id;
     let other = backend.grant_lease(TTL).await.unwrap().id;
 
@@ -216,9 +219,9 @@ async fn queues_are_isolated() {
 
 #[tokio::test]
 async fn delete_and_update_are_guarded_by_create_revision() {
-    let etcd = shared_etcd().await;
+    let etcd = shared().await;
     let prefix = unique_prefix("guarded");
-    let backend = etcd.backend(&prefix).await;
+    let backend = etcd.backend(&prefix).await.unwrap();
     let lease = backend.grant_lease(TTL).await.unwrap().id;
     let joined = backend.join("g", lease, b"one").await.unwrap();
     let entry = joined.entry;
@@ -356,10 +359,10 @@ async fn join_behind_two_answers_the_newer() {
 
 #[tokio::test]
 async fn join_ignores_entries_of_deeper_queues() {
-    let etcd = shared_etcd().await;
+    let etcd = shared().await;
     let prefix = unique_prefix("join-deeper");
-    let backend = etcd.backend(&prefix).await;
-    let mut raw = etcd.client().await;
+    let backend = etcd.backend(&prefix).await.unwrap();
+    let mut raw = etcd.client().await.unwrap();
     let deep = backend.grant_lease(TTL).await.unwrap().id;
     let first = backend.grant_lease(TTL).await.unwrap().id;
     let second = backend.grant_lease(TTL).await.unwrap().id;
@@ -535,8 +538,8 @@ async fn many_watches_share_one_stream() {
 #[tokio::test]
 async fn a_compacted_revision_gives_compacted() {
     let _history = HISTORY.write().await;
-    let etcd = shared_etcd().await;
-    let backend = etcd.backend(&unique_prefix("compacted")).await;
+    let etcd = shared().await;
+    let backend = etcd.backend(&unique_prefix("compacted")).await.unwrap();
     let lease = backend.grant_lease(TTL).await.unwrap().id;
     let first = backend.join("c", lease, b"1").await.unwrap();
     // A watch that is already running is not disturbed by a compaction.
@@ -545,7 +548,7 @@ async fn a_compacted_revision_gives_compacted() {
     backend.join("d", lease, b"2").await.unwrap();
     let last = backend.join("e", lease, b"3").await.unwrap();
 
-    let mut raw = etcd.client().await;
+    let mut raw = etcd.client().await.unwrap();
     raw.compact(
         last.revision,
         Some(CompactionOptions::new().with_physical()),
@@ -590,10 +593,10 @@ async fn a_compacted_revision_gives_compacted() {
 /// locker see each other's entries.
 #[tokio::test]
 async fn etcd_lock_service_interoperates() {
-    let etcd = shared_etcd().await;
+    let etcd = shared().await;
     let prefix = unique_prefix("interop");
-    let backend = etcd.backend(&prefix).await;
-    let mut raw = etcd.client().await;
+    let backend = etcd.backend(&prefix).await.unwrap();
+    let mut raw = etcd.client().await.unwrap();
     let theirs = backend.grant_lease(TTL).await.unwrap().id;
     let ours = backend.grant_lease(TTL).await.unwrap().id;
 
@@ -631,7 +634,7 @@ async fn streams_survive_an_etcd_restart() {
     let mut etcd = start_etcd_binary()
         .await
         .expect("a dedicated etcd (this test needs an etcd binary)");
-    let backend = etcd.backend(&unique_prefix("restart")).await;
+    let backend = etcd.backend(&unique_prefix("restart")).await.unwrap();
     let lease = backend.grant_lease(TTL).await.unwrap().id;
     let joined = backend.join("r", lease, b"before").await.unwrap();
     let mut stream = backend.watch("r/", Some(joined.revision)).await.unwrap();

@@ -7,11 +7,11 @@ use async_trait::async_trait;
 use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_memory::{Faults, MemoryBackend, PartitionMode};
 
-use crate::harness::{Client, ClientFaults, Cut, Harness, RecordingBackend};
+use locker_tests::{Client, ClientFaults, Cut, Harness, RecordingBackend};
 
 /// A harness over one [`MemoryBackend`] store, for one test.
 #[derive(Debug)]
-pub struct MemoryHarness {
+pub(crate) struct MemoryHarness {
     store: MemoryBackend,
     prefix: String,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
@@ -19,18 +19,13 @@ pub struct MemoryHarness {
 
 impl MemoryHarness {
     /// A fresh store for the test `name`.
-    pub fn new(name: &str) -> Self {
-        crate::harness::init_logging();
+    pub(crate) fn new(name: &str) -> Self {
+        locker_tests::init_logging();
         MemoryHarness {
             store: MemoryBackend::new(),
             prefix: format!("{name}/"),
             granted: Arc::default(),
         }
-    }
-
-    /// The store, for memory-only checks.
-    pub fn store(&self) -> &MemoryBackend {
-        &self.store
     }
 }
 

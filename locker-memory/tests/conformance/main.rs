@@ -1,6 +1,10 @@
-//! The conformance suite on the memory backend, on paused (virtual) time.
+//! The conformance suite on the memory backend, on paused (virtual) time: every behaviour and
+//! backend-contract clause of `locker_tests`, and lock behaviours that need a store whose watch
+//! alone fails, or a runtime that goes away.
 
-use locker_tests::memory::MemoryHarness;
+mod harness;
+
+use harness::MemoryHarness;
 
 async fn harness(name: &str) -> MemoryHarness {
     MemoryHarness::new(name)

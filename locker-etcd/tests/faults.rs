@@ -10,9 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use locker_core::{LockBackend, Locker, Ownership};
 use locker_etcd::EtcdBackend;
-use locker_tests::cluster::EtcdCluster;
-use locker_tests::etcd_server::unique_prefix;
-use locker_tests::proxy::{LinkState, Proxy};
+use locker_etcd::testing::{EtcdCluster, LinkState, Proxy, unique_prefix};
 use locker_tests::record::Tenures;
 use locker_tests::suite::{PATIENCE, eventually, next_holder, owned};
 use tokio::time::{Instant, sleep, timeout};
@@ -38,7 +36,7 @@ impl Link {
 
 impl Bed {
     async fn new(name: &str) -> Bed {
-        locker_tests::harness::init_logging();
+        locker_tests::init_logging();
         let cluster = EtcdCluster::start(3).await.expect("a three-node cluster");
         Bed {
             cluster,
@@ -83,7 +81,7 @@ impl Bed {
     }
 
     async fn assert_clean_within(&self, max_ttl: Duration) {
-        let mut client = self.cluster.client().await;
+        let mut client = self.cluster.client().await.expect("an etcd client");
         eventually("the test's keys are gone", || {
             let mut client = client.clone();
             let prefix = self.prefix.clone();
@@ -324,7 +322,7 @@ async fn watch_across_compaction() {
         guard.release().await.unwrap();
     }
     let guard = a.acquire("k", "current").await.unwrap();
-    let mut admin = bed.cluster.client().await;
+    let mut admin = bed.cluster.client().await.expect("an etcd client");
     let revision = admin
         .get("x", None)
         .await
@@ -396,7 +394,7 @@ async fn waiter_cancelled_at_each_step_leaves_nothing() {
     let bed = Bed::new("cancelled").await;
     let a = bed.locker().await;
     let guard = a.acquire("k", "a").await.unwrap();
-    let admin = bed.cluster.client().await;
+    let admin = bed.cluster.client().await.expect("an etcd client");
     let entries = || {
         let mut admin = admin.clone();
         let key = format!("{}k/", bed.prefix);

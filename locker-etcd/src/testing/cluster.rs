@@ -1,12 +1,12 @@
-//! A three-node etcd cluster on loopback ports (three processes), for fault tests: kill and
-//! restart a member, kill the leader, pause a member (SIGSTOP/SIGCONT), stop the whole cluster.
+//! An etcd cluster on loopback ports (one process per member), for fault tests: kill and restart
+//! a member, kill the leader, pause a member (SIGSTOP/SIGCONT), stop the whole cluster.
 
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
 use tokio::time::{Instant, sleep};
 
-use crate::etcd_server::{EtcdProcess, etcd_binary, free_loopback_port, spawn_member};
+use super::server::{EtcdProcess, etcd_binary, free_loopback_port, spawn_member};
 
 /// A running cluster. Dropping it stops every member (by PID) and removes their directories.
 #[derive(Debug)]
@@ -28,13 +28,7 @@ impl EtcdCluster {
     ///
     /// If there is no etcd binary, or the cluster does not come up within 30 s.
     pub async fn start(size: usize) -> std::io::Result<EtcdCluster> {
-        let binary = etcd_binary().ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the cluster tests need an etcd binary: install etcd (apt-get install \
-                 etcd-server) or set LOCKER_ETCD_BIN",
-            )
-        })?;
+        let binary = etcd_binary()?;
         let mut ports = Vec::new();
         while ports.len() < size * 2 {
             let port = free_loopback_port()?;
@@ -249,13 +243,11 @@ impl EtcdCluster {
 
     /// A plain etcd client on the whole cluster.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If it cannot be made.
-    pub async fn client(&self) -> Client {
-        Client::connect(self.endpoints(), None)
-            .await
-            .expect("an etcd client on the cluster")
+    /// If it cannot be made (etcd-client connects lazily: this rarely fails).
+    pub async fn client(&self) -> Result<Client, etcd_client::Error> {
+        Client::connect(self.endpoints(), None).await
     }
 }
 

@@ -1,5 +1,5 @@
-//! The conformance harness of the etcd backend: one shared real etcd per test binary, a unique key
-//! prefix per test, and a TCP [`Proxy`] per client for faults.
+//! The conformance harness of the etcd backend: one real etcd shared by the test binary, a key
+//! prefix of its own per test, and a TCP [`Proxy`] per client for faults.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,13 +11,12 @@ use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_etcd::EtcdBackend;
 use tokio::sync::Mutex;
 
-use crate::etcd_server::{EtcdTarget, shared_etcd, unique_prefix};
-use crate::harness::{Client, ClientFaults, Cut, Harness, RecordingBackend};
-use crate::proxy::{LinkState, Proxy};
+use locker_etcd::testing::{EtcdServer, LinkState, Proxy, unique_prefix};
+use locker_tests::{Client, ClientFaults, Cut, Harness, RecordingBackend};
 
 /// A harness over the shared etcd, for one test: everything it makes lives under its own prefix.
-pub struct EtcdHarness {
-    target: &'static EtcdTarget,
+pub(crate) struct EtcdHarness {
+    target: &'static EtcdServer,
     prefix: String,
     admin: Mutex<etcd_client::Client>,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
@@ -38,34 +37,29 @@ impl EtcdHarness {
     /// # Panics
     ///
     /// If no etcd can be found; the message says how to get one.
-    pub async fn new(name: &str) -> Self {
-        let target = shared_etcd().await;
-        crate::harness::init_logging();
+    pub(crate) async fn new(name: &str) -> Self {
+        let target = EtcdServer::shared().await.unwrap_or_else(|e| panic!("{e}"));
+        locker_tests::init_logging();
         EtcdHarness {
             target,
             prefix: format!("locker-test/{}", unique_prefix(name)),
-            admin: Mutex::new(target.client().await),
+            admin: Mutex::new(target.client().await.expect("an etcd client")),
             granted: Arc::default(),
         }
     }
 
     /// The etcd under test.
-    pub fn target(&self) -> &'static EtcdTarget {
+    pub(crate) fn target(&self) -> &'static EtcdServer {
         self.target
     }
 
-    /// This test's key prefix in etcd (every backend of the test uses it as its root).
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// The full etcd key of the lock `key` (what `etcdctl lock`/`elect` would be given).
-    pub fn etcd_key(&self, key: &str) -> String {
+    pub(crate) fn etcd_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
     /// An etcd client for what locker does not do (raw reads, compaction, leases).
-    pub async fn admin(&self) -> etcd_client::Client {
+    pub(crate) async fn admin(&self) -> etcd_client::Client {
         self.admin.lock().await.clone()
     }
 

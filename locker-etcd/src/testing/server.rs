@@ -1,30 +1,14 @@
-//! A real etcd for tests.
-//!
-//! [`shared_etcd`] gives one etcd per test binary, found in this order:
-//!
-//! 1. `LOCKER_ETCD_ENDPOINTS` (comma-separated): an existing cluster; nothing is started.
-//! 2. An `etcd` binary (`LOCKER_ETCD_BIN`, else `etcd` on `PATH`), started on free loopback ports in
-//!    a temporary directory with `--unsafe-no-fsync`.
-//! 3. Docker, through `testcontainers`: image `LOCKER_ETCD_IMAGE` (default
-//!    `quay.io/coreos/etcd:v3.5.17`), running `LOCKER_ETCD_DOCKER_BIN` (default
-//!    `/usr/local/bin/etcd`) as the entrypoint. On a machine without a registry,
-//!    `scripts/etcd-image.sh` builds such an image from the local etcd binary.
-//!
-//! With none of them the call panics with a message saying how to get etcd: an etcd test never
-//! passes by skipping its work.
+//! A real, throwaway etcd: found or started (see [`EtcdServer::start`]), and dedicated processes
+//! that a test can stop, kill, freeze and restart ([`EtcdProcess`]).
 //!
 //! # Cleaning up
 //!
-//! A static is never dropped, so the shared server cannot be stopped by a destructor. Instead the
-//! etcd process is started by a small `sh` supervisor whose standard input is a pipe held by the
-//! test process. When the test process ends, however it ends (even killed with `SIGKILL`), the
-//! kernel closes the pipe; the supervisor reads end-of-file, kills etcd by its PID, waits for it and
-//! removes the temporary directory. A Docker container gets the same kind of guard, running
-//! `docker rm -f <id>`. No process is ever killed by name.
-//!
-//! [`start_etcd_binary`] starts a dedicated server the same way, for tests that stop, kill or
-//! restart it; dropping the [`EtcdProcess`] stops it. [`start_docker_etcd`] starts a dedicated
-//! container of a given image; dropping its [`EtcdTarget`] removes the container.
+//! An etcd process is started by a small `sh` supervisor whose standard input is a pipe held by
+//! the test process. When the test process ends, however it ends (even killed with `SIGKILL`), the
+//! kernel closes the pipe; the supervisor reads end-of-file, kills etcd by its PID, waits for it
+//! and removes the temporary directory. So even the server behind [`EtcdServer::shared`], a
+//! static that is never dropped, goes away with the process. A Docker container gets the same kind
+//! of guard, running `docker rm -f <id>`. No process is ever killed by name.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, ConnectOptions};
-use locker_etcd::EtcdBackend;
+
+use crate::EtcdBackend;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -66,9 +51,12 @@ rm -rf "$dir"
 /// Removes a container when the test process ends. Argument: the container id.
 const DOCKER_GUARD: &str = r#"cat >/dev/null; docker rm -f "$1" >/dev/null 2>&1"#;
 
-/// An etcd the tests can use.
+/// An etcd to test against: an existing cluster, or one started for the test process.
+///
+/// Dropping a server that was started (from the binary or in Docker) stops it and removes its
+/// data; one named by `LOCKER_ETCD_ENDPOINTS` is left alone.
 #[derive(Debug)]
-pub struct EtcdTarget {
+pub struct EtcdServer {
     endpoints: Vec<String>,
     origin: Origin,
 }
@@ -80,7 +68,104 @@ enum Origin {
     Docker(DockerContainer),
 }
 
-impl EtcdTarget {
+/// What to do when no etcd can be found: the message of [`EtcdServer::start`]'s error.
+fn how_to_get_etcd(docker: &str) -> String {
+    format!(
+        "these tests need etcd, and none was found:\n\
+         - set LOCKER_ETCD_ENDPOINTS=http://host:2379[,..] to use a running cluster, or\n\
+         - install an etcd binary (Debian/Ubuntu: `apt-get install etcd-server`; macOS: `brew \
+           install etcd`; or set LOCKER_ETCD_BIN=/path/to/etcd), or\n\
+         - make Docker available (image LOCKER_ETCD_IMAGE, default {DEFAULT_IMAGE}).\n\
+         Docker failed with: {docker}"
+    )
+}
+
+impl EtcdServer {
+    /// Finds or starts an etcd, in this order:
+    ///
+    /// 1. `LOCKER_ETCD_ENDPOINTS` (comma-separated): an existing cluster; nothing is started.
+    /// 2. An `etcd` binary ([`etcd_binary`]: `LOCKER_ETCD_BIN`, else `etcd` on `PATH`), started on
+    ///    free loopback ports in a temporary directory, with `--unsafe-no-fsync` (fast, and fine
+    ///    for data that dies with the test).
+    /// 3. Docker, through `testcontainers`: image `LOCKER_ETCD_IMAGE` (default
+    ///    `quay.io/coreos/etcd:v3.5.17`), its etcd at `LOCKER_ETCD_DOCKER_BIN` (default
+    ///    `/usr/local/bin/etcd`). On a machine without a registry, the repository's
+    ///    `scripts/etcd-image.sh` builds such an image from a local etcd binary.
+    ///
+    /// Each call starts a server of its own (unless the endpoints are given); to share one
+    /// between the tests of a binary, use [`EtcdServer::shared`].
+    ///
+    /// # Errors
+    ///
+    /// With none of the three, an error whose message says how to get etcd; if a binary or an
+    /// image is there but etcd does not start, the error quotes its log.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use locker_core::Locker;
+    /// use locker_etcd::testing::{EtcdServer, unique_prefix};
+    ///
+    /// # async fn test() -> Result<(), Box<dyn std::error::Error>> {
+    /// let etcd = EtcdServer::start().await?;
+    /// let locker = Locker::new(etcd.backend(&unique_prefix("my-test")).await?);
+    /// let guard = locker.acquire("jobs/nightly", "worker-1").await?;
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start() -> std::io::Result<EtcdServer> {
+        if let Ok(endpoints) = std::env::var("LOCKER_ETCD_ENDPOINTS") {
+            let endpoints: Vec<String> = endpoints
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if endpoints.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "LOCKER_ETCD_ENDPOINTS is set but names no endpoint",
+                ));
+            }
+            return Ok(EtcdServer {
+                endpoints,
+                origin: Origin::Existing,
+            });
+        }
+        match etcd_binary() {
+            Ok(binary) => {
+                let process = start_etcd_binary_at(&binary, &[]).await.map_err(|err| {
+                    std::io::Error::new(
+                        err.kind(),
+                        format!("could not start {}: {err}", binary.display()),
+                    )
+                })?;
+                return Ok(EtcdServer {
+                    endpoints: process.endpoints(),
+                    origin: Origin::Binary(process),
+                });
+            }
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            Err(_) => {}
+        }
+        let image = std::env::var("LOCKER_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
+        start_docker(&image).await.map_err(|docker| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, how_to_get_etcd(&docker))
+        })
+    }
+
+    /// The etcd shared by every test of this process, found or started on first use, as by
+    /// [`EtcdServer::start`]. It stops when the process ends. Give each test its own key prefix
+    /// ([`unique_prefix`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdServer::start`]; a failed attempt is not remembered (the next call tries again).
+    pub async fn shared() -> std::io::Result<&'static EtcdServer> {
+        static SHARED: OnceCell<EtcdServer> = OnceCell::const_new();
+        SHARED.get_or_try_init(EtcdServer::start).await
+    }
+
     /// The client endpoints (`http://host:port`).
     pub fn endpoints(&self) -> Vec<String> {
         self.endpoints.clone()
@@ -110,33 +195,28 @@ impl EtcdTarget {
         }
     }
 
-    /// A backend on this etcd under `prefix` (use a unique one per test: [`unique_prefix`]).
+    /// A backend on this etcd whose keys live under `prefix` (use one per test:
+    /// [`unique_prefix`]).
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If the backend cannot connect.
-    pub async fn backend(&self, prefix: &str) -> EtcdBackend {
-        match EtcdBackend::builder()
+    /// As [`EtcdBackendBuilder::connect`](crate::EtcdBackendBuilder::connect).
+    pub async fn backend(&self, prefix: &str) -> locker_core::Result<EtcdBackend> {
+        EtcdBackend::builder()
             .endpoints(self.endpoints())
             .prefix(prefix)
             .connect()
             .await
-        {
-            Ok(backend) => backend,
-            Err(err) => panic!("cannot connect to the {}: {err}", self.describe()),
-        }
     }
 
-    /// A plain etcd client on this etcd, for what the backend does not do (compaction, raw puts).
+    /// A plain etcd client on this etcd, for what the backend does not do (compaction, raw
+    /// puts, an operator's deletes).
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If the client cannot be made.
-    pub async fn client(&self) -> Client {
-        match Client::connect(self.endpoints(), None).await {
-            Ok(client) => client,
-            Err(err) => panic!("cannot make a client for the {}: {err}", self.describe()),
-        }
+    /// If the client cannot be made (etcd-client connects lazily: this rarely fails).
+    pub async fn client(&self) -> Result<Client, etcd_client::Error> {
+        Client::connect(self.endpoints(), None).await
     }
 }
 
@@ -150,77 +230,36 @@ pub fn unique_prefix(name: &str) -> String {
     format!("{name}-{}-{nanos:x}-{n}/", std::process::id())
 }
 
-/// The etcd shared by every test of this binary, started on first use (see the
-/// [module docs](self) for where it comes from).
-///
-/// # Panics
-///
-/// If no etcd can be found or started; the message says how to get one.
-pub async fn shared_etcd() -> &'static EtcdTarget {
-    static SHARED: OnceCell<EtcdTarget> = OnceCell::const_new();
-    SHARED.get_or_init(find_etcd).await
-}
-
-async fn find_etcd() -> EtcdTarget {
-    if let Ok(endpoints) = std::env::var("LOCKER_ETCD_ENDPOINTS") {
-        let endpoints: Vec<String> = endpoints
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .map(str::to_owned)
-            .collect();
-        assert!(
-            !endpoints.is_empty(),
-            "LOCKER_ETCD_ENDPOINTS is set but names no endpoint"
-        );
-        return EtcdTarget {
-            endpoints,
-            origin: Origin::Existing,
-        };
-    }
-    if let Some(binary) = etcd_binary() {
-        match start_etcd_binary_at(&binary, &[]).await {
-            Ok(process) => {
-                return EtcdTarget {
-                    endpoints: process.endpoints(),
-                    origin: Origin::Binary(process),
-                };
-            }
-            Err(err) => panic!("could not start {}: {err}", binary.display()),
-        }
-    }
-    match start_docker().await {
-        Ok(target) => target,
-        Err(docker) => panic!(
-            "the etcd tests need etcd, and none was found:\n\
-             - set LOCKER_ETCD_ENDPOINTS=http://host:2379[,..] to use a running cluster, or\n\
-             - install an etcd binary (Debian/Ubuntu: `apt-get install etcd-server`; or set \
-               LOCKER_ETCD_BIN=/path/to/etcd), or\n\
-             - make Docker available (image LOCKER_ETCD_IMAGE, default {DEFAULT_IMAGE}).\n\
-             Docker failed with: {docker}"
-        ),
-    }
-}
-
 /// The etcd binary to start: `LOCKER_ETCD_BIN`, else `etcd` on `PATH`.
 ///
-/// # Panics
+/// # Errors
 ///
-/// If `LOCKER_ETCD_BIN` names no file.
-pub fn etcd_binary() -> Option<PathBuf> {
+/// `NotFound` if there is none (the message says how to get one); `InvalidInput` if
+/// `LOCKER_ETCD_BIN` names no file.
+pub fn etcd_binary() -> std::io::Result<PathBuf> {
     if let Some(binary) = std::env::var_os("LOCKER_ETCD_BIN") {
         let binary = PathBuf::from(binary);
-        assert!(
-            binary.is_file(),
-            "LOCKER_ETCD_BIN={} is not a file",
-            binary.display()
-        );
-        return Some(binary);
+        if !binary.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("LOCKER_ETCD_BIN={} is not a file", binary.display()),
+            ));
+        }
+        return Ok(binary);
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("etcd"))
-        .find(|candidate| candidate.is_file())
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("etcd"))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no etcd binary: install etcd (Debian/Ubuntu: apt-get install etcd-server) or \
+                 set LOCKER_ETCD_BIN",
+            )
+        })
 }
 
 /// A dedicated etcd process, started by [`start_etcd_binary`]. Dropping it stops etcd (by its PID)
@@ -251,12 +290,7 @@ pub async fn start_etcd_binary() -> std::io::Result<EtcdProcess> {
 ///
 /// As [`start_etcd_binary`].
 pub async fn start_etcd_binary_with_args(extra: &[&str]) -> std::io::Result<EtcdProcess> {
-    let binary = etcd_binary().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no etcd binary: install etcd (apt-get install etcd-server) or set LOCKER_ETCD_BIN",
-        )
-    })?;
+    let binary = etcd_binary()?;
     start_etcd_binary_at(&binary, extra).await
 }
 
@@ -392,21 +426,17 @@ impl EtcdProcess {
         &self.dir
     }
 
-    /// A backend on this etcd under `prefix`.
+    /// A backend on this etcd whose keys live under `prefix`.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If the backend cannot connect.
-    pub async fn backend(&self, prefix: &str) -> EtcdBackend {
-        match EtcdBackend::builder()
+    /// As [`EtcdBackendBuilder::connect`](crate::EtcdBackendBuilder::connect).
+    pub async fn backend(&self, prefix: &str) -> locker_core::Result<EtcdBackend> {
+        EtcdBackend::builder()
             .endpoints(self.endpoints())
             .prefix(prefix)
             .connect()
             .await
-        {
-            Ok(backend) => backend,
-            Err(err) => panic!("cannot connect to etcd at {}: {err}", self.client_url),
-        }
     }
 
     fn send(&mut self, command: &str) -> std::io::Result<String> {
@@ -480,7 +510,7 @@ impl EtcdProcess {
 
     /// Waits until etcd answers a status request (over TLS with `tls`), failing early if it
     /// exits.
-    async fn wait_ready_with(&self, tls: Option<&locker_etcd::TlsOptions>) -> std::io::Result<()> {
+    async fn wait_ready_with(&self, tls: Option<&crate::TlsOptions>) -> std::io::Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
             let up = match tls {
@@ -623,11 +653,6 @@ fn split_image(image: &str) -> (String, String) {
     }
 }
 
-async fn start_docker() -> Result<EtcdTarget, String> {
-    let image = std::env::var("LOCKER_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
-    start_docker_etcd(&image).await
-}
-
 /// A container started by [`start_docker_etcd`]. A guard process removes it when the test process
 /// ends, however it ends; dropping this removes it at once (and waits for `docker rm`).
 #[derive(Debug)]
@@ -710,7 +735,11 @@ impl Drop for DockerContainer {
 ///
 /// If Docker is not reachable, the image is missing and cannot be pulled, or etcd exits or does
 /// not answer within 60 s (the message quotes its log).
-pub async fn start_docker_etcd(image: &str) -> Result<EtcdTarget, String> {
+pub async fn start_docker_etcd(image: &str) -> std::io::Result<EtcdServer> {
+    start_docker(image).await.map_err(std::io::Error::other)
+}
+
+async fn start_docker(image: &str) -> Result<EtcdServer, String> {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::AsyncRunner;
     use testcontainers::{GenericImage, ImageExt};
@@ -783,7 +812,7 @@ pub async fn start_docker_etcd(image: &str) -> Result<EtcdTarget, String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(EtcdTarget {
+    Ok(EtcdServer {
         endpoints: vec![endpoint],
         origin: Origin::Docker(docker),
     })
@@ -811,14 +840,9 @@ fn container_runs(id: &str) -> bool {
 /// log).
 pub async fn start_etcd_binary_tls(
     flags: &[&str],
-    probe: locker_etcd::TlsOptions,
+    probe: crate::TlsOptions,
 ) -> std::io::Result<EtcdProcess> {
-    let binary = etcd_binary().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no etcd binary: install etcd (apt-get install etcd-server) or set LOCKER_ETCD_BIN",
-        )
-    })?;
+    let binary = etcd_binary()?;
     let mut last = None;
     // Free ports may be taken between the pick and etcd's bind: try a few times.
     for _ in 0..3 {
@@ -833,7 +857,7 @@ pub async fn start_etcd_binary_tls(
 async fn try_start_tls(
     binary: &Path,
     flags: &[&str],
-    probe: &locker_etcd::TlsOptions,
+    probe: &crate::TlsOptions,
 ) -> std::io::Result<EtcdProcess> {
     let process = spawn_single(binary, "locker-etcd-tls-", "https", flags)?;
     // On failure `process` is dropped, which stops etcd and removes its directory.
@@ -842,7 +866,7 @@ async fn try_start_tls(
 }
 
 /// Whether etcd answers a status request over TLS at `endpoint` within a second.
-async fn answers_tls(endpoint: &str, tls: &locker_etcd::TlsOptions) -> bool {
+async fn answers_tls(endpoint: &str, tls: &crate::TlsOptions) -> bool {
     let attempt = async {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(500))

@@ -1,9 +1,7 @@
 //! TLS and etcd auth, each test on its own etcd process (own ports, own temporary directory),
 //! stopped when the test ends. Certificates are made in the test with `rcgen`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,147 +9,19 @@ use etcd_client::{Client, Permission};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use locker_core::{Error, Holder, Locker};
-use locker_etcd::{Certificate, EtcdBackend, EtcdBackendBuilder, Identity, TlsOptions};
-use locker_tests::etcd_server::{start_etcd_binary, start_etcd_binary_tls};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use locker_etcd::testing::{EtcdProcess, TestPki, start_etcd_binary, start_etcd_binary_tls};
+use locker_etcd::{EtcdBackend, EtcdBackendBuilder, Identity};
 
 /// The connect timeout of every backend here.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a failing connect may take: the connect timeout and some slack.
 const FAILS_WITHIN: Duration = Duration::from_secs(5);
 
-/// A CA, a server certificate for 127.0.0.1 and localhost, a client certificate, and an
-/// unrelated CA; the server's files live in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_pem: String,
-    other_ca_pem: String,
-    client_cert_pem: String,
-    client_key_pem: String,
-    foreign_cert_pem: String,
-    foreign_key_pem: String,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let ca = make_ca("locker test CA");
-        let other_ca = make_ca("some other CA");
-
-        let mut server =
-            CertificateParams::new(["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        server
-            .distinguished_name
-            .push(DnType::CommonName, "etcd test server");
-        // etcd's gRPC gateway dials the server with the server's own certificate.
-        server.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let server_key = KeyPair::generate().unwrap();
-        let server_cert = server.signed_by(&server_key, &ca).unwrap();
-
-        let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
-        client
-            .distinguished_name
-            .push(DnType::CommonName, "locker-client");
-        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_key = KeyPair::generate().unwrap();
-        let client_cert = client.signed_by(&client_key, &ca).unwrap();
-        let foreign_key = KeyPair::generate().unwrap();
-        let foreign_cert = client.signed_by(&foreign_key, &other_ca).unwrap();
-
-        let dir = tempfile::Builder::new()
-            .prefix("locker-pki-")
-            .tempdir()
-            .unwrap();
-        let write = |name: &str, contents: &str| {
-            std::fs::write(dir.path().join(name), contents).unwrap();
-        };
-        write("ca.pem", &ca.pem());
-        write("server.pem", &server_cert.pem());
-        write("server-key.pem", &server_key.serialize_pem());
-        Pki {
-            ca_pem: ca.pem(),
-            other_ca_pem: other_ca.pem(),
-            client_cert_pem: client_cert.pem(),
-            client_key_pem: client_key.serialize_pem(),
-            foreign_cert_pem: foreign_cert.pem(),
-            foreign_key_pem: foreign_key.serialize_pem(),
-            dir,
-        }
-    }
-
-    fn file(&self, name: &str) -> String {
-        let path: PathBuf = self.dir.path().join(name);
-        path.to_str().expect("a UTF-8 temporary path").to_owned()
-    }
-
-    /// The server's flags: TLS on the client port, and with `client_certs` etcd's
-    /// `--client-cert-auth` against our CA.
-    fn server_flags(&self, client_certs: bool) -> Vec<String> {
-        let mut flags = vec![
-            "--cert-file".to_owned(),
-            self.file("server.pem"),
-            "--key-file".to_owned(),
-            self.file("server-key.pem"),
-        ];
-        if client_certs {
-            flags.extend([
-                "--client-cert-auth".to_owned(),
-                "--trusted-ca-file".to_owned(),
-                self.file("ca.pem"),
-            ]);
-        }
-        flags
-    }
-
-    /// TLS options trusting our CA, without a client certificate.
-    fn ca_only(&self) -> TlsOptions {
-        TlsOptions::new().ca_certificate(Certificate::from_pem(&self.ca_pem))
-    }
-
-    /// TLS options trusting our CA, with the client certificate.
-    fn with_identity(&self) -> TlsOptions {
-        self.ca_only().identity(Identity::from_pem(
-            &self.client_cert_pem,
-            &self.client_key_pem,
-        ))
-    }
-
-    /// TLS options trusting our CA, with a client certificate of the other CA.
-    fn foreign_identity(&self) -> TlsOptions {
-        self.ca_only().identity(Identity::from_pem(
-            &self.foreign_cert_pem,
-            &self.foreign_key_pem,
-        ))
-    }
-
-    /// TLS options trusting only a CA that did not sign the server's certificate.
-    fn wrong_ca(&self) -> TlsOptions {
-        TlsOptions::new().ca_certificate(Certificate::from_pem(&self.other_ca_pem))
-    }
-}
-
-fn make_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-async fn tls_etcd(pki: &Pki, client_certs: bool) -> locker_tests::etcd_server::EtcdProcess {
+async fn tls_etcd(pki: &TestPki, client_certs: bool) -> EtcdProcess {
     let flags = pki.server_flags(client_certs);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let probe = if client_certs {
-        pki.with_identity()
+        pki.client_tls()
     } else {
         pki.ca_only()
     };
@@ -227,7 +97,7 @@ fn chain(err: &Error) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_server_with_our_ca_serves_locks() {
-    let pki = Pki::new();
+    let pki = TestPki::new().unwrap();
     let etcd = tls_etcd(&pki, false).await;
     let endpoints = etcd.endpoints();
     assert!(endpoints[0].starts_with("https://"), "{endpoints:?}");
@@ -251,7 +121,7 @@ async fn tls_server_with_our_ca_serves_locks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_mismatches_fail_in_bounded_time_and_say_why() {
-    let pki = Pki::new();
+    let pki = TestPki::new().unwrap();
     let etcd = tls_etcd(&pki, false).await;
     let https = etcd.endpoints()[0].clone();
     let http = https.replacen("https://", "http://", 1);
@@ -311,12 +181,12 @@ async fn tls_mismatches_fail_in_bounded_time_and_say_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cert_auth_needs_our_identity() {
-    let pki = Pki::new();
+    let pki = TestPki::new().unwrap();
     let etcd = tls_etcd(&pki, true).await;
     let endpoints = etcd.endpoints();
 
     let backend = builder(endpoints.clone())
-        .tls(pki.with_identity())
+        .tls(pki.client_tls())
         .connect()
         .await
         .unwrap();

@@ -1,0 +1,53 @@
+//! A real, throwaway etcd for tests (feature `testing`, off by default).
+//!
+//! For testing your own services against real etcd semantics (leases that expire, watches,
+//! compaction) without a shared cluster:
+//!
+//! - [`EtcdServer::start`] finds or starts an etcd: `LOCKER_ETCD_ENDPOINTS` (an existing
+//!   cluster), else an `etcd` binary (`LOCKER_ETCD_BIN` or `PATH`) started on free loopback ports
+//!   in a temporary directory, else Docker through `testcontainers`. Without any of them it fails
+//!   with a message that says how to get one, so a test never passes by skipping its work.
+//!   [`EtcdServer::shared`] gives one server per test process; [`unique_prefix`] gives each test
+//!   its own keys on it.
+//! - [`start_etcd_binary`] and its variants start a dedicated [`EtcdProcess`] that a test can
+//!   stop, kill, freeze ([`EtcdProcess::pause`]) and restart; [`start_etcd_binary_tls`] with a
+//!   [`TestPki`] serves TLS.
+//! - [`EtcdCluster`] is a cluster of such processes on loopback, for failover tests.
+//! - [`Proxy`] sits between one client and etcd, to cut, black-hole, heal or slow that link.
+//!
+//! Started servers stop when dropped, and in any case when the test process ends (even if it is
+//! killed): each etcd runs under a small supervisor that notices the end of the process.
+//!
+//! ```toml
+//! [dev-dependencies]
+//! locker-etcd = { version = "0.1", features = ["testing"] }
+//! ```
+//!
+//! ```no_run
+//! use locker_core::Locker;
+//! use locker_etcd::testing::{EtcdServer, unique_prefix};
+//!
+//! #[tokio::test]
+//! async fn my_service_takes_over() -> Result<(), Box<dyn std::error::Error>> {
+//!     let etcd = EtcdServer::shared().await?; // one etcd for every test of this binary
+//!     let locker = Locker::new(etcd.backend(&unique_prefix("takes-over")).await?);
+//!     let guard = locker.acquire("leader", "me").await?;
+//!     // ... the service under test ...
+//!     guard.release().await?;
+//!     Ok(())
+//! }
+//! # fn main() {}
+//! ```
+
+mod cluster;
+mod pki;
+mod proxy;
+mod server;
+
+pub use cluster::EtcdCluster;
+pub use pki::TestPki;
+pub use proxy::{LinkState, Proxy};
+pub use server::{
+    EtcdProcess, EtcdServer, etcd_binary, start_docker_etcd, start_etcd_binary,
+    start_etcd_binary_tls, start_etcd_binary_with_args, unique_prefix,
+};
