@@ -702,19 +702,22 @@ impl LockGuard {
         self.handle.subscribe()
     }
 
-    /// Completes when ownership ends, with the reason. Use it to stop protected work:
+    /// Completes when ownership ends, with the reason. Use it to stop protected work (the example
+    /// runs on tokio's paused clock, `start_paused = true`, which needs tokio's `test-util`
+    /// feature: its second of work takes no real time):
     ///
     /// ```
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), locker_core::Error> {
-    /// # let locker = locker_core::Locker::new(locker_memory::MemoryBackend::new());
-    /// let guard = locker.acquire("jobs/cleanup", "worker-1").await?;
-    /// tokio::select! {
-    ///     reason = guard.lost() => println!("lost the lock: {reason}"),
-    ///     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => println!("work done"),
+    /// #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// async fn main() -> Result<(), locker_core::Error> {
+    ///     let locker = locker_core::Locker::new(locker_memory::MemoryBackend::new());
+    ///     let guard = locker.acquire("jobs/cleanup", "worker-1").await?;
+    ///     tokio::select! {
+    ///         reason = guard.lost() => println!("lost the lock: {reason}"),
+    ///         _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => println!("work done"),
+    ///     }
+    ///     guard.release().await?;
+    ///     Ok(())
     /// }
-    /// guard.release().await?;
-    /// # Ok(()) }
     /// ```
     ///
     /// # Cancel safety

@@ -27,7 +27,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// # Example
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), locker_core::Error> {
 /// use locker_core::Locker;
 /// use locker_memory::MemoryBackend;

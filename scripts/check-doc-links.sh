@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Checks the rendered HTML of the workspace's docs for links rustdoc could not turn into links: an
+# intra-doc link whose target has no page shows as literal text (`[Error::Unavailable]`, rendered
+# `[<code>Error::Unavailable</code>]`) or as an `href` that is still a Rust path, and rustdoc does
+# not always warn about it (e.g. a link into another crate whose pages were not written yet).
+#
+#   scripts/check-doc-links.sh [DOC_DIR]     DOC_DIR defaults to target/doc (or $CARGO_TARGET_DIR/doc)
+#
+# Build the docs first, the crates everything links to first:
+#   cargo doc -p locker-core --no-deps && cargo doc --workspace --no-deps
+# Pages of blanket implementations (docs copied from other crates, e.g. tracing's) are not ours
+# and are left out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+doc=${1:-${CARGO_TARGET_DIR:-target}/doc}
+[ -d "$doc" ] || { echo "check-doc-links: no $doc: build the docs first" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "check-doc-links: needs python3" >&2; exit 1; }
+crates=$(cargo metadata -q --format-version 1 --no-deps |
+  python3 -c 'import json,sys; print(" ".join(t["name"].replace("-","_") for p in json.load(sys.stdin)["packages"] for t in p["targets"] if "lib" in t["kind"] or "bin" in t["kind"]))')
+python3 - "$doc" $crates <<'PY'
+import glob, html, os, re, sys
+
+doc, crates = sys.argv[1], sys.argv[2:]
+literal = re.compile(r'\[<code>[^<]*</code>\]|href="(?:crate|self|super|[a-z_]+)::[^"]*"')
+found, pages = [], 0
+for crate in crates:
+    for page in glob.glob(os.path.join(doc, crate, "**", "*.html"), recursive=True):
+        pages += 1
+        text = open(page, encoding="utf-8").read()
+        cut = text.find('id="blanket-implementations"')
+        if cut >= 0:
+            text = text[:cut]
+        for m in literal.finditer(text):
+            anchor = text.rfind(' id="', 0, m.start())
+            where = text[anchor + 5 : text.find('"', anchor + 5)] if anchor >= 0 else "top"
+            found.append(f"{os.path.relpath(page, doc)}#{where}: {html.unescape(re.sub('<[^>]+>', '', m.group(0)))}")
+if pages == 0:
+    sys.exit(f"check-doc-links: no pages of {', '.join(crates)} under {doc}")
+for line in found:
+    print(line)
+if found:
+    sys.exit(f"check-doc-links: {len(found)} unresolved links in {pages} pages (above)")
+print(f"check-doc-links: {pages} pages, no unresolved link")
+PY

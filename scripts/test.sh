@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The whole test suite, with its set-up: installs what the tests need where it is missing, then runs
+# `cargo test --workspace` (extra arguments are passed on to it).
+#
+#   scripts/test.sh                     # everything
+#   scripts/test.sh -p locker-memory    # one crate
+#
+# What the tests need besides the Rust toolchain:
+#   - protoc with protobuf's well-known types (etcd-client's build script compiles etcd's protos);
+#   - an etcd binary (the etcd tests start their own servers and clusters on loopback ports);
+#   - etcdctl (interop with `etcdctl lock` and `etcdctl elect`);
+#   - Docker's engine, for the one test that runs etcd in a container (the image is built here
+#     from the local etcd binary: no registry is needed).
+# On Debian or Ubuntu, as root or with passwordless sudo, the missing packages are installed with
+# apt-get; elsewhere the script stops and prints the command that installs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf 'test.sh: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+# Whether protoc can compile a file that imports one of protobuf's well-known types (Debian's
+# protobuf-compiler without libprotobuf-dev has protoc but not those).
+protoc_works() {
+  local protoc=${PROTOC:-protoc} dir
+  command -v "$protoc" >/dev/null 2>&1 || return 1
+  dir=$(mktemp -d)
+  printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\n' >"$dir/probe.proto"
+  if "$protoc" -I "$dir" --descriptor_set_out=/dev/null "$dir/probe.proto" >/dev/null 2>&1; then
+    rm -rf "$dir"
+    return 0
+  fi
+  rm -rf "$dir"
+  return 1
+}
+
+etcd_bin() { [ -n "${LOCKER_ETCD_BIN:-}" ] && [ -x "$LOCKER_ETCD_BIN" ] || command -v etcd >/dev/null 2>&1; }
+etcdctl_bin() { [ -n "${LOCKER_ETCDCTL_BIN:-}" ] && [ -x "$LOCKER_ETCDCTL_BIN" ] || command -v etcdctl >/dev/null 2>&1; }
+
+missing=()
+protoc_works || missing+=(protoc)
+etcd_bin || missing+=(etcd)
+etcdctl_bin || missing+=(etcdctl)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  say "missing: ${missing[*]}"
+  os_id= os_like=
+  if [ -r /etc/os-release ]; then
+    os_id=$(. /etc/os-release && printf '%s' "${ID:-}")
+    os_like=$(. /etc/os-release && printf '%s' "${ID_LIKE:-}")
+  fi
+  packages=()
+  for m in "${missing[@]}"; do
+    case $m in
+      protoc) packages+=(protobuf-compiler libprotobuf-dev) ;;
+      etcd) packages+=(etcd-server) ;;
+      etcdctl) packages+=(etcd-client) ;;
+    esac
+  done
+  case " $os_id $os_like " in
+    *" debian "* | *" ubuntu "*)
+      if [ "$(id -u)" -eq 0 ]; then
+        sudo=()
+      elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo=(sudo)
+      else
+        die "install them as root: apt-get install ${packages[*]}"
+      fi
+      say "installing with apt-get: ${packages[*]}"
+      export DEBIAN_FRONTEND=noninteractive
+      "${sudo[@]}" apt-get update -qq
+      "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+      ;;
+    *)
+      if [ "$(uname -s)" = Darwin ]; then
+        install="brew install etcd protobuf"
+      else
+        case " $os_id $os_like " in
+          *" fedora "* | *" rhel "* | *" centos "*) install="dnf install etcd protobuf-compiler protobuf-devel" ;;
+          *" arch "*) install="pacman -S etcd protobuf" ;;
+          *" alpine "*) install="apk add etcd etcd-ctl protobuf protobuf-dev" ;;
+          *" suse "* | *" opensuse "*) install="zypper install etcd etcdctl protobuf-devel" ;;
+          *) install="install etcd 3.4+ (etcd and etcdctl: https://github.com/etcd-io/etcd/releases) and protoc with its include files (https://github.com/protocolbuffers/protobuf/releases)" ;;
+        esac
+      fi
+      die "this script installs packages only on Debian or Ubuntu; here: $install
+  (or point the tests at what you have: PROTOC, LOCKER_ETCD_BIN, LOCKER_ETCDCTL_BIN, or an existing
+  cluster in LOCKER_ETCD_ENDPOINTS)"
+      ;;
+  esac
+  protoc_works || die "protoc still cannot compile etcd's protos (google/protobuf/descriptor.proto not found)"
+  etcd_bin || die "etcd is still not on PATH"
+  etcdctl_bin || die "etcdctl is still not on PATH"
+fi
+say "protoc: $(${PROTOC:-protoc} --version)"
+say "etcd: $(${LOCKER_ETCD_BIN:-etcd} --version 2>/dev/null | head -n 1)"
+
+# The Docker test: a local etcd image, built from the etcd binary (no registry needed).
+if [ -z "${LOCKER_ETCD_IMAGE:-}" ]; then
+  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    LOCKER_ETCD_IMAGE=$(scripts/etcd-image.sh | tail -n 1)
+    export LOCKER_ETCD_IMAGE
+    say "Docker: local etcd image $LOCKER_ETCD_IMAGE"
+  else
+    say "no reachable Docker engine: the test etcd::docker::lock_hand_off_on_etcd_in_docker (locker-etcd) will fail" \
+      "(install and start Docker, or set LOCKER_ETCD_IMAGE to an image Docker can run)"
+  fi
+fi
+
+say "cargo test --workspace $*"
+exec cargo test --workspace "$@"
