@@ -1,5 +1,8 @@
 //! What both examples share: picking the store (memory by default, etcd when
 //! `LOCKER_ETCD_ENDPOINTS` is set) and printing a timeline.
+//!
+//! The examples themselves are in `examples/`: `name_server.rs` and `health_mesh.rs`. This package
+//! is not published: it is the examples' support code, not a library to depend on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +13,7 @@ use locker_memory::MemoryBackend;
 use tokio::time::Instant;
 
 /// Where the example's "processes" keep their locks.
-pub(crate) enum Store {
+pub enum Store {
     /// One in-process store; each process is a client of it.
     Memory(MemoryBackend),
     /// A real etcd cluster; each process connects on its own.
@@ -19,7 +22,7 @@ pub(crate) enum Store {
 
 impl Store {
     /// Memory, unless `LOCKER_ETCD_ENDPOINTS` names an etcd cluster (comma-separated).
-    pub(crate) fn from_env() -> Store {
+    pub fn from_env() -> Store {
         match std::env::var("LOCKER_ETCD_ENDPOINTS") {
             Ok(list) if !list.trim().is_empty() => {
                 Store::Etcd(list.split(',').map(|s| s.trim().to_owned()).collect())
@@ -29,7 +32,7 @@ impl Store {
     }
 
     /// A description for the first line of the timeline.
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Store::Memory(_) => "the in-process memory backend".to_owned(),
             Store::Etcd(endpoints) => {
@@ -39,7 +42,11 @@ impl Store {
     }
 
     /// A locker for one process, with a short TTL so that take-overs are quick to watch.
-    pub(crate) async fn process(&self, ttl: Duration) -> Result<Locker, locker_core::Error> {
+    ///
+    /// # Errors
+    ///
+    /// When etcd cannot be reached, or `ttl` is out of range.
+    pub async fn process(&self, ttl: Duration) -> Result<Locker, locker_core::Error> {
         let backend: Arc<dyn LockBackend> = match self {
             Store::Memory(store) => Arc::new(store.new_client()),
             Store::Etcd(endpoints) => Arc::new(
@@ -55,14 +62,16 @@ impl Store {
 
 /// Prints timeline lines with the time since the start.
 #[derive(Clone, Copy)]
-pub(crate) struct Timeline(Instant);
+pub struct Timeline(Instant);
 
 impl Timeline {
-    pub(crate) fn start() -> Self {
+    /// Starts the clock.
+    pub fn start() -> Self {
         Timeline(Instant::now())
     }
 
-    pub(crate) fn say(&self, who: &str, what: impl std::fmt::Display) {
+    /// Prints what `who` did or saw, after the time since the start.
+    pub fn say(&self, who: &str, what: impl std::fmt::Display) {
         let t = self.0.elapsed();
         println!(
             "[{:>5}.{:03}s] {who:<10} {what}",

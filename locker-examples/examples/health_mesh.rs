@@ -10,13 +10,11 @@
 //! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --example health_mesh   # a real etcd
 //! ```
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Store, Timeline};
 use futures::StreamExt;
 use locker_core::Locker;
+use locker_examples::{Store, Timeline};
 use tokio::sync::mpsc;
 
 const TTL: Duration = Duration::from_secs(2);
