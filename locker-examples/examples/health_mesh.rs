@@ -5,9 +5,12 @@
 //! service-a depends on service-b and service-c; service-c depends on service-b and chooses to
 //! go dark with it (the seed's "cascading blackout"). service-b becomes unhealthy, then recovers.
 //!
+//! Run it from the repository root, on the in-process memory backend or on a real etcd (the
+//! `etcd` feature builds etcd-client, whose build script needs `protoc`):
+//!
 //! ```text
-//! cargo run --example health_mesh                                        # memory backend
-//! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --example health_mesh   # a real etcd
+//! cargo run --example health_mesh
+//! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --features etcd --example health_mesh
 //! ```
 
 use std::time::Duration;
@@ -67,7 +70,7 @@ fn watch_dependency(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::from_env();
+    let store = Store::from_env()?;
     let t = Timeline::start();
     t.say("setup", format!("health mesh on {}", store.describe()));
     let (tx, mut rx) = mpsc::unbounded_channel();

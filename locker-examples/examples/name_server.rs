@@ -5,9 +5,12 @@
 //! its lease, as a crashed process would); the other host takes over after the TTL and the
 //! resolver sees the new address.
 //!
+//! Run it from the repository root, on the in-process memory backend or on a real etcd (the
+//! `etcd` feature builds etcd-client, whose build script needs `protoc`):
+//!
 //! ```text
-//! cargo run --example name_server                                        # memory backend
-//! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --example name_server   # a real etcd
+//! cargo run --example name_server
+//! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --features etcd --example name_server
 //! ```
 
 use std::time::Duration;
@@ -21,7 +24,7 @@ const TTL: Duration = Duration::from_secs(2);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::from_env();
+    let store = Store::from_env()?;
     let t = Timeline::start();
     t.say(
         "setup",
