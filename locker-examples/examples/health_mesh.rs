@@ -13,14 +13,88 @@
 //! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --features etcd --example health_mesh
 //! ```
 
+use std::error::Error;
 use std::time::Duration;
 
 use futures::StreamExt;
 use locker_core::Locker;
-use locker_examples::{Store, Timeline};
+use locker_examples::{Reports, Store, Timeline};
 use tokio::sync::mpsc;
 
 const TTL: Duration = Duration::from_secs(2);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    run(&Store::from_env()?, &Timeline::start()).await
+}
+
+/// Three healthy services watch their dependencies; service-b goes down, service-c goes dark with
+/// it, service-b comes back. Everything that happens is told on `t`.
+pub(crate) async fn run(store: &Store, t: &Timeline) -> Result<(), Box<dyn Error>> {
+    t.say("setup", format!("health mesh on {}", store.describe()));
+    let (tx, mut reports) = Reports::channel();
+
+    let a = store.process(TTL).await?;
+    let b = store.process(TTL).await?;
+    let c = store.process(TTL).await?;
+
+    // Healthy services hold their records.
+    let a_health = a.lock(record("service-a"), "ok").await?;
+    let mut b_health = b.lock(record("service-b"), "ok").await?;
+    let c_health = c.lock(record("service-c"), "ok").await?;
+    for h in [&a_health, &b_health, &c_health] {
+        h.wait_owned().await?;
+    }
+    t.say("mesh", "service-a, service-b and service-c are healthy");
+
+    watch_dependency(&a, "service-a", "service-b", t.clone(), tx.clone())?;
+    watch_dependency(&a, "service-a", "service-c", t.clone(), tx.clone())?;
+    watch_dependency(&c, "service-c", "service-b", t.clone(), tx.clone())?;
+    for _ in 0..3 {
+        reports.next().await?;
+    }
+
+    t.say("service-b", "becomes unhealthy: gives up its health lock");
+    b_health.release().await?;
+
+    // service-c reacts to service-b going away by going dark itself.
+    let mut c_health = Some(c_health);
+    let mut offline = 0;
+    while offline < 3 {
+        let report = reports.next().await?;
+        let b_offline_seen_by_c =
+            report.watcher == "service-c" && report.service == "service-b" && !report.healthy;
+        if let Some(h) = c_health.take_if(|_| b_offline_seen_by_c) {
+            t.say(
+                "service-c",
+                "cannot work without service-b: gives up its own health lock",
+            );
+            h.release().await?;
+        }
+        if !report.healthy {
+            offline += 1;
+        }
+    }
+
+    t.say("service-b", "recovers: takes its health lock again");
+    b_health = b.lock(record("service-b"), "ok").await?;
+    b_health.wait_owned().await?;
+    let mut recovered = 0;
+    while recovered < 2 {
+        let report = reports.next().await?;
+        if report.healthy && report.service == "service-b" {
+            recovered += 1;
+        }
+    }
+    t.say(
+        "done",
+        "both dependants reacted to the outage and to the recovery",
+    );
+    drop(reports); // the watchers stop reporting
+    b_health.release().await?;
+    a_health.release().await?;
+    Ok(())
+}
 
 fn record(service: &str) -> String {
     format!("health/{service}")
@@ -66,83 +140,4 @@ fn watch_dependency(
         }
     });
     Ok(())
-}
-
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::from_env()?;
-    let t = Timeline::start();
-    t.say("setup", format!("health mesh on {}", store.describe()));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-
-    let a = store.process(TTL).await?;
-    let b = store.process(TTL).await?;
-    let c = store.process(TTL).await?;
-
-    // Healthy services hold their records.
-    let a_health = a.lock(record("service-a"), "ok").await?;
-    let mut b_health = b.lock(record("service-b"), "ok").await?;
-    let c_health = c.lock(record("service-c"), "ok").await?;
-    for h in [&a_health, &b_health, &c_health] {
-        h.wait_owned().await?;
-    }
-    t.say("mesh", "service-a, service-b and service-c are healthy");
-
-    watch_dependency(&a, "service-a", "service-b", t, tx.clone())?;
-    watch_dependency(&a, "service-a", "service-c", t, tx.clone())?;
-    watch_dependency(&c, "service-c", "service-b", t, tx.clone())?;
-    for _ in 0..3 {
-        wait_report(&mut rx).await?;
-    }
-
-    t.say("service-b", "becomes unhealthy: gives up its health lock");
-    b_health.release().await?;
-
-    // service-c reacts to service-b going away by going dark itself.
-    let mut c_health = Some(c_health);
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let report = wait_report(&mut rx).await?;
-        let b_offline_seen_by_c =
-            report.watcher == "service-c" && report.service == "service-b" && !report.healthy;
-        if let Some(h) = c_health.take_if(|_| b_offline_seen_by_c) {
-            t.say(
-                "service-c",
-                "cannot work without service-b: gives up its own health lock",
-            );
-            h.release().await?;
-        }
-        if !report.healthy {
-            seen.push(report);
-        }
-    }
-
-    t.say("service-b", "recovers: takes its health lock again");
-    b_health = b.lock(record("service-b"), "ok").await?;
-    b_health.wait_owned().await?;
-    let mut recovered = 0;
-    while recovered < 2 {
-        let report = wait_report(&mut rx).await?;
-        if report.healthy && report.service == "service-b" {
-            recovered += 1;
-        }
-    }
-    t.say(
-        "done",
-        "both dependants reacted to the outage and to the recovery",
-    );
-    drop(rx); // the watchers stop reporting
-    b_health.release().await?;
-    a_health.release().await?;
-    Ok(())
-}
-
-async fn wait_report(
-    rx: &mut mpsc::UnboundedReceiver<Report>,
-) -> Result<Report, Box<dyn std::error::Error>> {
-    match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
-        Ok(Some(report)) => Ok(report),
-        Ok(None) => Err("the watchers stopped".into()),
-        Err(_) => Err("no reaction within 30 s".into()),
-    }
 }
