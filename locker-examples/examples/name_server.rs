@@ -5,26 +5,32 @@
 //! its lease, as a crashed process would); the other host takes over after the TTL and the
 //! resolver sees the new address.
 //!
+//! Run it from the repository root, on the in-process memory backend or on a real etcd (the
+//! `etcd` feature builds etcd-client, whose build script needs `protoc`):
+//!
 //! ```text
-//! cargo run --example name_server                                        # memory backend
-//! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --example name_server   # a real etcd
+//! cargo run --example name_server
+//! LOCKER_ETCD_ENDPOINTS=http://127.0.0.1:2379 cargo run --features etcd --example name_server
 //! ```
 
-mod common;
-
+use std::error::Error;
 use std::time::Duration;
 
-use common::{Store, Timeline};
 use futures::StreamExt;
 use locker_core::LockOptions;
+use locker_examples::{Reports, Store, Timeline};
 
 const RECORD: &str = "www.example.com";
 const TTL: Duration = Duration::from_secs(2);
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::from_env();
-    let t = Timeline::start();
+async fn main() -> Result<(), Box<dyn Error>> {
+    run(&Store::from_env()?, &Timeline::start()).await
+}
+
+/// Two hosts compete for the record while a resolver watches it; the owner dies, the other takes
+/// over, then releases. Everything that happens is told on `t`.
+pub(crate) async fn run(store: &Store, t: &Timeline) -> Result<(), Box<dyn Error>> {
     t.say(
         "setup",
         format!("name server on {}, lease TTL {TTL:?}", store.describe()),
@@ -35,29 +41,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let host_b = store.process(TTL).await?;
     let resolver = store.process(TTL).await?;
 
-    // The resolver watches the record: the current state first, then every change.
+    // The resolver watches the record: the current state first, then every change. It reports
+    // each address it is told, so that the steps below can wait until it has seen them.
     let mut changes = resolver.watch(RECORD)?;
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (resolver_tx, mut resolver_saw) = Reports::channel();
+    let resolver_t = t.clone();
     tokio::spawn(async move {
         while let Some(change) = changes.next().await {
             match change {
                 Ok(Some(holder)) => {
                     let ip = holder.value_str().unwrap_or("?").to_owned();
-                    t.say(
+                    resolver_t.say(
                         "resolver",
                         format!("{RECORD} -> {ip} (fencing token {})", holder.token),
                     );
-                    let _ = seen_tx.send(Some(ip));
+                    let _ = resolver_tx.send(Some(ip));
                 }
                 Ok(None) => {
-                    t.say("resolver", format!("{RECORD} -> nobody"));
-                    let _ = seen_tx.send(None);
+                    resolver_t.say("resolver", format!("{RECORD} -> nobody"));
+                    let _ = resolver_tx.send(None);
                 }
-                Err(err) => t.say("resolver", format!("watch failed: {err}")),
+                Err(err) => resolver_t.say("resolver", format!("watch failed: {err}")),
             }
         }
     });
-    expect(&mut seen_rx, None).await?;
+    resolver_saw.wait_for(&None).await?;
 
     let options = LockOptions::new().dedicated_session(TTL);
     let a = host_a
@@ -68,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "host-a",
         format!("owns {RECORD} with 10.1.1.1 (token {token_a})"),
     );
-    expect(&mut seen_rx, Some("10.1.1.1")).await?;
+    resolver_saw.wait_for(&Some("10.1.1.1".into())).await?;
 
     let b = host_b.lock_with(RECORD, "10.1.1.2", options).await?;
     let mut b_owned = b.owned_changes();
@@ -95,27 +103,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "host-b",
         format!("took over {RECORD} (token {token_b} > {token_a})"),
     );
-    expect(&mut seen_rx, Some("10.1.1.2")).await?;
+    resolver_saw.wait_for(&Some("10.1.1.2".into())).await?;
 
     b.release().await?;
     t.say("host-b", "released the record (hand-off in one round trip)");
-    expect(&mut seen_rx, None).await?;
+    resolver_saw.wait_for(&None).await?;
     t.say("done", "the resolver followed every change");
     Ok(())
-}
-
-/// Waits (bounded) until the resolver reports `want`.
-async fn expect(
-    seen: &mut tokio::sync::mpsc::UnboundedReceiver<Option<String>>,
-    want: Option<&str>,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio::time::timeout_at(deadline, seen.recv()).await {
-            Ok(Some(got)) if got.as_deref() == want => return Ok(()),
-            Ok(Some(_)) => continue,
-            Ok(None) => return Err("the resolver's watch ended".into()),
-            Err(_) => return Err(format!("the resolver did not see {want:?} in 30 s").into()),
-        }
-    }
 }
