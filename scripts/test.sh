@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, with its set-up: installs what the tests need where it is missing, then runs
-# `cargo test --workspace` (extra arguments are passed on to it).
+# `cargo test --workspace` (extra arguments are passed on to it) and the examples on etcd.
 #
 #   scripts/test.sh                     # everything
 #   scripts/test.sh -p locker-memory    # one crate
@@ -12,7 +12,9 @@
 #   - Docker's engine, for the one test that runs etcd in a container (the image is built here
 #     from the local etcd binary: no registry is needed).
 # On Debian or Ubuntu, as root or with passwordless sudo, the missing packages are installed with
-# apt-get; elsewhere the script stops and prints the command that installs them.
+# apt-get; elsewhere the script stops and prints the command that installs them. After the
+# workspace's tests it runs the examples' tests again with their etcd feature, so each example
+# also runs on a real etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -108,4 +110,10 @@ if [ -z "${LOCKER_ETCD_IMAGE:-}" ]; then
 fi
 
 say "cargo test --workspace $*"
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+# The examples on etcd too (their etcd support is a feature, off in the workspace build); not
+# when the arguments pick what to run.
+if [ $# -eq 0 ]; then
+  say "cargo test -p locker-examples --features etcd-tests"
+  cargo test -p locker-examples --features etcd-tests
+fi

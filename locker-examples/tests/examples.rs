@@ -1,5 +1,7 @@
 //! Each example runs here on the memory backend, on tokio's paused clock (a lease expiry takes no
-//! wall time), and the timeline it told is checked: a broken example fails CI.
+//! wall time), and the timeline it told is checked: a broken example fails CI. With the feature
+//! `etcd-tests` (which `scripts/test.sh` turns on), each also runs on a real, throwaway etcd
+//! (`locker_etcd::testing`), in real time, and is checked the same way.
 
 use std::time::Duration;
 
@@ -20,8 +22,40 @@ const BOUND: Duration = Duration::from_secs(600);
 
 #[tokio::test(start_paused = true)]
 async fn name_server_take_over_is_seen_by_the_resolver() {
+    check_name_server(&Store::memory()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_mesh_dependants_react_to_the_outage_and_the_recovery() {
+    check_health_mesh(&Store::memory()).await;
+}
+
+/// The same runs on a real etcd.
+#[cfg(feature = "etcd-tests")]
+mod on_etcd {
+    use locker_etcd::testing::EtcdServer;
+    use locker_examples::Store;
+
+    async fn etcd() -> Store {
+        let etcd = EtcdServer::shared().await.unwrap_or_else(|e| panic!("{e}"));
+        Store::from_endpoints(Some(&etcd.endpoints().join(","))).expect("built with etcd")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn name_server_take_over_is_seen_by_the_resolver() {
+        super::check_name_server(&etcd().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_mesh_dependants_react_to_the_outage_and_the_recovery() {
+        super::check_health_mesh(&etcd().await).await;
+    }
+}
+
+/// Runs the name server on `store` and checks its timeline.
+async fn check_name_server(store: &Store) {
     let t = Timeline::start();
-    let ran = timeout(BOUND, name_server::run(&Store::memory(), &t)).await;
+    let ran = timeout(BOUND, name_server::run(store, &t)).await;
     let lines = t.lines();
     assert!(
         matches!(ran, Ok(Ok(()))),
@@ -69,10 +103,10 @@ async fn name_server_take_over_is_seen_by_the_resolver() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn health_mesh_dependants_react_to_the_outage_and_the_recovery() {
+/// Runs the health mesh on `store` and checks its timeline.
+async fn check_health_mesh(store: &Store) {
     let t = Timeline::start();
-    let ran = timeout(BOUND, health_mesh::run(&Store::memory(), &t)).await;
+    let ran = timeout(BOUND, health_mesh::run(store, &t)).await;
     let lines = t.lines();
     assert!(
         matches!(ran, Ok(Ok(()))),
