@@ -6,7 +6,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions};
 use tokio::time::{Instant, sleep};
 
-use super::server::{EtcdProcess, etcd_binary, free_loopback_port, spawn_member};
+use super::server::{EtcdProcess, etcd_binary, free_loopback_port, member_args, spawn_member};
 
 /// A running cluster. Dropping it stops every member (by PID) and removes their directories.
 #[derive(Debug)]
@@ -54,36 +54,18 @@ impl EtcdCluster {
                 .tempdir()?
                 .keep();
             let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
-            let args: Vec<String> = vec![
-                "--name".into(),
-                names[i].clone(),
-                "--data-dir".into(),
-                dir.join("data").display().to_string(),
-                "--listen-client-urls".into(),
-                client_url.clone(),
-                "--advertise-client-urls".into(),
-                client_url.clone(),
-                "--listen-peer-urls".into(),
-                peer_urls[i].clone(),
-                "--initial-advertise-peer-urls".into(),
-                peer_urls[i].clone(),
-                "--initial-cluster".into(),
-                initial.clone(),
-                "--initial-cluster-token".into(),
+            let mut args = member_args(&names[i], &dir, &client_url, &peer_urls[i], &initial);
+            args.extend([
+                "--initial-cluster-token".to_owned(),
                 token.clone(),
-                "--initial-cluster-state".into(),
-                "new".into(),
+                "--initial-cluster-state".to_owned(),
+                "new".to_owned(),
                 // Short election timings: a lost leader is replaced in well under a TTL.
-                "--heartbeat-interval".into(),
-                "50".into(),
-                "--election-timeout".into(),
-                "500".into(),
-                "--unsafe-no-fsync".into(),
-                "--logger".into(),
-                "zap".into(),
-                "--log-outputs".into(),
-                "stderr".into(),
-            ];
+                "--heartbeat-interval".to_owned(),
+                "50".to_owned(),
+                "--election-timeout".to_owned(),
+                "500".to_owned(),
+            ]);
             let process = spawn_member(&binary, dir, client_url.clone(), &args)?;
             members.push(Member {
                 process,

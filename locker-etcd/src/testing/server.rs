@@ -202,11 +202,7 @@ impl EtcdServer {
     ///
     /// As [`EtcdBackendBuilder::connect`](crate::EtcdBackendBuilder::connect).
     pub async fn backend(&self, prefix: &str) -> locker_core::Result<EtcdBackend> {
-        EtcdBackend::builder()
-            .endpoints(self.endpoints())
-            .prefix(prefix)
-            .connect()
-            .await
+        backend_at(self.endpoints(), prefix).await
     }
 
     /// A plain etcd client on this etcd, for what the backend does not do (compaction, raw
@@ -218,6 +214,15 @@ impl EtcdServer {
     pub async fn client(&self) -> Result<Client, etcd_client::Error> {
         Client::connect(self.endpoints(), None).await
     }
+}
+
+/// A backend on `endpoints` with its keys under `prefix`, default settings otherwise.
+async fn backend_at(endpoints: Vec<String>, prefix: &str) -> locker_core::Result<EtcdBackend> {
+    EtcdBackend::builder()
+        .endpoints(endpoints)
+        .prefix(prefix)
+        .connect()
+        .await
 }
 
 /// A key prefix no other test (in this process or another) uses: `<name>-<pid>-<time>-<n>/`.
@@ -354,6 +359,34 @@ pub(crate) fn spawn_member(
     Ok(process)
 }
 
+/// The flags of one etcd member: its name, data directory, client and peer URLs, the initial
+/// cluster, no fsync (test data dies with the test), and zap logs on stderr.
+pub(crate) fn member_args(
+    name: &str,
+    dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    initial_cluster: &str,
+) -> Vec<String> {
+    let flags = [
+        ("--name", name.to_owned()),
+        ("--data-dir", dir.join("data").display().to_string()),
+        ("--listen-client-urls", client_url.to_owned()),
+        ("--advertise-client-urls", client_url.to_owned()),
+        ("--listen-peer-urls", peer_url.to_owned()),
+        ("--initial-advertise-peer-urls", peer_url.to_owned()),
+        ("--initial-cluster", initial_cluster.to_owned()),
+        ("--logger", "zap".to_owned()),
+        ("--log-outputs", "stderr".to_owned()),
+    ];
+    let mut args: Vec<String> = flags
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect();
+    args.push("--unsafe-no-fsync".to_owned());
+    args
+}
+
 /// A free loopback port (bound, then released: another process may take it meanwhile).
 pub(crate) fn free_loopback_port() -> std::io::Result<u16> {
     free_port()
@@ -378,27 +411,13 @@ fn spawn_single(
     }
     let client_url = format!("{scheme}://127.0.0.1:{client_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let mut args: Vec<String> = vec![
-        "--name".into(),
-        "locker-test".into(),
-        "--data-dir".into(),
-        dir.join("data").display().to_string(),
-        "--listen-client-urls".into(),
-        client_url.clone(),
-        "--advertise-client-urls".into(),
-        client_url.clone(),
-        "--listen-peer-urls".into(),
-        peer_url.clone(),
-        "--initial-advertise-peer-urls".into(),
-        peer_url.clone(),
-        "--initial-cluster".into(),
-        format!("locker-test={peer_url}"),
-        "--unsafe-no-fsync".into(),
-        "--logger".into(),
-        "zap".into(),
-        "--log-outputs".into(),
-        "stderr".into(),
-    ];
+    let mut args = member_args(
+        "locker-test",
+        &dir,
+        &client_url,
+        &peer_url,
+        &format!("locker-test={peer_url}"),
+    );
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     spawn_member(binary, dir, client_url, &args)
 }
@@ -432,11 +451,7 @@ impl EtcdProcess {
     ///
     /// As [`EtcdBackendBuilder::connect`](crate::EtcdBackendBuilder::connect).
     pub async fn backend(&self, prefix: &str) -> locker_core::Result<EtcdBackend> {
-        EtcdBackend::builder()
-            .endpoints(self.endpoints())
-            .prefix(prefix)
-            .connect()
-            .await
+        backend_at(self.endpoints(), prefix).await
     }
 
     fn send(&mut self, command: &str) -> std::io::Result<String> {
