@@ -670,6 +670,24 @@ mod tests {
         assert!(3 * entry + 4 * queue + value + REQUEST_OVERHEAD <= 1_572_864);
     }
 
+    /// The memory backend's defaults are what etcd accepts with the default prefix and request
+    /// limit, so that a key etcd refuses is refused in tests on the memory backend too.
+    #[tokio::test]
+    async fn memory_default_limits_are_those_of_etcd() {
+        // Connecting is lazy: no etcd is needed to build the backend and ask its limits.
+        let client = Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazily connecting client");
+        let backend = EtcdBackend::from_client(client);
+        assert_eq!(backend.prefix(), crate::config::DEFAULT_PREFIX);
+        assert_eq!(
+            backend.limits(),
+            locker_memory::MemoryBackend::DEFAULT_LIMITS
+        );
+        assert_eq!(backend.limits().max_key_len, 2_243);
+        assert_eq!(backend.limits().max_value_len, 1_556_480);
+    }
+
     #[test]
     fn room_checks() {
         assert!(check_room("locker/", 1_572_864).is_ok());
