@@ -9,11 +9,18 @@ use async_trait::async_trait;
 use etcd_client::{CompactionOptions, GetOptions, SortOrder, SortTarget};
 use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_etcd::EtcdBackend;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, RwLock};
 
 use crate::etcd_server::{EtcdTarget, shared_etcd, unique_prefix};
-use crate::harness::{Client, ClientFaults, Cut, Harness, RecordingBackend};
+use crate::harness::{
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend,
+};
 use crate::proxy::{LinkState, Proxy};
+
+/// The history of the etcd shared by the tests of this process ([`shared_etcd`]): compaction is
+/// store-wide, so tests that read or watch from past revisions hold this for reading, and tests
+/// that compact hold it for writing (see [`Harness::use_history`]).
+static SHARED_HISTORY: RwLock<()> = RwLock::const_new(());
 
 /// A harness over the shared etcd, for one test: everything it makes lives under its own prefix.
 pub struct EtcdHarness {
@@ -21,6 +28,7 @@ pub struct EtcdHarness {
     prefix: String,
     admin: Mutex<etcd_client::Client>,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    history: HistoryClaim,
 }
 
 impl std::fmt::Debug for EtcdHarness {
@@ -46,6 +54,7 @@ impl EtcdHarness {
             prefix: format!("locker-test/{}", unique_prefix(name)),
             admin: Mutex::new(target.client().await),
             granted: Arc::default(),
+            history: HistoryClaim::shared_store(&SHARED_HISTORY),
         }
     }
 
@@ -194,7 +203,12 @@ impl Harness for EtcdHarness {
             .expect("delete");
     }
 
+    async fn use_history(&self, how: HistoryUse) {
+        self.history.claim(how).await;
+    }
+
     async fn compact(&self) {
+        self.history.assert_may_compact();
         let mut admin = self.admin().await;
         let revision = admin
             .get(self.prefix.clone(), None)

@@ -25,7 +25,7 @@ pub mod proxy;
 pub mod record;
 pub mod suite;
 
-pub use harness::{Client, ClientFaults, Cut, Harness};
+pub use harness::{Client, ClientFaults, Cut, Harness, HistoryUse};
 
 /// The examples of the workspace README, compiled and run as doctests.
 #[cfg(doctest)]

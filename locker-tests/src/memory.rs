@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_memory::{Faults, MemoryBackend, PartitionMode};
 
-use crate::harness::{Client, ClientFaults, Cut, Harness, RecordingBackend};
+use crate::harness::{
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend,
+};
 
 /// A harness over one [`MemoryBackend`] store, for one test.
 #[derive(Debug)]
@@ -15,6 +17,7 @@ pub struct MemoryHarness {
     store: MemoryBackend,
     prefix: String,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    history: HistoryClaim,
 }
 
 impl MemoryHarness {
@@ -25,6 +28,8 @@ impl MemoryHarness {
             store: MemoryBackend::new(),
             prefix: format!("{name}/"),
             granted: Arc::default(),
+            // Each test has a store of its own: its history is nobody else's.
+            history: HistoryClaim::own_store(),
         }
     }
 
@@ -102,7 +107,12 @@ impl Harness for MemoryHarness {
         self.store.delete_key(key);
     }
 
+    async fn use_history(&self, how: HistoryUse) {
+        self.history.claim(how).await;
+    }
+
     async fn compact(&self) {
+        self.history.assert_may_compact();
         self.store
             .compact(self.store.current_revision())
             .expect("compact at the current revision");

@@ -17,7 +17,7 @@ use locker_core::{
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::harness::{Cut, Harness};
+use crate::harness::{Cut, Harness, HistoryUse};
 
 /// The TTL of most tests: etcd's minimum.
 pub const TTL: Duration = Duration::from_secs(2);
@@ -481,6 +481,7 @@ pub async fn watch_misses_no_change_in_a_burst_of_handoffs(h: &dyn Harness) {
 /// A watch whose client misses changes that are then compacted away re-reads and reports the
 /// current holder.
 pub async fn watch_resumes_after_compaction(h: &dyn Harness) {
+    h.use_history(HistoryUse::Compacts).await;
     let key = h.key("compacted");
     let watcher_client = h.client().await;
     let watcher = watcher_client.locker(TTL);
