@@ -343,3 +343,69 @@ impl LockBackend for RecordingBackend {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::RwLock;
+    use tokio::time::timeout;
+
+    use super::{HistoryClaim, HistoryUse};
+
+    /// Readers of a shared store's history go together; a compaction waits for them, and readers
+    /// that come later wait for it.
+    #[tokio::test(start_paused = true)]
+    async fn shared_history_excludes_compaction_while_it_is_read() {
+        static LOCK: RwLock<()> = RwLock::const_new(());
+        let (reader, other_reader) = (
+            HistoryClaim::shared_store(&LOCK),
+            HistoryClaim::shared_store(&LOCK),
+        );
+        reader.claim(HistoryUse::Reads).await;
+        other_reader.claim(HistoryUse::Reads).await;
+        reader.claim(HistoryUse::Reads).await; // again: nothing more to wait for
+        let compactor = HistoryClaim::shared_store(&LOCK);
+        let wait = Duration::from_secs(1);
+        assert!(
+            timeout(wait, compactor.claim(HistoryUse::Compacts))
+                .await
+                .is_err()
+        );
+        drop((reader, other_reader));
+        timeout(wait, compactor.claim(HistoryUse::Compacts))
+            .await
+            .expect("no reader left");
+        compactor.assert_may_compact();
+        let late = HistoryClaim::shared_store(&LOCK);
+        assert!(timeout(wait, late.claim(HistoryUse::Reads)).await.is_err());
+        drop(compactor);
+        timeout(wait, late.claim(HistoryUse::Reads))
+            .await
+            .expect("the compaction is over");
+    }
+
+    /// A store of the test's own never waits; the rules are the same.
+    #[tokio::test]
+    async fn own_history_never_waits_and_compaction_must_be_declared() {
+        let compactor = HistoryClaim::own_store();
+        compactor.claim(HistoryUse::Compacts).await;
+        compactor.claim(HistoryUse::Reads).await; // compacting covers reading
+        compactor.assert_may_compact();
+        let undeclared = HistoryClaim::own_store();
+        let compact = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            undeclared.assert_may_compact();
+        }));
+        assert!(compact.is_err(), "compaction without declaring it");
+        let reader = HistoryClaim::own_store();
+        reader.claim(HistoryUse::Reads).await;
+        let upgrade = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            reader.claim(HistoryUse::Compacts),
+        ))
+        .await;
+        assert!(
+            upgrade.is_err(),
+            "a reader that then compacts would wait for itself"
+        );
+    }
+}

@@ -16,6 +16,7 @@
 pub mod calls;
 pub mod chaos;
 pub mod cluster;
+pub mod contract;
 pub mod etcd;
 pub mod etcd_server;
 pub mod harness;
