@@ -1,8 +1,10 @@
-//! The conformance suite of locker: one `pub async fn` per behaviour, run unchanged on every
-//! backend through a [`Harness`], plus the harnesses themselves.
+//! The conformance suite of locker: one `pub async fn` per behaviour of the public API
+//! ([`suite`]) and one per clause of the backend contract, called on the backend directly
+//! ([`contract`]), run unchanged on every backend through a [`Harness`]; plus the harnesses
+//! themselves.
 //!
 //! A backend's test file instantiates the whole suite with one macro call, which makes one named
-//! test per behaviour:
+//! test per behaviour, and one per clause in a module `contract`:
 //!
 //! ```text
 //! async fn harness(name: &str) -> MemoryHarness {
