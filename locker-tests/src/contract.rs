@@ -8,10 +8,9 @@
 //! took in wall time. A clause revokes every lease it is granted, so nothing of it is left once it
 //! returns: [`assert_clause_left_nothing`] checks that at once, with no wait.
 //!
-//! Clauses that watch from past revisions declare it first thing
-//! ([`HistoryUse::Reads`](crate::HistoryUse::Reads)), and the one that compacts declares that
-//! ([`HistoryUse::Compacts`](crate::HistoryUse::Compacts)), so that on a store shared between
-//! tests no compaction removes history a clause still needs.
+//! Clauses that watch from past revisions declare it first thing ([`HistoryUse::Reads`]), and
+//! the one that compacts declares that ([`HistoryUse::Compacts`]), so that on a store shared
+//! between tests no compaction removes history a clause still needs.
 //!
 //! [`conformance_suite!`](crate::conformance_suite) makes one test per clause, in a module
 //! `contract` (`cargo test contract::` runs them alone).
