@@ -114,8 +114,9 @@ pub trait Harness: Send + Sync {
     /// Every lease granted to this test's clients so far (see [`RecordingBackend`]).
     fn granted_leases(&self) -> Vec<LeaseId>;
 
-    /// What is left of this test in the store: keys under its prefix, and those of `leases`
-    /// still alive. Empty when the test cleaned up after itself.
+    /// What is left of this test in the store: keys under its prefix (every key, on a store of
+    /// the test's own), and those of `leases` still alive. Empty when the test cleaned up after
+    /// itself.
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String>;
 }
 
