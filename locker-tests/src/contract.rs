@@ -1152,15 +1152,17 @@ pub async fn compacted_history_is_its_own_error(h: &dyn Harness) {
 // ---------------------------------------------------------------------------------------------
 // Failures
 
-/// A client that cannot reach the store gets `Error::Unavailable` (retryable) from every call;
-/// once it can again, its calls go through.
+/// A client that cannot reach the store gets `Error::Unavailable` (retryable) from every call
+/// (`limits()`, which needs no I/O, still answers); once it can again, its calls go through.
 pub async fn an_unreachable_store_fails_every_call_as_retryable(h: &dyn Harness) {
     let client = h.client().await;
     let b = client.backend.clone();
     let key = h.key("cut");
     let l = lease(&*b).await;
     let entry = join(&*b, &key, l, "v").await.entry;
+    let limits = b.limits();
     client.faults.cut(Cut::Fail).await;
+    assert_eq!(b.limits(), limits, "limits() needs no I/O");
     let rev = entry.create_revision;
     let results: Vec<(&str, Result<()>)> = vec![
         ("grant_lease", b.grant_lease(TTL).await.map(drop)),
