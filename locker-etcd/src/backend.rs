@@ -39,6 +39,9 @@ const ENTRY_SUFFIX: usize = 17;
 /// The smallest `max_request_bytes` accepted.
 const MIN_REQUEST_BYTES: usize = 2 * KEY_BUDGET;
 
+/// etcd's lease id for "no lease" (a put under it is bound to no lease).
+const NO_LEASE: LeaseId = 0;
+
 /// The TTL bounds etcd accepts: 2 s is its minimum with default settings (a shorter grant is
 /// answered with 2 s); 9,000,000,000 s is `MaxLeaseTTL`.
 const MIN_TTL: Duration = Duration::from_secs(2);
@@ -553,19 +556,21 @@ impl LockBackend for EtcdBackend {
     ///
     /// ```text
     /// if create_revision(entry) == 0
-    /// then [ txn( if create_revision(queue prefix range) == 0
-    ///             then []
-    ///             else [range queue, newest first, 8 keys] ),
-    ///        put entry value lease ]
+    /// then [ put entry value lease, range queue (newest first, 8 keys) ]
     /// else [ range entry, range queue (whole, oldest first) ]
     /// ```
     ///
-    /// A new entry is the newest of its queue, so its predecessor is the newest entry read before
-    /// the put; on an empty queue (the compare over the prefix range holds only when no key is
-    /// under it) nothing is read at all. That read pages on (at the same revision) only if its
-    /// first page holds nothing but entries of deeper queues. A retried join, whose entry exists,
-    /// reads the whole queue and picks the predecessor from it.
+    /// A new entry is the newest of its queue, so its predecessor is the next entry of the range
+    /// read after the put (newest first). That read pages on (at the same revision) only if its
+    /// first page holds nothing but the new entry and entries of deeper queues. A retried join,
+    /// whose entry exists, reads the whole queue and picks the predecessor from it.
+    ///
+    /// Lease 0 is etcd's "no lease": a put under it would create an entry that never expires, so
+    /// it is refused as a lease the store does not know, without a request.
     async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
+        if lease == NO_LEASE {
+            return Err(Error::LeaseLost { lease });
+        }
         retry_compacted(|| self.join_once(key, lease, value)).await
     }
 
@@ -668,6 +673,39 @@ mod tests {
         let queue = prefix.len() + key + 1;
         let value = crate::config::DEFAULT_MAX_REQUEST_BYTES - KEY_BUDGET;
         assert!(3 * entry + 4 * queue + value + REQUEST_OVERHEAD <= 1_572_864);
+    }
+
+    /// The memory backend's defaults are what etcd accepts with the default prefix and request
+    /// limit, so that a key etcd refuses is refused in tests on the memory backend too.
+    #[tokio::test]
+    async fn memory_default_limits_are_those_of_etcd() {
+        // Connecting is lazy: no etcd is needed to build the backend and ask its limits.
+        let client = Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazily connecting client");
+        let backend = EtcdBackend::from_client(client);
+        assert_eq!(backend.prefix(), crate::config::DEFAULT_PREFIX);
+        assert_eq!(
+            backend.limits(),
+            locker_memory::MemoryBackend::DEFAULT_LIMITS
+        );
+        assert_eq!(backend.limits().max_key_len, 2_243);
+        assert_eq!(backend.limits().max_value_len, 1_556_480);
+    }
+
+    /// Lease 0 is etcd's "no lease": a join under it is refused before any request, instead of
+    /// creating an entry bound to no lease.
+    #[tokio::test]
+    async fn a_join_under_lease_0_is_lease_lost() {
+        let client = Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazily connecting client");
+        let backend = EtcdBackend::from_client(client);
+        let result = backend.join("k", 0, b"v").await;
+        assert!(
+            matches!(result, Err(Error::LeaseLost { lease: 0 })),
+            "{result:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,16 @@ use crate::store::Store;
 
 /// etcd's default limit on one request (`--max-request-bytes`): 1.5 MiB.
 const ETCD_MAX_REQUEST_BYTES: usize = 1_572_864;
+/// The bytes of each request that `locker-etcd` keeps for keys and request overhead (16 KiB).
+const ETCD_KEY_BUDGET: usize = 16 * 1024;
+/// The request overhead counted in [`ETCD_KEY_BUDGET`] (headers, tags, lease id, sort options).
+const ETCD_REQUEST_OVERHEAD: usize = 512;
+/// How often `locker-etcd`'s join transaction carries the key (its largest request).
+const ETCD_KEY_COPIES: usize = 7;
+/// `locker-etcd`'s default prefix, `locker/`.
+const ETCD_DEFAULT_PREFIX_LEN: usize = "locker/".len();
+/// `/` and 16 hex digits of a lease id.
+const ENTRY_SUFFIX: usize = 17;
 
 /// A deterministic in-process lock store with etcd's observable behaviour, and one client of it.
 ///
@@ -102,19 +112,24 @@ impl MemoryBackendBuilder {
 }
 
 impl MemoryBackend {
-    /// etcd's limits, for an etcd with its default `--max-request-bytes` of 1.5 MiB (1 572 864
-    /// bytes):
+    /// Exactly the limits `locker-etcd`'s `EtcdBackend` reports with its default prefix `locker/`
+    /// and etcd's default `--max-request-bytes` of 1.5 MiB (1 572 864 bytes), so that a key or a
+    /// value that etcd refuses is refused here too (a test of `locker-etcd` checks they are equal):
     ///
-    /// - `max_key_len` = 1 572 864 − 64 = **1 572 800** bytes: 64 bytes are left for the backend
-    ///   root, the `/<lease hex>` suffix (at most 17 bytes) and the request's own framing;
-    /// - `max_value_len` = 1 572 864 − 256 = **1 572 608** bytes: 256 bytes are left for a
-    ///   (short) key and the framing of a put;
+    /// - `max_key_len` = (16 384 − 512) / 7 − 7 − 17 = 2 267 − 24 = **2 243** bytes: of each
+    ///   request, 16 KiB are kept for keys and 512 bytes of those for the request's own overhead;
+    ///   the join transaction carries the key 7 times (rounded down: 2 267 bytes per copy), and
+    ///   each copy also holds the prefix `locker/` (7 bytes) and `/<lease hex>` (at most 17);
+    /// - `max_value_len` = 1 572 864 − 16 384 = **1 556 480** bytes: the request less the 16 KiB
+    ///   kept for keys;
     /// - `min_ttl` = **2 s**, etcd's minimum lease TTL with its default election timeout (1 s × 3/2,
     ///   rounded up);
     /// - `max_ttl` = **9 000 000 000 s**, etcd's `MaxLeaseTTL`.
     pub const DEFAULT_LIMITS: Limits = Limits {
-        max_key_len: ETCD_MAX_REQUEST_BYTES - 64,
-        max_value_len: ETCD_MAX_REQUEST_BYTES - 256,
+        max_key_len: (ETCD_KEY_BUDGET - ETCD_REQUEST_OVERHEAD) / ETCD_KEY_COPIES
+            - ETCD_DEFAULT_PREFIX_LEN
+            - ENTRY_SUFFIX,
+        max_value_len: ETCD_MAX_REQUEST_BYTES - ETCD_KEY_BUDGET,
         min_ttl: Duration::from_secs(2),
         max_ttl: Duration::from_secs(9_000_000_000),
     };

@@ -10,6 +10,7 @@ use locker_core::backend::{
     Watcher,
 };
 use locker_core::{Locker, LockerBuilder, Result};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::calls::Counts;
 
@@ -89,15 +90,146 @@ pub trait Harness: Send + Sync {
     /// Deletes a key, as an operator would (not through locker).
     async fn delete_key(&self, key: &str);
 
+    /// Declares, first thing in a test, that it uses the store's history (the changes before the
+    /// current revision) as `how` says, for the rest of the test.
+    ///
+    /// Compaction is store-wide: on a store that tests share, one test's compaction would break
+    /// another's watch or read from a past revision. This waits until `how` cannot conflict with
+    /// another test (tests that read history exclude compactions, a compaction excludes them),
+    /// then holds that until the harness is dropped. A store of the test's own answers at once.
+    ///
+    /// # Panics
+    ///
+    /// If the test already declared [`HistoryUse::Reads`] and now asks for
+    /// [`HistoryUse::Compacts`] (it would wait for itself).
+    async fn use_history(&self, how: HistoryUse);
+
     /// Compacts the store's history up to its current revision.
+    ///
+    /// # Panics
+    ///
+    /// Unless the test declared [`HistoryUse::Compacts`] through [`Harness::use_history`].
     async fn compact(&self);
 
     /// Every lease granted to this test's clients so far (see [`RecordingBackend`]).
     fn granted_leases(&self) -> Vec<LeaseId>;
 
-    /// What is left of this test in the store: keys under its prefix, and those of `leases`
-    /// still alive. Empty when the test cleaned up after itself.
+    /// What is left of this test in the store: keys under its prefix (every key, on a store of
+    /// the test's own), and those of `leases` still alive. Empty when the test cleaned up after
+    /// itself.
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String>;
+}
+
+/// How a test uses the store's history, for [`Harness::use_history`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HistoryUse {
+    /// The test reads or watches from past revisions: no compaction may happen meanwhile.
+    Reads,
+    /// The test compacts the store ([`Harness::compact`]), removing every test's history.
+    Compacts,
+}
+
+/// What one test holds of its store's history: how a harness implements
+/// [`Harness::use_history`].
+#[derive(Debug)]
+pub struct HistoryClaim {
+    /// The lock of a store that tests share; `None` for a store of the test's own.
+    shared: Option<&'static RwLock<()>>,
+    held: std::sync::Mutex<Held>,
+}
+
+#[derive(Debug)]
+enum Held {
+    Nothing,
+    /// Reads, holding the shared lock for reading (if the store is shared) until dropped.
+    Reads {
+        _guard: Option<RwLockReadGuard<'static, ()>>,
+    },
+    /// Compacts, holding the shared lock for writing (if the store is shared) until dropped.
+    Compacts {
+        _guard: Option<RwLockWriteGuard<'static, ()>>,
+    },
+}
+
+impl Held {
+    fn how(&self) -> Option<HistoryUse> {
+        match self {
+            Held::Nothing => None,
+            Held::Reads { .. } => Some(HistoryUse::Reads),
+            Held::Compacts { .. } => Some(HistoryUse::Compacts),
+        }
+    }
+}
+
+impl HistoryClaim {
+    /// The claim of a test on a store of its own: nothing to wait for.
+    pub fn own_store() -> Self {
+        HistoryClaim {
+            shared: None,
+            held: std::sync::Mutex::new(Held::Nothing),
+        }
+    }
+
+    /// The claim of a test on a store shared with the other tests of the process, whose history
+    /// `lock` guards: readers of history take it for reading, compactions for writing.
+    pub fn shared_store(lock: &'static RwLock<()>) -> Self {
+        HistoryClaim {
+            shared: Some(lock),
+            held: std::sync::Mutex::new(Held::Nothing),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the test may use the history as `how` says, and holds that until dropped.
+    ///
+    /// # Panics
+    ///
+    /// If `how` is [`HistoryUse::Compacts`] and the test already holds [`HistoryUse::Reads`].
+    pub async fn claim(&self, how: HistoryUse) {
+        match self.held().how() {
+            Some(held) if held >= how => return,
+            Some(_) => panic!(
+                "a test that declared it reads history cannot then compact (it would wait for \
+                 itself): declare HistoryUse::Compacts first thing instead"
+            ),
+            None => {}
+        }
+        // The lock is taken with nothing else held (not the std mutex above): readers never
+        // wait for anything while holding it, so a waiting compaction always gets it.
+        let held = match how {
+            HistoryUse::Reads => Held::Reads {
+                _guard: match self.shared {
+                    Some(lock) => Some(lock.read().await),
+                    None => None,
+                },
+            },
+            HistoryUse::Compacts => Held::Compacts {
+                _guard: match self.shared {
+                    Some(lock) => Some(lock.write().await),
+                    None => None,
+                },
+            },
+        };
+        *self.held() = held;
+    }
+
+    /// Asserts that the test declared [`HistoryUse::Compacts`].
+    ///
+    /// # Panics
+    ///
+    /// If it did not.
+    pub fn assert_may_compact(&self) {
+        assert_eq!(
+            self.held().how(),
+            Some(HistoryUse::Compacts),
+            "a test compacts the store without having declared \
+             `h.use_history(HistoryUse::Compacts)` first thing: it would break other tests' \
+             history on a shared store"
+        );
+    }
 }
 
 /// Sends `tracing` output to the test's captured output, filtered by `RUST_LOG` (default: warn).
@@ -210,5 +342,71 @@ impl LockBackend for RecordingBackend {
         self.inner
             .update_value(entry_key, create_revision, value)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::RwLock;
+    use tokio::time::timeout;
+
+    use super::{HistoryClaim, HistoryUse};
+
+    /// Readers of a shared store's history go together; a compaction waits for them, and readers
+    /// that come later wait for it.
+    #[tokio::test(start_paused = true)]
+    async fn shared_history_excludes_compaction_while_it_is_read() {
+        static LOCK: RwLock<()> = RwLock::const_new(());
+        let (reader, other_reader) = (
+            HistoryClaim::shared_store(&LOCK),
+            HistoryClaim::shared_store(&LOCK),
+        );
+        reader.claim(HistoryUse::Reads).await;
+        other_reader.claim(HistoryUse::Reads).await;
+        reader.claim(HistoryUse::Reads).await; // again: nothing more to wait for
+        let compactor = HistoryClaim::shared_store(&LOCK);
+        let wait = Duration::from_secs(1);
+        assert!(
+            timeout(wait, compactor.claim(HistoryUse::Compacts))
+                .await
+                .is_err()
+        );
+        drop((reader, other_reader));
+        timeout(wait, compactor.claim(HistoryUse::Compacts))
+            .await
+            .expect("no reader left");
+        compactor.assert_may_compact();
+        let late = HistoryClaim::shared_store(&LOCK);
+        assert!(timeout(wait, late.claim(HistoryUse::Reads)).await.is_err());
+        drop(compactor);
+        timeout(wait, late.claim(HistoryUse::Reads))
+            .await
+            .expect("the compaction is over");
+    }
+
+    /// A store of the test's own never waits; the rules are the same.
+    #[tokio::test]
+    async fn own_history_never_waits_and_compaction_must_be_declared() {
+        let compactor = HistoryClaim::own_store();
+        compactor.claim(HistoryUse::Compacts).await;
+        compactor.claim(HistoryUse::Reads).await; // compacting covers reading
+        compactor.assert_may_compact();
+        let undeclared = HistoryClaim::own_store();
+        let compact = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            undeclared.assert_may_compact();
+        }));
+        assert!(compact.is_err(), "compaction without declaring it");
+        let reader = HistoryClaim::own_store();
+        reader.claim(HistoryUse::Reads).await;
+        let upgrade = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            reader.claim(HistoryUse::Compacts),
+        ))
+        .await;
+        assert!(
+            upgrade.is_err(),
+            "a reader that then compacts would wait for itself"
+        );
     }
 }

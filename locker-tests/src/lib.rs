@@ -1,10 +1,10 @@
-//! The conformance suite of locker: the behaviours every backend must show through the public API
-//! ([`suite`]), one `pub async fn` each, run unchanged on every backend through a [`Harness`];
-//! the recorder of believed tenures ([`record`]) and the seeded chaos run with its safety checker
-//! ([`chaos`]).
+//! The conformance suite of locker: one `pub async fn` per behaviour of the public API
+//! ([`suite`]) and one per clause of the backend contract, called on the backend directly
+//! ([`contract`]), run unchanged on every backend through a [`Harness`]; the recorder of believed
+//! tenures ([`record`]) and the seeded chaos run with its safety checker ([`chaos`]).
 //!
 //! A backend's test file instantiates the whole suite with one macro call, which makes one named
-//! test per behaviour:
+//! test per behaviour, and one per clause in a module `contract`:
 //!
 //! ```text
 //! async fn harness(name: &str) -> MemoryHarness {
@@ -17,8 +17,11 @@
 
 pub mod calls;
 pub mod chaos;
+pub mod contract;
 pub mod harness;
 pub mod record;
 pub mod suite;
 
-pub use harness::{Client, ClientFaults, Cut, Harness, RecordingBackend, init_logging};
+pub use harness::{
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend, init_logging,
+};

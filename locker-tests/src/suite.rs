@@ -17,7 +17,7 @@ use locker_core::{
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::harness::{Cut, Harness};
+use crate::harness::{Cut, Harness, HistoryUse};
 
 /// The TTL of most tests: etcd's minimum.
 pub const TTL: Duration = Duration::from_secs(2);
@@ -78,10 +78,16 @@ pub const BEHAVIOURS: &[&str] = &[
     "bad_input_safety_margin",
 ];
 
-/// Makes one named test per behaviour of the suite.
+/// Makes one named test per behaviour of the suite, and one per clause of the backend contract
+/// ([`contract`](crate::contract)) in a module `contract` (`cargo test contract::` runs them
+/// alone).
 ///
 /// `$attr` is the test attribute (e.g. `#[tokio::test(start_paused = true)]`); `$make` is an
 /// async function or closure-like path taking the test's name and returning a [`Harness`].
+/// After each behaviour, nothing of it may be left once its leases had time to end
+/// ([`assert_test_left_nothing`]); after each clause, nothing at once
+/// ([`assert_clause_left_nothing`](crate::contract::assert_clause_left_nothing)). The module
+/// `contract` also has a test that its clauses are exactly [`CLAUSES`](crate::contract::CLAUSES).
 #[macro_export]
 macro_rules! conformance_suite {
     (#[$attr:meta] $make:path) => {
@@ -134,6 +140,36 @@ macro_rules! conformance_suite {
             bad_input_ttl_out_of_range,
             bad_input_safety_margin,
         ]);
+        /// The backend contract, one test per clause.
+        mod contract {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::conformance_suite!(@clauses #[$attr] $make, [
+                limits_are_consistent,
+                join_at_the_limits_is_accepted_by_the_store,
+                join_creates_the_entry_and_answers_it,
+                join_is_idempotent,
+                join_answers_the_newest_earlier_entry,
+                queues_are_isolated,
+                guarded_writes_refuse_a_stale_create_revision,
+                a_gone_lease_fails_as_a_whole_with_lease_lost,
+                leases_are_granted_kept_alive_and_revoked,
+                a_granted_ttl_is_at_least_the_asked_and_the_minimum,
+                revoke_deletes_every_entry_of_the_lease_and_only_those,
+                lease_expiry_deletes_its_entries_and_only_those,
+                revisions_increase_across_the_store,
+                reads_are_consistent_and_answer_their_revision,
+                a_watch_from_after_a_read_misses_nothing,
+                watch_from_a_revision_delivers_every_change_in_order,
+                watch_misses_nothing_in_a_concurrent_burst,
+                watch_from_now_starts_at_the_next_revision,
+                watch_sees_only_keys_under_its_prefix,
+                compacted_history_is_its_own_error,
+                an_unreachable_store_fails_every_call_as_retryable,
+                a_broken_watch_ends_retryable_or_resumes_without_gap,
+            ]);
+        }
     };
     (@each #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
         $(
@@ -144,6 +180,21 @@ macro_rules! conformance_suite {
                 $crate::suite::assert_test_left_nothing(&harness).await;
             }
         )*
+    };
+    (@clauses #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
+        $(
+            #[$attr]
+            async fn $name() {
+                let harness = $make(concat!("contract-", stringify!($name))).await;
+                $crate::contract::$name(&harness).await;
+                $crate::contract::assert_clause_left_nothing(&harness).await;
+            }
+        )*
+
+        #[test]
+        fn every_clause_is_instantiated() {
+            assert_eq!([$(stringify!($name)),*], $crate::contract::CLAUSES);
+        }
     };
 }
 
@@ -481,6 +532,7 @@ pub async fn watch_misses_no_change_in_a_burst_of_handoffs(h: &dyn Harness) {
 /// A watch whose client misses changes that are then compacted away re-reads and reports the
 /// current holder.
 pub async fn watch_resumes_after_compaction(h: &dyn Harness) {
+    h.use_history(HistoryUse::Compacts).await;
     let key = h.key("compacted");
     let watcher_client = h.client().await;
     let watcher = watcher_client.locker(TTL);

@@ -9,10 +9,17 @@ use async_trait::async_trait;
 use etcd_client::{CompactionOptions, GetOptions, SortOrder, SortTarget};
 use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_etcd::EtcdBackend;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, RwLock};
 
 use locker_etcd::testing::{EtcdServer, LinkState, Proxy, unique_prefix};
-use locker_tests::{Client, ClientFaults, Cut, Harness, RecordingBackend};
+use locker_tests::{
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend,
+};
+
+/// The history of the etcd shared by the tests of this process (`EtcdServer::shared`): compaction is
+/// store-wide, so tests that read or watch from past revisions hold this for reading, and tests
+/// that compact hold it for writing (see [`Harness::use_history`]).
+static SHARED_HISTORY: RwLock<()> = RwLock::const_new(());
 
 /// A harness over the shared etcd, for one test: everything it makes lives under its own prefix.
 pub(crate) struct EtcdHarness {
@@ -20,6 +27,7 @@ pub(crate) struct EtcdHarness {
     prefix: String,
     admin: Mutex<etcd_client::Client>,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    history: HistoryClaim,
 }
 
 impl std::fmt::Debug for EtcdHarness {
@@ -45,6 +53,7 @@ impl EtcdHarness {
             prefix: format!("locker-test/{}", unique_prefix(name)),
             admin: Mutex::new(target.client().await.expect("an etcd client")),
             granted: Arc::default(),
+            history: HistoryClaim::shared_store(&SHARED_HISTORY),
         }
     }
 
@@ -188,7 +197,12 @@ impl Harness for EtcdHarness {
             .expect("delete");
     }
 
+    async fn use_history(&self, how: HistoryUse) {
+        self.history.claim(how).await;
+    }
+
     async fn compact(&self) {
+        self.history.assert_may_compact();
         let mut admin = self.admin().await;
         let revision = admin
             .get(self.prefix.clone(), None)

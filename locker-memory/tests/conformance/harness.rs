@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_memory::{Faults, MemoryBackend, PartitionMode};
 
-use locker_tests::{Client, ClientFaults, Cut, Harness, RecordingBackend};
+use locker_tests::{
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend,
+};
 
 /// A harness over one [`MemoryBackend`] store, for one test.
 #[derive(Debug)]
@@ -15,6 +17,7 @@ pub(crate) struct MemoryHarness {
     store: MemoryBackend,
     prefix: String,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    history: HistoryClaim,
 }
 
 impl MemoryHarness {
@@ -25,6 +28,8 @@ impl MemoryHarness {
             store: MemoryBackend::new(),
             prefix: format!("{name}/"),
             granted: Arc::default(),
+            // Each test has a store of its own: its history is nobody else's.
+            history: HistoryClaim::own_store(),
         }
     }
 }
@@ -97,7 +102,12 @@ impl Harness for MemoryHarness {
         self.store.delete_key(key);
     }
 
+    async fn use_history(&self, how: HistoryUse) {
+        self.history.claim(how).await;
+    }
+
     async fn compact(&self) {
+        self.history.assert_may_compact();
         self.store
             .compact(self.store.current_revision())
             .expect("compact at the current revision");
@@ -110,12 +120,12 @@ impl Harness for MemoryHarness {
             .clone()
     }
 
+    /// The store is the test's own: every key in it is the test's, under its prefix or not.
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String> {
         let mut left: Vec<String> = self
             .store
             .keys()
             .into_iter()
-            .filter(|e| e.key.starts_with(&self.prefix))
             .map(|e| format!("key {}", e.key))
             .collect();
         let live = self.store.leases();
