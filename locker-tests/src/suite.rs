@@ -87,7 +87,8 @@ pub const BEHAVIOURS: &[&str] = &[
 /// After each behaviour, nothing of it may be left once its leases had time to end
 /// ([`assert_test_left_nothing`]); after each clause, nothing at once
 /// ([`assert_clause_left_nothing`](crate::contract::assert_clause_left_nothing)). The module
-/// `contract` also has a test that its clauses are exactly [`CLAUSES`](crate::contract::CLAUSES).
+/// `contract` also has a test that its clauses are exactly [`CLAUSES`](crate::contract::CLAUSES),
+/// and the behaviours one that they are exactly [`BEHAVIOURS`].
 #[macro_export]
 macro_rules! conformance_suite {
     (#[$attr:meta] $make:path) => {
@@ -180,6 +181,11 @@ macro_rules! conformance_suite {
                 $crate::suite::assert_test_left_nothing(&harness).await;
             }
         )*
+
+        #[test]
+        fn every_behaviour_is_instantiated() {
+            assert_eq!([$(stringify!($name)),*], $crate::suite::BEHAVIOURS);
+        }
     };
     (@clauses #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
         $(

@@ -1,21 +1,19 @@
-//! The etcd backend's calls against a real etcd (the one [`EtcdServer::shared`] gives this
-//! binary). Each test works under its own prefix and revokes the leases it granted.
+//! What the etcd backend does beyond the backend contract (whose clauses run on etcd in the
+//! `conformance` test binary): etcd's rounding of TTLs, paging past deeper queues, many watches on
+//! one stream, interop with etcd's lock service, streams across a restart, etcd's auth. On the etcd
+//! [`EtcdServer::shared`] gives this binary, or a dedicated one; each test works under its own
+//! prefix and revokes the leases it granted.
 
 use std::time::Duration;
 
-use etcd_client::{Client, CompactionOptions, LockOptions, Permission, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, LockOptions, Permission, PutOptions, Txn, TxnOp};
 use futures::StreamExt;
-use locker_core::backend::{Entry, EventKind, WatchEvent, WatchStream, entry_key};
+use locker_core::backend::{EventKind, WatchEvent, WatchStream, entry_key};
 use locker_core::{Error, LockBackend, Watcher};
 use locker_etcd::EtcdBackend;
 use locker_etcd::testing::{EtcdServer, start_etcd_binary, unique_prefix};
-use tokio::sync::RwLock;
 
 const TTL: Duration = Duration::from_secs(10);
-
-/// Compaction removes history for every key: tests that read or watch past revisions hold this
-/// for reading, the compaction test for writing.
-static HISTORY: RwLock<()> = RwLock::const_new(());
 
 /// The etcd of this test binary.
 async fn shared() -> &'static EtcdServer {
@@ -43,20 +41,11 @@ async fn next_events(stream: &mut WatchStream, count: usize) -> Vec<WatchEvent> 
     events
 }
 
+/// etcd grants whole seconds, and at least its 2 s minimum: the backend rounds a TTL up, never
+/// down (the contract's clause checks "at least"; this is etcd's rounding).
 #[tokio::test]
-async fn lease_grant_keep_alive_revoke() {
+async fn a_ttl_is_rounded_up_to_whole_seconds() {
     let backend = backend("lease").await;
-    let lease = backend.grant_lease(TTL).await.unwrap();
-    assert_eq!(lease.ttl, TTL);
-    assert_eq!(backend.keep_alive(lease.id).await.unwrap(), Some(TTL));
-    // Again, on the same stream.
-    assert_eq!(backend.keep_alive(lease.id).await.unwrap(), Some(TTL));
-    backend.revoke_lease(lease.id).await.unwrap();
-    assert_eq!(backend.keep_alive(lease.id).await.unwrap(), None);
-    // Revoking a lease that is gone is fine.
-    backend.revoke_lease(lease.id).await.unwrap();
-
-    // etcd rounds a short TTL up to its 2 s minimum, and a fraction of a second up to a second.
     let short = backend.grant_lease(Duration::from_millis(1)).await.unwrap();
     assert_eq!(short.ttl, Duration::from_secs(2));
     let fraction = backend
@@ -68,86 +57,10 @@ async fn lease_grant_keep_alive_revoke() {
     backend.revoke_lease(fraction.id).await.unwrap();
 }
 
+/// A queue read pages past entries of deeper queues, even a dozen sharing one create revision (the
+/// contract's `queues_are_isolated` cannot make those: only a raw transaction can).
 #[tokio::test]
-async fn keep_alive_of_a_lease_revoked_elsewhere_is_none() {
-    let backend = backend("revoked-elsewhere").await;
-    let other = shared().await.backend(backend.prefix()).await.unwrap();
-    // One lease with an open keep-alive stream here, one never refreshed here.
-    let refreshed = backend.grant_lease(TTL).await.unwrap();
-    let fresh = backend.grant_lease(TTL).await.unwrap();
-    assert!(backend.keep_alive(refreshed.id).await.unwrap().is_some());
-    other.revoke_lease(refreshed.id).await.unwrap();
-    other.revoke_lease(fresh.id).await.unwrap();
-    assert_eq!(backend.keep_alive(refreshed.id).await.unwrap(), None);
-    assert_eq!(backend.keep_alive(fresh.id).await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn join_is_idempotent_and_answers_the_predecessor() {
-    let backend = backend("join").await;
-    let a = backend.grant_lease(TTL).await.unwrap().id;
-    let b = backend.grant_lease(TTL).await.unwrap().id;
-
-    let first = backend.join("k", a, b"value-a").await.unwrap();
-    assert_eq!(first.entry.key, entry_key("k", a));
-    assert_eq!(first.entry.key, format!("k/{a:x}"));
-    assert_eq!(first.entry.value, b"value-a");
-    assert_eq!(first.entry.lease, a);
-    assert_eq!(first.entry.create_revision, first.revision);
-    assert_eq!(first.predecessor, None, "first in the queue: the holder");
-
-    // A second join under the same lease finds the same entry, value and place.
-    let again = backend.join("k", a, b"other").await.unwrap();
-    assert_eq!(again.entry, first.entry);
-    assert_eq!(again.predecessor, None);
-    assert!(again.revision >= first.revision);
-
-    let second = backend.join("k", b, b"value-b").await.unwrap();
-    assert_eq!(second.predecessor, Some(first.entry.clone()));
-    assert!(second.entry.create_revision > first.entry.create_revision);
-
-    let (holder, revision) = backend.holder("k").await.unwrap();
-    assert_eq!(holder.as_ref(), Some(&first.entry));
-    assert!(revision >= second.revision);
-
-    let snapshot = backend.entries("k").await.unwrap();
-    assert_eq!(
-        snapshot.entries,
-        vec![first.entry.clone(), second.entry.clone()]
-    );
-
-    let position = backend
-        .position("k", &second.entry.key, second.entry.create_revision)
-        .await
-        .unwrap();
-    assert_eq!(position.own.as_ref(), Some(&second.entry));
-    assert_eq!(position.predecessor.as_ref(), Some(&first.entry));
-
-    let position = backend
-        .position("k", &first.entry.key, first.entry.create_revision)
-        .await
-        .unwrap();
-    assert_eq!(position.own.as_ref(), Some(&first.entry));
-    assert_eq!(position.predecessor, None);
-
-    // Asked about another create revision, the entry is not "own".
-    let position = backend
-        .position("k", &first.entry.key, first.entry.create_revision + 1000)
-        .await
-        .unwrap();
-    assert_eq!(position.own, None);
-
-    backend.revoke_lease(a).await.unwrap();
-    let (holder, _) = backend.holder("k").await.unwrap();
-    assert_eq!(holder.as_ref(), Some(&second.entry));
-    backend.revoke_lease(b).await.unwrap();
-    let (holder, _) = backend.holder("k").await.unwrap();
-    assert_eq!(holder, None);
-    assert!(backend.entries("k").await.unwrap().entries.is_empty());
-}
-
-#[tokio::test]
-async fn queues_are_isolated() {
+async fn queue_reads_page_past_deeper_entries_sharing_one_revision() {
     let etcd = shared().await;
     let prefix = unique_prefix("isolation");
     let backend = etcd.backend(&prefix).await.unwrap();
@@ -218,306 +131,6 @@ async fn queues_are_isolated() {
 }
 
 #[tokio::test]
-async fn delete_and_update_are_guarded_by_create_revision() {
-    let etcd = shared().await;
-    let prefix = unique_prefix("guarded");
-    let backend = etcd.backend(&prefix).await.unwrap();
-    let lease = backend.grant_lease(TTL).await.unwrap().id;
-    let joined = backend.join("g", lease, b"one").await.unwrap();
-    let entry = joined.entry;
-    let revision = entry.create_revision;
-
-    assert!(
-        !backend
-            .update_value(&entry.key, revision + 1, b"x")
-            .await
-            .unwrap()
-    );
-    assert!(!backend.update_value(&entry.key, 0, b"x").await.unwrap());
-    assert!(
-        backend
-            .update_value(&entry.key, revision, b"two")
-            .await
-            .unwrap()
-    );
-    let entries = backend.entries("g").await.unwrap().entries;
-    assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].value, b"two");
-    assert_eq!(entries[0].lease, lease, "the update keeps the lease");
-    assert_eq!(entries[0].create_revision, revision, "and the place");
-    assert!(entries[0].mod_revision > revision);
-
-    assert!(
-        !backend
-            .delete_entry(&entry.key, revision - 1)
-            .await
-            .unwrap()
-    );
-    assert!(!backend.delete_entry(&entry.key, 0).await.unwrap());
-    assert!(!backend.delete_entry("g/missing", revision).await.unwrap());
-    assert!(backend.delete_entry(&entry.key, revision).await.unwrap());
-    assert!(!backend.delete_entry(&entry.key, revision).await.unwrap());
-    assert!(
-        !backend
-            .update_value(&entry.key, revision, b"three")
-            .await
-            .unwrap()
-    );
-    assert!(backend.entries("g").await.unwrap().entries.is_empty());
-
-    // A re-join creates a new entry with a new place.
-    let rejoined = backend.join("g", lease, b"four").await.unwrap();
-    assert!(rejoined.entry.create_revision > revision);
-    // The lease still carries it: revoking deletes it.
-    backend.revoke_lease(lease).await.unwrap();
-    assert!(backend.entries("g").await.unwrap().entries.is_empty());
-}
-
-#[tokio::test]
-async fn a_gone_lease_makes_join_fail_with_lease_lost() {
-    let backend = backend("gone-lease").await;
-    let lease = backend.grant_lease(TTL).await.unwrap().id;
-    backend.revoke_lease(lease).await.unwrap();
-    match backend.join("k", lease, b"v").await {
-        Err(Error::LeaseLost { lease: lost }) => assert_eq!(lost, lease),
-        other => panic!("expected LeaseLost, got {other:?}"),
-    }
-    assert!(backend.entries("k").await.unwrap().entries.is_empty());
-    // A lease that never existed, likewise.
-    match backend.join("k", 0x7777_0000_1234, b"v").await {
-        Err(Error::LeaseLost { lease }) => assert_eq!(lease, 0x7777_0000_1234),
-        other => panic!("expected LeaseLost, got {other:?}"),
-    }
-    assert!(backend.entries("k").await.unwrap().entries.is_empty());
-
-    // The same on a queue that is not empty (the join takes its other branch), and on one that
-    // holds only entries of a deeper queue.
-    let live = backend.grant_lease(TTL).await.unwrap().id;
-    let holder = backend.join("k", live, b"holder").await.unwrap();
-    backend.join("d/deeper", live, b"deep").await.unwrap();
-    for queue in ["k", "d"] {
-        for gone in [lease, 0x7777_0000_1234] {
-            match backend.join(queue, gone, b"v").await {
-                Err(Error::LeaseLost { lease: lost }) => assert_eq!(lost, gone),
-                other => panic!("expected LeaseLost in {queue}, got {other:?}"),
-            }
-        }
-    }
-    assert_eq!(
-        backend.entries("k").await.unwrap().entries,
-        vec![holder.entry]
-    );
-    assert!(backend.entries("d").await.unwrap().entries.is_empty());
-    backend.revoke_lease(live).await.unwrap();
-}
-
-#[tokio::test]
-async fn join_on_an_empty_queue_creates_the_holder() {
-    let backend = backend("join-empty").await;
-    let lease = backend.grant_lease(TTL).await.unwrap().id;
-    let joined = backend.join("e", lease, b"first").await.unwrap();
-    assert_eq!(joined.predecessor, None);
-    assert_eq!(joined.entry.key, entry_key("e", lease));
-    assert_eq!(joined.entry.value, b"first");
-    assert_eq!(joined.entry.lease, lease);
-    assert_eq!(joined.entry.create_revision, joined.revision);
-    assert_eq!(joined.entry.mod_revision, joined.revision);
-    // The answer is what etcd stored.
-    let snapshot = backend.entries("e").await.unwrap();
-    assert_eq!(snapshot.entries, vec![joined.entry.clone()]);
-    assert_eq!(backend.holder("e").await.unwrap().0, Some(joined.entry));
-    backend.revoke_lease(lease).await.unwrap();
-}
-
-#[tokio::test]
-async fn join_behind_two_answers_the_newer() {
-    let backend = backend("join-behind-two").await;
-    let mut leases = Vec::new();
-    for _ in 0..3 {
-        leases.push(backend.grant_lease(TTL).await.unwrap().id);
-    }
-    let first = backend.join("t", leases[0], b"1").await.unwrap();
-    let second = backend.join("t", leases[1], b"2").await.unwrap();
-    let third = backend.join("t", leases[2], b"3").await.unwrap();
-    assert_eq!(first.predecessor, None);
-    assert_eq!(second.predecessor, Some(first.entry.clone()));
-    assert_eq!(third.predecessor, Some(second.entry.clone()));
-    assert_eq!(third.entry.create_revision, third.revision);
-    assert!(third.entry.create_revision > second.entry.create_revision);
-    let position = backend
-        .position("t", &third.entry.key, third.entry.create_revision)
-        .await
-        .unwrap();
-    assert_eq!(
-        position.predecessor, third.predecessor,
-        "as position answers"
-    );
-    for lease in leases {
-        backend.revoke_lease(lease).await.unwrap();
-    }
-}
-
-#[tokio::test]
-async fn join_ignores_entries_of_deeper_queues() {
-    let etcd = shared().await;
-    let prefix = unique_prefix("join-deeper");
-    let backend = etcd.backend(&prefix).await.unwrap();
-    let mut raw = etcd.client().await.unwrap();
-    let deep = backend.grant_lease(TTL).await.unwrap().id;
-    let first = backend.grant_lease(TTL).await.unwrap().id;
-    let second = backend.grant_lease(TTL).await.unwrap().id;
-    // More than a page of keys of the deeper queue `a/b`, each at its own revision.
-    let mut put_deep = async |range: std::ops::Range<u32>| {
-        for i in range {
-            raw.put(
-                format!("{prefix}a/b/{i:x}"),
-                "deep",
-                Some(PutOptions::new().with_lease(deep)),
-            )
-            .await
-            .unwrap();
-        }
-    };
-    put_deep(0..10).await;
-    let in_a = backend.join("a", first, b"a1").await.unwrap();
-    assert_eq!(in_a.predecessor, None, "keys of `a/b` are not in `a`");
-    assert_eq!(in_a.entry.create_revision, in_a.revision);
-
-    // Newer deeper keys than the entry of `a`: the predecessor read pages past them.
-    put_deep(10..30).await;
-    let behind = backend.join("a", second, b"a2").await.unwrap();
-    assert_eq!(behind.predecessor, Some(in_a.entry.clone()));
-    // Retried, both find the same answers in the whole queue.
-    let again = backend.join("a", second, b"a2").await.unwrap();
-    assert_eq!(again.entry, behind.entry);
-    assert_eq!(again.predecessor, Some(in_a.entry.clone()));
-    let again = backend.join("a", first, b"a1").await.unwrap();
-    assert_eq!((again.entry, again.predecessor), (in_a.entry.clone(), None));
-    assert_eq!(
-        backend.entries("a").await.unwrap().entries,
-        vec![in_a.entry, behind.entry]
-    );
-    for lease in [deep, first, second] {
-        backend.revoke_lease(lease).await.unwrap();
-    }
-}
-
-#[tokio::test]
-async fn a_retried_join_answers_its_own_place() {
-    let backend = backend("join-retried").await;
-    let mut leases = Vec::new();
-    for _ in 0..3 {
-        leases.push(backend.grant_lease(TTL).await.unwrap().id);
-    }
-    let mut joined = Vec::new();
-    for (i, lease) in leases.iter().enumerate() {
-        joined.push(
-            backend
-                .join("r", *lease, format!("v{i}").as_bytes())
-                .await
-                .unwrap(),
-        );
-    }
-    let last = joined[2].revision;
-    for (i, lease) in leases.iter().enumerate() {
-        let again = backend.join("r", *lease, b"changed").await.unwrap();
-        assert_eq!(
-            again.entry, joined[i].entry,
-            "the same entry, value and place"
-        );
-        let expected = i.checked_sub(1).map(|before| joined[before].entry.clone());
-        assert_eq!(again.predecessor, expected, "the predecessor of entry {i}");
-        assert!(again.revision >= last);
-    }
-    // With the middle one gone, the last waits for the first.
-    backend.revoke_lease(leases[1]).await.unwrap();
-    let again = backend.join("r", leases[2], b"v2").await.unwrap();
-    assert_eq!(again.predecessor, Some(joined[0].entry.clone()));
-    backend.revoke_lease(leases[0]).await.unwrap();
-    backend.revoke_lease(leases[2]).await.unwrap();
-}
-
-#[tokio::test]
-async fn watch_from_a_revision_sees_puts_and_deletes() {
-    let _history = HISTORY.read().await;
-    let backend = backend("watch").await;
-    let lease = backend.grant_lease(TTL).await.unwrap().id;
-    let joined = backend.join("w", lease, b"one").await.unwrap();
-    let entry = joined.entry.clone();
-
-    // From the join's revision: the join itself comes first.
-    let mut stream = backend.watch("w/", Some(joined.revision)).await.unwrap();
-    assert_eq!(stream.start_revision, joined.revision);
-    // And a watch from now, on the same stream.
-    let mut from_now = backend.watch("", None).await.unwrap();
-    assert!(from_now.start_revision > joined.revision);
-    let (_, read_at) = backend.holder("w").await.unwrap();
-    assert!(read_at >= from_now.start_revision - 1);
-
-    let first = next_batch(&mut stream).await;
-    assert_eq!(
-        first,
-        vec![WatchEvent {
-            kind: EventKind::Put,
-            entry: entry.clone()
-        }]
-    );
-
-    assert!(
-        backend
-            .update_value(&entry.key, entry.create_revision, b"two")
-            .await
-            .unwrap()
-    );
-    assert!(
-        backend
-            .delete_entry(&entry.key, entry.create_revision)
-            .await
-            .unwrap()
-    );
-    for stream in [&mut stream, &mut from_now] {
-        let events = next_events(stream, 2).await;
-        assert_eq!(events[0].kind, EventKind::Put);
-        assert_eq!(
-            events[0].entry.key, entry.key,
-            "keys are relative to the root"
-        );
-        assert_eq!(events[0].entry.value, b"two");
-        assert_eq!(events[0].entry.lease, lease);
-        assert_eq!(events[0].entry.create_revision, entry.create_revision);
-        assert_eq!(events[1].kind, EventKind::Delete);
-        assert_eq!(events[1].entry.key, entry.key);
-        assert_eq!(
-            events[1].entry.mod_revision,
-            events[0].entry.mod_revision + 1
-        );
-    }
-
-    // Other keys under the root reach the root watch only.
-    let other = backend.join("x", lease, b"x").await.unwrap();
-    let events = next_events(&mut from_now, 1).await;
-    assert_eq!(events[0].entry, other.entry);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), stream.events.next())
-            .await
-            .is_err(),
-        "the watch of `w/` saw a change of `x`"
-    );
-
-    // Dropping a watch leaves the others on the shared stream running.
-    drop(from_now);
-    let again = backend.join("w", lease, b"three").await.unwrap();
-    assert_eq!(next_events(&mut stream, 1).await[0].entry, again.entry);
-    backend.revoke_lease(lease).await.unwrap();
-    let events = next_events(&mut stream, 1).await;
-    assert_eq!(
-        events[0].kind,
-        EventKind::Delete,
-        "the lease's end deletes the entry"
-    );
-}
-
-#[tokio::test]
 async fn many_watches_share_one_stream() {
     let backend = backend("many-watches").await;
     let lease = backend.grant_lease(TTL).await.unwrap().id;
@@ -532,60 +145,6 @@ async fn many_watches_share_one_stream() {
         let events = next_events(stream, 1).await;
         assert_eq!(events[0].entry.key, entry_key(&format!("q{i}"), lease));
     }
-    backend.revoke_lease(lease).await.unwrap();
-}
-
-#[tokio::test]
-async fn a_compacted_revision_gives_compacted() {
-    let _history = HISTORY.write().await;
-    let etcd = shared().await;
-    let backend = etcd.backend(&unique_prefix("compacted")).await.unwrap();
-    let lease = backend.grant_lease(TTL).await.unwrap().id;
-    let first = backend.join("c", lease, b"1").await.unwrap();
-    // A watch that is already running is not disturbed by a compaction.
-    let mut running = backend.watch("c/", Some(first.revision)).await.unwrap();
-    assert_eq!(next_events(&mut running, 1).await[0].entry, first.entry);
-    backend.join("d", lease, b"2").await.unwrap();
-    let last = backend.join("e", lease, b"3").await.unwrap();
-
-    let mut raw = etcd.client().await.unwrap();
-    raw.compact(
-        last.revision,
-        Some(CompactionOptions::new().with_physical()),
-    )
-    .await
-    .unwrap();
-
-    let err = match backend.watch("", Some(first.revision)).await {
-        Err(err) => err,
-        Ok(mut stream) => tokio::time::timeout(Duration::from_secs(10), stream.events.next())
-            .await
-            .expect("an answer within 10 s")
-            .expect("an error before the end")
-            .expect_err("no events from a compacted revision"),
-    };
-    match err {
-        Error::Compacted {
-            requested,
-            compact_revision,
-        } => {
-            assert_eq!(requested, first.revision);
-            assert_eq!(compact_revision, last.revision);
-        }
-        other => panic!("expected Compacted, got {other:?}"),
-    }
-
-    // From the compaction revision on, history is there.
-    let mut stream = backend.watch("e/", Some(last.revision)).await.unwrap();
-    assert_eq!(next_events(&mut stream, 1).await[0].entry, last.entry);
-
-    let update = backend
-        .update_value(&first.entry.key, first.entry.create_revision, b"after")
-        .await
-        .unwrap();
-    assert!(update);
-    let events = next_events(&mut running, 1).await;
-    assert_eq!(events[0].entry.value, b"after");
     backend.revoke_lease(lease).await.unwrap();
 }
 
@@ -674,27 +233,6 @@ async fn streams_survive_an_etcd_restart() {
     backend.revoke_lease(lease).await.unwrap();
     let events = next_events(&mut stream, 1).await;
     assert_eq!(events[0].kind, EventKind::Delete);
-}
-
-#[tokio::test]
-async fn limits_match_etcd() {
-    let backend = backend("limits").await;
-    let limits = backend.limits();
-    assert_eq!(limits.min_ttl, Duration::from_secs(2));
-    assert_eq!(limits.max_ttl, Duration::from_secs(9_000_000_000));
-    assert_eq!(limits.max_value_len, 1_572_864 - 16 * 1024);
-    let prefix_len = backend.prefix().len();
-    assert_eq!(limits.max_key_len, (16 * 1024 - 512) / 7 - prefix_len - 17);
-
-    // The largest key and value together fit in one join.
-    let lease = backend.grant_lease(TTL).await.unwrap().id;
-    let key = "k".repeat(limits.max_key_len);
-    let value = vec![b'v'; limits.max_value_len];
-    let joined = backend.join(&key, lease, &value).await.unwrap();
-    assert_eq!(joined.entry.value.len(), limits.max_value_len);
-    let Entry { key: entry, .. } = joined.entry;
-    assert!(entry.starts_with(&key));
-    backend.revoke_lease(lease).await.unwrap();
 }
 
 /// etcd's auth: refused credentials and keys outside the user's permission are PermissionDenied.
