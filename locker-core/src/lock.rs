@@ -292,10 +292,14 @@ impl Shared {
         (inbox.tenure.take(), inbox.released)
     }
 
-    /// The handle takes the tenure to release it, if the task holds one.
+    /// The handle takes the tenure to release it, if the task holds one, and publishes
+    /// [`Ownership::Released`]: before the task can see the release, since the task then ends
+    /// without publishing anything, and nothing is published after it ends (a reader would keep
+    /// seeing `Owned` after a successful release).
     fn take_tenure_to_release(&self) -> Option<Tenure> {
         let mut inbox = lock(&self.inbox);
         let tenure = inbox.tenure.take()?;
+        self.publish(Ownership::Released);
         inbox.released = true;
         Some(tenure)
     }
@@ -558,10 +562,9 @@ impl LockHandle {
 
     /// Releases a held lock on the caller's task; the lock task only cleans up after.
     async fn release_here(&self, tenure: Tenure, was_owned: bool, still_valid: bool) -> Result<()> {
+        // `Released` is published already (when the tenure was taken): ownership is not claimed
+        // any more when the entry goes, and the next holder may own as soon as it is deleted.
         self.shared.set_session(None);
-        // Stop claiming ownership before the entry goes: the next holder may own as soon as it
-        // is deleted.
-        self.shared.publish(Ownership::Released);
         let Tenure {
             locker,
             session,
