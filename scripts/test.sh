@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, with its set-up: installs what the tests need where it is missing, then runs
-# `cargo test --workspace` (extra arguments are passed on to it) and the examples on etcd.
+# `cargo test --workspace` and the examples on etcd (with arguments: `cargo test ARGS` only).
 #
-#   scripts/test.sh                     # everything
-#   scripts/test.sh -p locker-memory    # one crate
+#   scripts/test.sh                                  # everything
+#   scripts/test.sh -p locker-etcd --test faults     # what the arguments pick
 #
 # What the tests need besides the Rust toolchain:
 #   - protoc with protobuf's well-known types (etcd-client's build script compiles etcd's protos);
@@ -36,8 +36,12 @@ protoc_works() {
   return 1
 }
 
-etcd_bin() { [ -n "${LOCKER_ETCD_BIN:-}" ] && [ -x "$LOCKER_ETCD_BIN" ] || command -v etcd >/dev/null 2>&1; }
-etcdctl_bin() { [ -n "${LOCKER_ETCDCTL_BIN:-}" ] && [ -x "$LOCKER_ETCDCTL_BIN" ] || command -v etcdctl >/dev/null 2>&1; }
+# The etcd and etcdctl the tests will run: LOCKER_ETCD_BIN / LOCKER_ETCDCTL_BIN when set (then
+# they must be executable files), else the ones on PATH.
+etcd_bin() { if [ -n "${LOCKER_ETCD_BIN:-}" ]; then [ -f "$LOCKER_ETCD_BIN" ] && [ -x "$LOCKER_ETCD_BIN" ]; else command -v etcd >/dev/null 2>&1; fi; }
+etcdctl_bin() { if [ -n "${LOCKER_ETCDCTL_BIN:-}" ]; then [ -f "$LOCKER_ETCDCTL_BIN" ] && [ -x "$LOCKER_ETCDCTL_BIN" ]; else command -v etcdctl >/dev/null 2>&1; fi; }
+[ -z "${LOCKER_ETCD_BIN:-}" ] || etcd_bin || die "LOCKER_ETCD_BIN=$LOCKER_ETCD_BIN is not an executable file"
+[ -z "${LOCKER_ETCDCTL_BIN:-}" ] || etcdctl_bin || die "LOCKER_ETCDCTL_BIN=$LOCKER_ETCDCTL_BIN is not an executable file"
 
 missing=()
 protoc_works || missing+=(protoc)
@@ -69,9 +73,10 @@ if [ ${#missing[@]} -gt 0 ]; then
         die "install them as root: apt-get install ${packages[*]}"
       fi
       say "installing with apt-get: ${packages[*]}"
-      export DEBIAN_FRONTEND=noninteractive
-      "${sudo[@]}" apt-get update -qq
-      "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+      # Through env: sudo drops the caller's environment.
+      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
       ;;
     *)
       if [ "$(uname -s)" = Darwin ]; then
@@ -95,7 +100,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   etcdctl_bin || die "etcdctl is still not on PATH"
 fi
 say "protoc: $(${PROTOC:-protoc} --version)"
-say "etcd: $(${LOCKER_ETCD_BIN:-etcd} --version 2>/dev/null | head -n 1)"
+
+# The test servers run with --unsafe-no-fsync, which etcd has from 3.4.10 on (Debian 11 and Ubuntu
+# 22.04 ship 3.3).
+etcd_version=$("${LOCKER_ETCD_BIN:-etcd}" --version 2>/dev/null | sed -n 's/^etcd Version: *//p' | head -n 1)
+say "etcd: ${etcd_version:-unknown version}"
+if ! printf '%s\n%s\n' 3.4.10 "${etcd_version:-0}" | sort -V -C; then
+  die "etcd ${etcd_version:-of unknown version} is too old: the tests need etcd 3.4.10 or later. Get a
+  release from https://github.com/etcd-io/etcd/releases and set LOCKER_ETCD_BIN (and
+  LOCKER_ETCDCTL_BIN) to its binaries."
+fi
 
 # The Docker test: a local etcd image, built from the etcd binary (no registry needed).
 if [ -z "${LOCKER_ETCD_IMAGE:-}" ]; then
@@ -109,11 +123,13 @@ if [ -z "${LOCKER_ETCD_IMAGE:-}" ]; then
   fi
 fi
 
-say "cargo test --workspace $*"
-cargo test --workspace "$@"
+# Everything, unless the arguments say what (`-p locker-memory`; `--workspace` would override it).
+[ $# -gt 0 ] || set -- --workspace
+say "cargo test $*"
+cargo test "$@"
 # The examples on etcd too (their etcd support is a feature, off in the workspace build); not
 # when the arguments pick what to run.
-if [ $# -eq 0 ]; then
+if [ "$*" = --workspace ]; then
   say "cargo test -p locker-examples --features etcd-tests"
   cargo test -p locker-examples --features etcd-tests
 fi

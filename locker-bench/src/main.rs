@@ -244,7 +244,7 @@ async fn run(args: Args) -> BenchResult<bool> {
             // The harness starts etcd with `--unsafe-no-fsync`; a later `=false` turns fsync
             // back on (Go flags: the last one wins). Checked with strace: ~1.75 fdatasync per
             // put with it, none without.
-            process = locker_etcd::testing::start_etcd_binary_with_args(&[
+            process = locker_etcd::testing::EtcdProcess::start_with_args(&[
                 "--unsafe-no-fsync=false",
             ])
             .await

@@ -167,7 +167,7 @@ impl EtcdCluster {
     ///
     /// If it does not answer within 20 s.
     pub async fn restart(&mut self, i: usize) -> std::io::Result<()> {
-        self.members[i].process.start().await
+        self.members[i].process.restart().await
     }
 
     /// Freezes member `i` (SIGSTOP).

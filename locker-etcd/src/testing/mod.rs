@@ -9,9 +9,9 @@
 //!   with a message that says how to get one, so a test never passes by skipping its work.
 //!   [`EtcdServer::shared`] gives one server per test process; [`unique_prefix`] gives each test
 //!   its own keys on it.
-//! - [`start_etcd_binary`] and its variants start a dedicated [`EtcdProcess`] that a test can
-//!   stop, kill, freeze ([`EtcdProcess::pause`]) and restart; [`start_etcd_binary_tls`] with a
-//!   [`TestPki`] serves TLS.
+//! - [`EtcdProcess::start`] and its variants start a dedicated etcd that a test can stop, kill,
+//!   freeze ([`EtcdProcess::pause`]) and restart; [`EtcdProcess::start_tls`] with a [`TestPki`]
+//!   serves TLS; [`EtcdServer::start_docker`] runs one in a container of a given image.
 //! - [`EtcdCluster`] is a cluster of such processes on loopback, for failover tests.
 //! - [`Proxy`] sits between one client and etcd, to cut, black-hole, heal or slow that link.
 //!
@@ -47,7 +47,4 @@ mod server;
 pub use cluster::EtcdCluster;
 pub use pki::TestPki;
 pub use proxy::{LinkState, Proxy};
-pub use server::{
-    EtcdProcess, EtcdServer, etcd_binary, start_docker_etcd, start_etcd_binary,
-    start_etcd_binary_tls, start_etcd_binary_with_args, unique_prefix,
-};
+pub use server::{EtcdProcess, EtcdServer, etcd_binary, unique_prefix};

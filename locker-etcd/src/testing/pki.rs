@@ -16,13 +16,12 @@ use crate::{Certificate, Identity, TlsOptions};
 ///
 /// ```no_run
 /// use locker_etcd::EtcdBackend;
-/// use locker_etcd::testing::{TestPki, start_etcd_binary_tls};
+/// use locker_etcd::testing::{EtcdProcess, TestPki};
 ///
 /// # async fn test() -> Result<(), Box<dyn std::error::Error>> {
 /// let pki = TestPki::new()?;
-/// let flags = pki.server_flags(true); // TLS, and client certificates required
-/// let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-/// let etcd = start_etcd_binary_tls(&flags, pki.client_tls()).await?;
+/// // TLS, and client certificates required.
+/// let etcd = EtcdProcess::start_tls(&pki.server_flags(true), pki.client_tls()).await?;
 /// let backend = EtcdBackend::builder()
 ///     .endpoints(etcd.endpoints())
 ///     .tls(pki.client_tls())

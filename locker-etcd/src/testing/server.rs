@@ -134,7 +134,7 @@ impl EtcdServer {
         }
         match etcd_binary() {
             Ok(binary) => {
-                let process = start_etcd_binary_at(&binary, &[]).await.map_err(|err| {
+                let process = start_dedicated(&binary, &[], None).await.map_err(|err| {
                     std::io::Error::new(
                         err.kind(),
                         format!("could not start {}: {err}", binary.display()),
@@ -267,8 +267,12 @@ pub fn etcd_binary() -> std::io::Result<PathBuf> {
         })
 }
 
-/// A dedicated etcd process, started by [`start_etcd_binary`]. Dropping it stops etcd (by its PID)
-/// and removes its directory.
+/// A dedicated etcd process, started by [`EtcdProcess::start`] (or its variants), that a test can
+/// stop, kill, freeze and restart. Dropping it stops etcd (by its PID) and removes its directory.
+///
+/// [`stop`](Self::stop) and [`kill`](Self::kill) wait for the process to exit (a blocking wait of
+/// milliseconds, on the calling thread); so does dropping it, for up to 10 s if etcd ignores
+/// SIGTERM.
 #[derive(Debug)]
 pub struct EtcdProcess {
     supervisor: Child,
@@ -277,35 +281,27 @@ pub struct EtcdProcess {
     pid: Option<u32>,
     client_url: String,
     dir: PathBuf,
+    /// For a TLS server: what a client needs to tell that it answers.
+    probe: Option<crate::TlsOptions>,
 }
 
-/// Starts a dedicated etcd from the binary [`etcd_binary`] finds, with `--unsafe-no-fsync`, on
-/// free loopback ports, and waits until it answers.
-///
-/// # Errors
-///
-/// If there is no binary, or it does not start and answer within 20 s (the error quotes its log).
-pub async fn start_etcd_binary() -> std::io::Result<EtcdProcess> {
-    start_etcd_binary_with_args(&[]).await
-}
-
-/// Like [`start_etcd_binary`], with extra etcd flags (`--max-request-bytes=..`, say).
-///
-/// # Errors
-///
-/// As [`start_etcd_binary`].
-pub async fn start_etcd_binary_with_args(extra: &[&str]) -> std::io::Result<EtcdProcess> {
-    let binary = etcd_binary()?;
-    start_etcd_binary_at(&binary, extra).await
-}
-
-async fn start_etcd_binary_at(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess> {
-    // The ports are picked by binding port 0 and released before etcd binds them, so another
-    // process may take one meanwhile: try a few times.
+/// Starts a dedicated etcd from `binary` (plain HTTP, or TLS with `tls`: the server's TLS flags
+/// are among `extra` and `tls` is what a client needs to check it is up), retrying on other ports
+/// a few times: the ports are picked by binding port 0 and released before etcd binds them, so
+/// another process may take one meanwhile.
+async fn start_dedicated(
+    binary: &Path,
+    extra: &[String],
+    tls: Option<crate::TlsOptions>,
+) -> std::io::Result<EtcdProcess> {
     let mut last = None;
     for _ in 0..3 {
-        match try_start(binary, extra).await {
-            Ok(process) => return Ok(process),
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut process = spawn_single(binary, scheme, extra)?;
+        process.probe = tls.clone();
+        // On failure `process` is dropped here, which stops etcd and removes its directory.
+        match process.wait_ready().await {
+            Ok(()) => return Ok(process),
             Err(err) => last = Some(err),
         }
     }
@@ -354,6 +350,7 @@ pub(crate) fn spawn_member(
         pid: None,
         client_url,
         dir,
+        probe: None,
     };
     process.pid = Some(process.read_started()?);
     Ok(process)
@@ -394,14 +391,9 @@ pub(crate) fn free_loopback_port() -> std::io::Result<u16> {
 
 /// Starts a single-node etcd under a supervisor on free loopback ports (`scheme` for clients:
 /// `http` or `https`), with `--unsafe-no-fsync` and the `extra` flags, without waiting for it.
-fn spawn_single(
-    binary: &Path,
-    dir_prefix: &str,
-    scheme: &str,
-    extra: &[&str],
-) -> std::io::Result<EtcdProcess> {
+fn spawn_single(binary: &Path, scheme: &str, extra: &[String]) -> std::io::Result<EtcdProcess> {
     let dir = tempfile::Builder::new()
-        .prefix(dir_prefix)
+        .prefix("locker-etcd-")
         .tempdir()?
         .keep();
     let client_port = free_port()?;
@@ -418,18 +410,52 @@ fn spawn_single(
         &peer_url,
         &format!("locker-test={peer_url}"),
     );
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args.extend(extra.iter().cloned());
     spawn_member(binary, dir, client_url, &args)
 }
 
-async fn try_start(binary: &Path, extra: &[&str]) -> std::io::Result<EtcdProcess> {
-    let process = spawn_single(binary, "locker-etcd-", "http", extra)?;
-    // On failure `process` is dropped here, which stops etcd and removes its directory.
-    process.wait_ready().await?;
-    Ok(process)
-}
-
 impl EtcdProcess {
+    /// Starts a dedicated etcd from the binary [`etcd_binary`] finds, with `--unsafe-no-fsync`, on
+    /// free loopback ports, and waits until it answers.
+    ///
+    /// # Errors
+    ///
+    /// If there is no binary, or it does not start and answer within 20 s (the error quotes its
+    /// log).
+    pub async fn start() -> std::io::Result<EtcdProcess> {
+        EtcdProcess::start_with_args::<&str>(&[]).await
+    }
+
+    /// Like [`EtcdProcess::start`], with extra etcd flags (`--max-request-bytes=..`, say; a flag
+    /// given twice takes its last value, so `--unsafe-no-fsync=false` turns fsync back on).
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdProcess::start`].
+    pub async fn start_with_args<S: AsRef<str>>(extra: &[S]) -> std::io::Result<EtcdProcess> {
+        let extra: Vec<String> = extra.iter().map(|a| a.as_ref().to_owned()).collect();
+        start_dedicated(&etcd_binary()?, &extra, None).await
+    }
+
+    /// Starts a dedicated etcd that serves clients over TLS only, at `https://127.0.0.1:<port>`
+    /// ([`EtcdProcess::endpoints`]).
+    ///
+    /// `flags` are the server's TLS flags (`--cert-file`, `--key-file`; for client certificates
+    /// `--client-cert-auth` and `--trusted-ca-file`: [`TestPki::server_flags`](super::TestPki::server_flags)
+    /// gives them) and any others. Readiness is a status call made with `probe`: client TLS
+    /// options the server accepts (also after a [`restart`](Self::restart)).
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdProcess::start`].
+    pub async fn start_tls<S: AsRef<str>>(
+        flags: &[S],
+        probe: crate::TlsOptions,
+    ) -> std::io::Result<EtcdProcess> {
+        let flags: Vec<String> = flags.iter().map(|a| a.as_ref().to_owned()).collect();
+        start_dedicated(&etcd_binary()?, &flags, Some(probe)).await
+    }
+
     /// The client endpoint, `http://127.0.0.1:<port>`.
     pub fn endpoints(&self) -> Vec<String> {
         vec![self.client_url.clone()]
@@ -495,12 +521,12 @@ impl EtcdProcess {
     }
 
     /// Starts etcd again (same ports, same data) after [`stop`](Self::stop) or
-    /// [`kill`](Self::kill), and waits until it answers.
+    /// [`kill`](Self::kill), and waits until it answers. Nothing to do if it runs.
     ///
     /// # Errors
     ///
     /// If it does not start and answer within 20 s.
-    pub async fn start(&mut self) -> std::io::Result<()> {
+    pub async fn restart(&mut self) -> std::io::Result<()> {
         if self.pid.is_some() {
             return Ok(());
         }
@@ -518,17 +544,12 @@ impl EtcdProcess {
         Ok(())
     }
 
-    /// Waits until etcd answers a status request, failing early if it exits.
+    /// Waits until etcd answers a status request (over TLS for a TLS server), failing early if
+    /// it exits.
     pub(crate) async fn wait_ready(&self) -> std::io::Result<()> {
-        self.wait_ready_with(None).await
-    }
-
-    /// Waits until etcd answers a status request (over TLS with `tls`), failing early if it
-    /// exits.
-    async fn wait_ready_with(&self, tls: Option<&crate::TlsOptions>) -> std::io::Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
-            let up = match tls {
+            let up = match &self.probe {
                 None => answers(&self.client_url).await,
                 Some(tls) => answers_tls(&self.client_url, tls).await,
             };
@@ -668,7 +689,7 @@ fn split_image(image: &str) -> (String, String) {
     }
 }
 
-/// A container started by [`start_docker_etcd`]. A guard process removes it when the test process
+/// A container started by [`EtcdServer::start_docker`]. A guard process removes it when the test process
 /// ends, however it ends; dropping this removes it at once (and waits for `docker rm`).
 #[derive(Debug)]
 struct DockerContainer {
@@ -691,7 +712,7 @@ impl DockerContainer {
             .spawn()
             .map_err(|err| {
                 eprintln!(
-                    "locker-tests: cannot start the guard that removes container {id}: {err}"
+                    "locker-etcd testing: cannot start the guard that removes container {id}: {err}"
                 );
             })
             .ok();
@@ -736,22 +757,24 @@ impl Drop for DockerContainer {
     }
 }
 
-/// Starts a dedicated etcd in a Docker container of `image` (through `testcontainers`; it is
-/// pulled only if it is not there already) and waits until it answers a status request.
-///
-/// The image's etcd is started as `LOCKER_ETCD_DOCKER_BIN` (default `/usr/local/bin/etcd`, where
-/// the `quay.io/coreos/etcd` images and `scripts/etcd-image.sh` put it), set as the entrypoint,
-/// listening on port 2379 of the container with its data in `/tmp` and `--unsafe-no-fsync`.
-/// Readiness is a successful status call on the mapped port, not a log line, so any etcd 3.4+
-/// image works. Dropping the returned target removes the container; so does the end of the test
-/// process.
-///
-/// # Errors
-///
-/// If Docker is not reachable, the image is missing and cannot be pulled, or etcd exits or does
-/// not answer within 60 s (the message quotes its log).
-pub async fn start_docker_etcd(image: &str) -> std::io::Result<EtcdServer> {
-    start_docker(image).await.map_err(std::io::Error::other)
+impl EtcdServer {
+    /// Starts a dedicated etcd in a Docker container of `image` (through `testcontainers`; it is
+    /// pulled only if it is not there already) and waits until it answers a status request.
+    ///
+    /// The image's etcd is started as `LOCKER_ETCD_DOCKER_BIN` (default `/usr/local/bin/etcd`, where
+    /// the `quay.io/coreos/etcd` images and `scripts/etcd-image.sh` put it), set as the entrypoint,
+    /// listening on port 2379 of the container with its data in `/tmp` and `--unsafe-no-fsync`.
+    /// Readiness is a successful status call on the mapped port, not a log line, so any etcd 3.4+
+    /// image works. Dropping the returned target removes the container; so does the end of the test
+    /// process.
+    ///
+    /// # Errors
+    ///
+    /// If Docker is not reachable, the image is missing and cannot be pulled, or etcd exits or does
+    /// not answer within 60 s (the message quotes its log).
+    pub async fn start_docker(image: &str) -> std::io::Result<EtcdServer> {
+        start_docker(image).await.map_err(std::io::Error::other)
+    }
 }
 
 async fn start_docker(image: &str) -> Result<EtcdServer, String> {
@@ -839,45 +862,6 @@ fn container_runs(id: &str) -> bool {
         .args(["inspect", "--format", "{{.State.Running}}", id])
         .output()
         .is_ok_and(|output| output.status.success() && output.stdout.starts_with(b"true"))
-}
-
-/// Starts a dedicated etcd, from the binary [`etcd_binary`] finds, that serves clients over TLS
-/// only, at `https://127.0.0.1:<port>` ([`EtcdProcess::endpoints`]), with `--unsafe-no-fsync`.
-///
-/// `flags` are the server's TLS flags (`--cert-file`, `--key-file`; for client certificates
-/// `--client-cert-auth` and `--trusted-ca-file`) and any others. Readiness is a status call made
-/// with `probe`: TLS options the server accepts. Dropping the process stops etcd. (Its
-/// [`start`](EtcdProcess::start) after a stop waits with a plain-HTTP probe: not for TLS servers.)
-///
-/// # Errors
-///
-/// If there is no binary, or etcd does not start and answer within 20 s (the error quotes its
-/// log).
-pub async fn start_etcd_binary_tls(
-    flags: &[&str],
-    probe: crate::TlsOptions,
-) -> std::io::Result<EtcdProcess> {
-    let binary = etcd_binary()?;
-    let mut last = None;
-    // Free ports may be taken between the pick and etcd's bind: try a few times.
-    for _ in 0..3 {
-        match try_start_tls(&binary, flags, &probe).await {
-            Ok(process) => return Ok(process),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("etcd did not start")))
-}
-
-async fn try_start_tls(
-    binary: &Path,
-    flags: &[&str],
-    probe: &crate::TlsOptions,
-) -> std::io::Result<EtcdProcess> {
-    let process = spawn_single(binary, "locker-etcd-tls-", "https", flags)?;
-    // On failure `process` is dropped, which stops etcd and removes its directory.
-    process.wait_ready_with(Some(probe)).await?;
-    Ok(process)
 }
 
 /// Whether etcd answers a status request over TLS at `endpoint` within a second.

@@ -21,9 +21,12 @@ use locker_tests::{
 /// that compact hold it for writing (see [`Harness::use_history`]).
 static SHARED_HISTORY: RwLock<()> = RwLock::const_new(());
 
-/// A harness over the shared etcd, for one test: everything it makes lives under its own prefix.
+/// A harness over an etcd (the one shared by the tests of this binary, unless told otherwise), for
+/// one test: everything it makes lives under its own prefix.
 pub(crate) struct EtcdHarness {
-    target: &'static EtcdServer,
+    endpoints: Vec<String>,
+    /// Where the etcd comes from, for messages.
+    describe: String,
     prefix: String,
     admin: Mutex<etcd_client::Client>,
     granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
@@ -33,7 +36,7 @@ pub(crate) struct EtcdHarness {
 impl std::fmt::Debug for EtcdHarness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdHarness")
-            .field("target", &self.target.describe())
+            .field("etcd", &self.describe)
             .field("prefix", &self.prefix)
             .finish()
     }
@@ -46,20 +49,30 @@ impl EtcdHarness {
     ///
     /// If no etcd can be found; the message says how to get one.
     pub(crate) async fn new(name: &str) -> Self {
-        let target = EtcdServer::shared().await.unwrap_or_else(|e| panic!("{e}"));
+        let etcd = EtcdServer::shared().await.unwrap_or_else(|e| panic!("{e}"));
+        EtcdHarness::on(name, etcd.endpoints(), etcd.describe()).await
+    }
+
+    /// A harness for the test `name` on the etcd at `endpoints` (`describe` says which, for
+    /// messages).
+    pub(crate) async fn on(name: &str, endpoints: Vec<String>, describe: String) -> Self {
         locker_tests::init_logging();
+        let admin = etcd_client::Client::connect(endpoints.clone(), None)
+            .await
+            .expect("an etcd client");
         EtcdHarness {
-            target,
+            endpoints,
+            describe,
             prefix: format!("locker-test/{}", unique_prefix(name)),
-            admin: Mutex::new(target.client().await.expect("an etcd client")),
+            admin: Mutex::new(admin),
             granted: Arc::default(),
             history: HistoryClaim::shared_store(&SHARED_HISTORY),
         }
     }
 
-    /// The etcd under test.
-    pub(crate) fn target(&self) -> &'static EtcdServer {
-        self.target
+    /// The endpoints of the etcd under test.
+    pub(crate) fn endpoints(&self) -> &[String] {
+        &self.endpoints
     }
 
     /// The full etcd key of the lock `key` (what `etcdctl lock`/`elect` would be given).
@@ -73,7 +86,7 @@ impl EtcdHarness {
     }
 
     async fn upstream(&self) -> SocketAddr {
-        let endpoint = self.target.endpoints().remove(0);
+        let endpoint = self.endpoints[0].clone();
         let host = endpoint
             .trim_start_matches("http://")
             .trim_start_matches("https://")
@@ -128,12 +141,7 @@ impl Harness for EtcdHarness {
             .request_timeout(Duration::from_secs(2))
             .connect()
             .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connect through the proxy to {}: {e}",
-                    self.target.describe()
-                )
-            });
+            .unwrap_or_else(|e| panic!("connect through the proxy to {}: {e}", self.describe));
         Client {
             backend: Arc::new(RecordingBackend::new(
                 Arc::new(backend),

@@ -12,8 +12,10 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::time::{sleep, timeout};
 
+use locker_etcd::testing::EtcdProcess;
 use locker_tests::Harness;
 use locker_tests::suite::{PATIENCE, TTL, assert_test_left_nothing, next_holder, owned, queue_len};
+use tokio::sync::OnceCell;
 
 use crate::harness::EtcdHarness;
 
@@ -47,7 +49,7 @@ struct Etcdctl {
 
 impl Etcdctl {
     fn spawn(h: &EtcdHarness, args: &[&str]) -> Etcdctl {
-        let endpoints = h.target().endpoints().join(",");
+        let endpoints = h.endpoints().join(",");
         let mut child = Command::new(etcdctl())
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
@@ -99,12 +101,26 @@ async fn lease_ids(h: &EtcdHarness) -> HashSet<i64> {
     leases.leases().iter().map(|l| l.id()).collect()
 }
 
-/// Runs one interop test alone (so the leases etcdctl makes can be told apart), then removes
-/// what etcdctl leaves behind and checks that nothing of the test is left.
+/// A harness for one interop test, on an etcd of the interop tests' own.
 ///
-/// etcdctl never closes its session: after `lock` or `elect` ends, its lease lives on for its
-/// TTL (10 s for `lock`, 60 s for `elect`). The test revokes those leases, recognised as the
-/// ones created during the test with a TTL of 10 s or more (locker's here have 2 s).
+/// etcdctl never closes its session: after `lock` or `elect` (even `elect -l`, which only
+/// observes) ends, its lease lives on for its TTL (10 s for `lock`, 60 s for `elect`), and nothing
+/// in etcdctl's output names the observer's. So each test removes every lease created while it
+/// ran, which is safe only on an etcd nobody else uses: a dedicated one (never a cluster given in
+/// `LOCKER_ETCD_ENDPOINTS`), shared by the four tests, which take turns.
+async fn interop_harness(name: &str) -> EtcdHarness {
+    static ETCD: OnceCell<EtcdProcess> = OnceCell::const_new();
+    let etcd = ETCD
+        .get_or_try_init(EtcdProcess::start)
+        .await
+        .unwrap_or_else(|e| panic!("the interop tests need an etcd binary of their own: {e}"));
+    let describe = format!("the interop tests' etcd at {:?}", etcd.endpoints());
+    EtcdHarness::on(name, etcd.endpoints(), describe).await
+}
+
+/// Runs one interop test alone (so the leases etcdctl makes can be told apart), then removes
+/// every lease created meanwhile (etcdctl's, see [`interop_harness`]) and checks that nothing of
+/// the test is left.
 async fn isolated(h: &EtcdHarness, steps: impl Future<Output = Locker>) {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _alone = SERIAL.lock().await;
@@ -113,12 +129,7 @@ async fn isolated(h: &EtcdHarness, steps: impl Future<Output = Locker>) {
     locker.close().await;
     let mut admin = h.admin().await;
     for lease in lease_ids(h).await.difference(&before) {
-        let Ok(ttl) = admin.lease_time_to_live(*lease, None).await else {
-            continue;
-        };
-        if ttl.granted_ttl() >= 10 {
-            let _ = admin.lease_revoke(*lease).await;
-        }
+        let _ = admin.lease_revoke(*lease).await;
     }
     assert_test_left_nothing(h).await;
 }
@@ -126,7 +137,7 @@ async fn isolated(h: &EtcdHarness, steps: impl Future<Output = Locker>) {
 /// While `etcdctl lock` holds the lock, a locker client waits; it owns once etcdctl lets go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locker_waits_for_etcdctl_lock() {
-    let h = EtcdHarness::new("interop-1").await;
+    let h = interop_harness("interop-1").await;
     isolated(&h, locker_waits_for_etcdctl_lock_steps(&h)).await;
 }
 
@@ -153,7 +164,7 @@ async fn locker_waits_for_etcdctl_lock_steps(h: &EtcdHarness) -> Locker {
 /// While locker holds the lock, `etcdctl lock` waits; it gets the lock once locker releases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_lock_waits_for_locker() {
-    let h = EtcdHarness::new("interop-2").await;
+    let h = interop_harness("interop-2").await;
     isolated(&h, etcdctl_lock_waits_for_locker_steps(&h)).await;
 }
 
@@ -180,7 +191,7 @@ async fn etcdctl_lock_waits_for_locker_steps(h: &EtcdHarness) -> Locker {
 /// A leader elected with `etcdctl elect` is the holder `get` and `watch` report, with its value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_elect_is_seen_as_holder() {
-    let h = EtcdHarness::new("interop-3").await;
+    let h = interop_harness("interop-3").await;
     isolated(&h, etcdctl_elect_is_seen_as_holder_steps(&h)).await;
 }
 
@@ -210,7 +221,7 @@ async fn etcdctl_elect_is_seen_as_holder_steps(h: &EtcdHarness) -> Locker {
 /// A locker holder is the leader `etcdctl elect -l` observes, with its value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locker_holder_is_etcdctl_elect_leader() {
-    let h = EtcdHarness::new("interop-4").await;
+    let h = interop_harness("interop-4").await;
     isolated(&h, locker_holder_is_etcdctl_elect_leader_steps(&h)).await;
 }
 

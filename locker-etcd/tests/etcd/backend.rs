@@ -11,7 +11,7 @@ use futures::StreamExt;
 use locker_core::backend::{EventKind, WatchEvent, WatchStream, entry_key};
 use locker_core::{Error, LockBackend, Watcher};
 use locker_etcd::EtcdBackend;
-use locker_etcd::testing::{EtcdServer, start_etcd_binary, unique_prefix};
+use locker_etcd::testing::{EtcdProcess, EtcdServer, unique_prefix};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -190,7 +190,7 @@ async fn etcd_lock_service_interoperates() {
 /// re-open their stream, without the caller noticing more than a pause.
 #[tokio::test]
 async fn streams_survive_an_etcd_restart() {
-    let mut etcd = start_etcd_binary()
+    let mut etcd = EtcdProcess::start()
         .await
         .expect("a dedicated etcd (this test needs an etcd binary)");
     let backend = etcd.backend(&unique_prefix("restart")).await.unwrap();
@@ -205,7 +205,7 @@ async fn streams_survive_an_etcd_restart() {
         backend.keep_alive(lease).await,
         Err(Error::Unavailable { .. })
     ));
-    etcd.start().await.unwrap();
+    etcd.restart().await.unwrap();
 
     // Unary calls reconnect by themselves; give the channel a moment if needed.
     let mut update = None;
@@ -238,7 +238,7 @@ async fn streams_survive_an_etcd_restart() {
 /// etcd's auth: refused credentials and keys outside the user's permission are PermissionDenied.
 #[tokio::test]
 async fn credentials_and_permissions_are_checked() {
-    let etcd = start_etcd_binary()
+    let etcd = EtcdProcess::start()
         .await
         .expect("a dedicated etcd (this test needs an etcd binary)");
     let mut admin = Client::connect(etcd.endpoints(), None).await.unwrap();

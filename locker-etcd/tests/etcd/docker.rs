@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use locker_core::{Locker, Ownership};
 use locker_etcd::EtcdBackend;
-use locker_etcd::testing::{start_docker_etcd, unique_prefix};
+use locker_etcd::testing::{EtcdServer, unique_prefix};
 
 /// `LOCKER_ETCD_IMAGE`, else the tag `scripts/etcd-image.sh` prints after building the image.
 fn image() -> String {
@@ -63,7 +63,7 @@ async fn backend(endpoints: Vec<String>, prefix: &str) -> EtcdBackend {
 #[tokio::test]
 async fn lock_hand_off_on_etcd_in_docker() {
     let image = image();
-    let etcd = start_docker_etcd(&image).await.unwrap_or_else(|err| {
+    let etcd = EtcdServer::start_docker(&image).await.unwrap_or_else(|err| {
         panic!(
             "this test needs a reachable Docker engine (DOCKER_HOST or /var/run/docker.sock) and \
              the image {image}:\n{err}"

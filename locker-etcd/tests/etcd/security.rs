@@ -6,11 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Permission};
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use locker_core::{Error, Holder, Locker};
-use locker_etcd::testing::{EtcdProcess, TestPki, start_etcd_binary, start_etcd_binary_tls};
+use locker_core::{Error, Locker};
+use locker_etcd::testing::{EtcdProcess, TestPki};
 use locker_etcd::{EtcdBackend, EtcdBackendBuilder, Identity};
+use locker_tests::suite::next_holder;
 
 /// The connect timeout of every backend here.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -19,13 +18,12 @@ const FAILS_WITHIN: Duration = Duration::from_secs(5);
 
 async fn tls_etcd(pki: &TestPki, client_certs: bool) -> EtcdProcess {
     let flags = pki.server_flags(client_certs);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let probe = if client_certs {
         pki.client_tls()
     } else {
         pki.ca_only()
     };
-    start_etcd_binary_tls(&flags, probe)
+    EtcdProcess::start_tls(&flags, probe)
         .await
         .expect("a dedicated TLS etcd (this test needs an etcd binary)")
 }
@@ -70,17 +68,6 @@ async fn lock_round_trip(backend: EtcdBackend, key: &str) {
     assert_eq!(locker.get(key).await.unwrap(), None);
     drop(watch);
     locker.close().await;
-}
-
-/// The next item of a holder stream, within 10 s.
-async fn next_holder(
-    watch: &mut BoxStream<'static, locker_core::Result<Option<Holder>>>,
-) -> Option<Holder> {
-    tokio::time::timeout(Duration::from_secs(10), watch.next())
-        .await
-        .expect("a watch item within 10 s")
-        .expect("the watch goes on")
-        .expect("a holder, not an error")
 }
 
 /// The error with its sources, for messages.
@@ -249,7 +236,7 @@ const WRONG_PASSWORD: &str = "wrong-pw-83b0d5f2";
 // Current-thread runtime: every task runs on the test's thread, under its scoped subscriber.
 #[tokio::test]
 async fn auth_limits_a_user_to_its_prefix_and_hides_passwords() {
-    let etcd = start_etcd_binary()
+    let etcd = EtcdProcess::start()
         .await
         .expect("a dedicated etcd (this test needs an etcd binary)");
     let endpoints = etcd.endpoints();
