@@ -131,7 +131,7 @@ impl Env {
             .prefix(prefix)
             .connect()
             .await?;
-        let recording = RecordingBackend::new(Arc::new(backend), Arc::default());
+        let recording = RecordingBackend::new(Arc::new(backend), locker_tests::LeaseLog::default());
         let counts = recording.counts();
         Ok((Arc::new(recording), counts))
     }

@@ -56,7 +56,8 @@ struct Shared {
     published: Mutex<Published>,
     /// Woken at every change of `published` (for `wait_owned` and `lost`).
     changed: Notify,
-    /// Commands from the handle and events from the hub, for the task.
+    /// Commands from the handle and events from the hub, for the task. Lock order: `inbox`, then
+    /// `published` (taking the tenure publishes under `inbox`); never the other way round.
     inbox: Mutex<Inbox>,
     /// Rung when something lands in `inbox`: the task's one wake-up besides its session.
     doorbell: Notify,

@@ -13,7 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use locker_core::{FencingToken, Locker};
 use locker_etcd::testing::{EtcdCluster, LinkState, Proxy, unique_prefix};
-use locker_tests::chaos::{Fault, Granted, Plan, World, client_locker, run};
+use locker_tests::LeaseLog;
+use locker_tests::chaos::{Fault, Plan, World, client_locker, run};
 use locker_tests::suite::eventually;
 
 const SEED: u64 = 20261126;
@@ -63,7 +64,7 @@ async fn chaos_on_a_three_node_cluster() {
 }
 
 /// Per client: its proxies (one per member) and its granted leases.
-type Links = BTreeMap<usize, (Vec<Arc<Proxy>>, Granted)>;
+type Links = BTreeMap<usize, (Vec<Arc<Proxy>>, LeaseLog)>;
 
 /// A write the etcd resource accepted: (revision, client, token).
 type AcceptedWrite = (i64, usize, FencingToken);
@@ -107,11 +108,11 @@ impl EtcdWorld {
         let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         links
             .values()
-            .flat_map(|(_, granted)| granted.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .flat_map(|(_, granted)| granted.all())
             .collect()
     }
 
-    fn link(&self, client: usize) -> Option<(Vec<Arc<Proxy>>, Granted)> {
+    fn link(&self, client: usize) -> Option<(Vec<Arc<Proxy>>, LeaseLog)> {
         self.links
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -143,7 +144,7 @@ impl World for EtcdWorld {
             .connect()
             .await
             .expect("connect to the cluster");
-        let granted = Arc::new(Mutex::new(Vec::new()));
+        let granted = LeaseLog::default();
         self.links
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -180,11 +181,7 @@ impl World for EtcdWorld {
             }
             Fault::ExpireLease(c) => {
                 if let Some((_, granted)) = self.link(c) {
-                    let last = granted
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last()
-                        .copied();
+                    let last = granted.last();
                     if let Some(lease) = last {
                         let _ = self.admin.clone().lease_revoke(lease).await;
                     }

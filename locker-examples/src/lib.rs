@@ -44,7 +44,12 @@ pub enum Store {
     Memory(MemoryBackend),
     /// A real etcd cluster; each process connects on its own.
     #[cfg(feature = "etcd")]
-    Etcd(Vec<String>),
+    Etcd {
+        /// The cluster's client endpoints.
+        endpoints: Vec<String>,
+        /// The prefix of every key (`locker/` unless set).
+        prefix: String,
+    },
 }
 
 impl Store {
@@ -72,9 +77,10 @@ impl Store {
         match endpoints.map(str::trim) {
             None | Some("") => Ok(Store::memory()),
             #[cfg(feature = "etcd")]
-            Some(list) => Ok(Store::Etcd(
-                list.split(',').map(|s| s.trim().to_owned()).collect(),
-            )),
+            Some(list) => Ok(Store::Etcd {
+                endpoints: list.split(',').map(|s| s.trim().to_owned()).collect(),
+                prefix: locker_etcd::DEFAULT_PREFIX.to_owned(),
+            }),
             #[cfg(not(feature = "etcd"))]
             Some(list) => Err(NoEtcdSupport::new(list)),
         }
@@ -85,8 +91,8 @@ impl Store {
         match self {
             Store::Memory(_) => "the in-process memory backend".to_owned(),
             #[cfg(feature = "etcd")]
-            Store::Etcd(endpoints) => {
-                format!("etcd at {} (keys under locker/)", endpoints.join(","))
+            Store::Etcd { endpoints, prefix } => {
+                format!("etcd at {} (keys under {prefix})", endpoints.join(","))
             }
         }
     }
@@ -100,9 +106,10 @@ impl Store {
         let backend: Arc<dyn LockBackend> = match self {
             Store::Memory(store) => Arc::new(store.new_client()),
             #[cfg(feature = "etcd")]
-            Store::Etcd(endpoints) => Arc::new(
+            Store::Etcd { endpoints, prefix } => Arc::new(
                 EtcdBackend::builder()
                     .endpoints(endpoints.clone())
+                    .prefix(prefix.clone())
                     .connect()
                     .await?,
             ),
@@ -294,8 +301,7 @@ mod tests {
     #[test]
     fn endpoints_with_the_feature_are_etcd() {
         let store = Store::from_endpoints(Some("http://a:2379, http://b:2379"));
-        assert!(
-            matches!(&store, Ok(Store::Etcd(list)) if list == &["http://a:2379", "http://b:2379"])
-        );
+        assert!(matches!(&store, Ok(Store::Etcd { endpoints, prefix })
+                if endpoints == &["http://a:2379", "http://b:2379"] && prefix == "locker/"));
     }
 }

@@ -33,22 +33,26 @@ async fn health_mesh_dependants_react_to_the_outage_and_the_recovery() {
 /// The same runs on a real etcd.
 #[cfg(feature = "etcd-tests")]
 mod on_etcd {
-    use locker_etcd::testing::EtcdServer;
+    use locker_etcd::testing::{EtcdServer, unique_prefix};
     use locker_examples::Store;
 
-    async fn etcd() -> Store {
+    /// The etcd of this test binary, with keys under a prefix of the test's own.
+    async fn etcd(test: &str) -> Store {
         let etcd = EtcdServer::shared().await.unwrap_or_else(|e| panic!("{e}"));
-        Store::from_endpoints(Some(&etcd.endpoints().join(","))).expect("built with etcd")
+        Store::Etcd {
+            endpoints: etcd.endpoints(),
+            prefix: format!("locker-test/{}", unique_prefix(test)),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn name_server_take_over_is_seen_by_the_resolver() {
-        super::check_name_server(&etcd().await).await;
+        super::check_name_server(&etcd("name-server").await).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn health_mesh_dependants_react_to_the_outage_and_the_recovery() {
-        super::check_health_mesh(&etcd().await).await;
+        super::check_health_mesh(&etcd("health-mesh").await).await;
     }
 }
 

@@ -1,7 +1,7 @@
 //! What only the memory backend has: exact revisions and lease ids (determinism), expiry at
 //! exactly the TTL on paused time, the operator methods and the fault switches. The backend
 //! contract itself is checked, on this backend and on etcd alike, by the clauses of
-//! `locker_tests::contract` (`cargo test -p locker-tests --test memory contract::`).
+//! `locker_tests::contract` (`cargo test -p locker-memory --test conformance contract::`).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;

@@ -12,9 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use locker_core::{FencingToken, Locker};
 use locker_memory::{MemoryBackend, PartitionMode};
-use locker_tests::chaos::{
-    Fault, Granted, MemoryResource, Plan, Report, World, client_locker, run,
-};
+use locker_tests::LeaseLog;
+use locker_tests::chaos::{Fault, MemoryResource, Plan, Report, World, client_locker, run};
 
 const SEED: u64 = 20261126;
 
@@ -73,7 +72,7 @@ fn seed_runtime(_: &mut tokio::runtime::Builder, _: u64) {
 /// contender, virtual time. No members to kill.
 struct MemoryWorld {
     store: MemoryBackend,
-    clients: Mutex<BTreeMap<usize, (MemoryBackend, Granted)>>,
+    clients: Mutex<BTreeMap<usize, (MemoryBackend, LeaseLog)>>,
     resource: MemoryResource,
     ttl: Duration,
 }
@@ -94,7 +93,7 @@ impl MemoryWorld {
         &self.store
     }
 
-    fn client(&self, i: usize) -> Option<(MemoryBackend, Granted)> {
+    fn client(&self, i: usize) -> Option<(MemoryBackend, LeaseLog)> {
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -111,7 +110,7 @@ impl World for MemoryWorld {
 
     async fn locker(&self, client: usize) -> Locker {
         let backend = self.store.new_client();
-        let granted = Arc::new(Mutex::new(Vec::new()));
+        let granted = LeaseLog::default();
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -137,11 +136,7 @@ impl World for MemoryWorld {
             }
             Fault::ExpireLease(c) => {
                 if let Some((_, granted)) = self.client(c) {
-                    let last = granted
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last()
-                        .copied();
+                    let last = granted.last();
                     if let Some(lease) = last {
                         self.store.expire_lease(lease);
                     }

@@ -1,10 +1,36 @@
-//! Counts of the backend calls core makes (kept by [`RecordingBackend`](crate::harness::RecordingBackend)),
+//! Counts of the backend calls core makes (kept by [`RecordingBackend`](crate::RecordingBackend)),
 //! so tests and the benchmark can say which round trips an operation costs.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The methods of the backend contract, in the order they are reported.
+/// A method of the backend contract, as [`RecordingBackend`](crate::RecordingBackend) counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// [`LockBackend::grant_lease`](locker_core::LockBackend::grant_lease).
+    GrantLease,
+    /// [`LockBackend::keep_alive`](locker_core::LockBackend::keep_alive).
+    KeepAlive,
+    /// [`LockBackend::revoke_lease`](locker_core::LockBackend::revoke_lease).
+    RevokeLease,
+    /// [`LockBackend::join`](locker_core::LockBackend::join).
+    Join,
+    /// [`LockBackend::position`](locker_core::LockBackend::position).
+    Position,
+    /// [`LockBackend::holder`](locker_core::LockBackend::holder).
+    Holder,
+    /// [`LockBackend::entries`](locker_core::LockBackend::entries).
+    Entries,
+    /// [`LockBackend::delete_entry`](locker_core::LockBackend::delete_entry).
+    DeleteEntry,
+    /// [`LockBackend::update_value`](locker_core::LockBackend::update_value).
+    UpdateValue,
+    /// [`Watcher::watch`](locker_core::Watcher::watch).
+    Watch,
+}
+
+/// The names of the methods of the backend contract, in the order of [`Method`] (and of
+/// [`Calls`]).
 pub const METHODS: [&str; 10] = [
     "grant_lease",
     "keep_alive",
@@ -29,10 +55,11 @@ pub struct Counts {
 pub struct Calls(pub [u64; 10]);
 
 impl Counts {
-    pub(crate) fn bump(&self, method: usize) {
-        self.calls[method].fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn bump(&self, method: Method) {
+        self.calls[method as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The counts now.
     pub fn snapshot(&self) -> Calls {
         Calls(std::array::from_fn(|i| {
             self.calls[i].load(Ordering::Relaxed)
@@ -53,6 +80,7 @@ impl Calls {
         Calls(std::array::from_fn(|i| self.0[i] + other.0[i]))
     }
 
+    /// The calls of `method` (by its name in [`METHODS`]; 0 for another name).
     pub fn get(self, method: &str) -> u64 {
         METHODS
             .iter()
@@ -60,6 +88,7 @@ impl Calls {
             .map_or(0, |i| self.0[i])
     }
 
+    /// The calls of every method together.
     pub fn total(self) -> u64 {
         self.0.iter().sum()
     }

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use locker_core::{FencingToken, Locker};
 use tokio::time::{Instant, sleep, timeout};
 
+use crate::harness::{LeaseLog, RecordingBackend};
 use crate::record::{Tenure, Tenures};
 
 /// A seeded random source (splitmix64): the schedule of a run is a function of its seed.
@@ -131,9 +132,6 @@ impl Plan {
 
 /// Per key, the tenures as (client, token, start offset µs, end offset µs).
 pub type History = BTreeMap<String, Vec<(usize, i64, u128, Option<u128>)>>;
-
-/// The leases a client was granted, in order (see [`client_locker`]).
-pub type Granted = Arc<Mutex<Vec<i64>>>;
 
 /// What a run did and found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -426,11 +424,11 @@ impl MemoryResource {
 /// seeded by the client's number. Worlds make their lockers with it.
 pub fn client_locker(
     backend: Arc<dyn locker_core::LockBackend>,
-    granted: Granted,
+    granted: LeaseLog,
     client: usize,
     ttl: Duration,
 ) -> Locker {
-    let recording = crate::harness::RecordingBackend::new(backend, granted);
+    let recording = RecordingBackend::new(backend, granted);
     Locker::builder_arc(Arc::new(recording))
         .ttl(ttl)
         .jitter_seed(client as u64)

@@ -33,7 +33,7 @@ use crate::suite::PATIENCE;
 /// The TTL of the clauses' leases: long enough that none expires during a clause (every clause
 /// revokes its leases; only [`lease_expiry_deletes_its_entries_and_only_those`] lets one run
 /// out, of the store's shortest TTL).
-pub const TTL: Duration = Duration::from_secs(30);
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// Every clause of the backend contract, by name. Backends instantiate all of them through
 /// [`conformance_suite!`](crate::conformance_suite), which checks that its list is this one.
@@ -82,9 +82,9 @@ async fn backend(h: &dyn Harness) -> Arc<dyn LockBackend> {
     h.client().await.backend
 }
 
-/// A lease of [`TTL`].
+/// A lease of [`LEASE_TTL`].
 async fn lease(b: &dyn LockBackend) -> LeaseId {
-    b.grant_lease(TTL).await.expect("grant a lease").id
+    b.grant_lease(LEASE_TTL).await.expect("grant a lease").id
 }
 
 async fn join(b: &dyn LockBackend, key: &str, lease: LeaseId, value: &str) -> Joined {
@@ -136,7 +136,7 @@ fn assert_delete(event: &WatchEvent, key: &str) {
 }
 
 /// The next batch of `stream`, which must come within [`PATIENCE`].
-async fn next_batch(stream: &mut WatchStream) -> Vec<WatchEvent> {
+pub async fn next_batch(stream: &mut WatchStream) -> Vec<WatchEvent> {
     match timeout(PATIENCE, stream.events.next()).await {
         Err(_) => panic!("no watch batch within {PATIENCE:?}"),
         Ok(None) => panic!("the watch stream ended"),
@@ -146,7 +146,7 @@ async fn next_batch(stream: &mut WatchStream) -> Vec<WatchEvent> {
 }
 
 /// Reads batches until at least `count` events came; answers every event read.
-async fn next_events(stream: &mut WatchStream, count: usize) -> Vec<WatchEvent> {
+pub async fn next_events(stream: &mut WatchStream, count: usize) -> Vec<WatchEvent> {
     let mut events = Vec::new();
     while events.len() < count {
         events.extend(next_batch(stream).await);
@@ -568,11 +568,11 @@ pub async fn leases_are_granted_kept_alive_and_revoked(h: &dyn Harness) {
     let a = backend(h).await;
     let other = backend(h).await;
     let max_ttl = a.limits().max_ttl;
-    let first = a.grant_lease(TTL).await.expect("grant");
-    let second = a.grant_lease(TTL).await.expect("grant");
+    let first = a.grant_lease(LEASE_TTL).await.expect("grant");
+    let second = a.grant_lease(LEASE_TTL).await.expect("grant");
     assert_ne!(first.id, second.id);
     for lease in [first, second] {
-        assert!(lease.ttl >= TTL && lease.ttl <= max_ttl, "{lease:?}");
+        assert!(lease.ttl >= LEASE_TTL && lease.ttl <= max_ttl, "{lease:?}");
     }
     for client in [&a, &a, &other] {
         let left = client.keep_alive(first.id).await.expect("keep-alive");
@@ -1165,7 +1165,7 @@ pub async fn an_unreachable_store_fails_every_call_as_retryable(h: &dyn Harness)
     assert_eq!(b.limits(), limits, "limits() needs no I/O");
     let rev = entry.create_revision;
     let results: Vec<(&str, Result<()>)> = vec![
-        ("grant_lease", b.grant_lease(TTL).await.map(drop)),
+        ("grant_lease", b.grant_lease(LEASE_TTL).await.map(drop)),
         ("keep_alive", b.keep_alive(l).await.map(drop)),
         ("revoke_lease", b.revoke_lease(l).await),
         ("join", b.join(&h.key("other"), l, b"v").await.map(drop)),

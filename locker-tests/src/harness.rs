@@ -12,7 +12,7 @@ use locker_core::backend::{
 use locker_core::{Locker, LockerBuilder, Result};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::calls::Counts;
+use crate::calls::{Counts, Method};
 
 /// How a client is cut off from the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,18 +243,44 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// The leases granted to some clients, in order: what a harness answers for
+/// [`Harness::granted_leases`]. Clones share the list.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseLog(Arc<std::sync::Mutex<Vec<LeaseId>>>);
+
+impl LeaseLog {
+    /// Adds `lease`.
+    pub fn record(&self, lease: LeaseId) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(lease);
+    }
+
+    /// Every lease recorded, in order.
+    pub fn all(&self) -> Vec<LeaseId> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The lease recorded last.
+    pub fn last(&self) -> Option<LeaseId> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .copied()
+    }
+}
+
 /// A backend that records the leases it grants (so a test can check that none outlives it) and
 /// counts every call (so a test or the benchmark can say which round trips an operation costs).
 #[derive(Debug)]
 pub struct RecordingBackend {
     inner: Arc<dyn LockBackend>,
-    granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    granted: LeaseLog,
     counts: Arc<Counts>,
 }
 
 impl RecordingBackend {
     /// Wraps `inner`, adding each lease it grants to `granted`.
-    pub fn new(inner: Arc<dyn LockBackend>, granted: Arc<std::sync::Mutex<Vec<LeaseId>>>) -> Self {
+    pub fn new(inner: Arc<dyn LockBackend>, granted: LeaseLog) -> Self {
         RecordingBackend {
             inner,
             granted,
@@ -271,7 +297,7 @@ impl RecordingBackend {
 #[async_trait]
 impl Watcher for RecordingBackend {
     async fn watch(&self, prefix: &str, from_revision: Option<Revision>) -> Result<WatchStream> {
-        self.counts.bump(9);
+        self.counts.bump(Method::Watch);
         self.inner.watch(prefix, from_revision).await
     }
 }
@@ -283,27 +309,24 @@ impl LockBackend for RecordingBackend {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
-        self.counts.bump(0);
+        self.counts.bump(Method::GrantLease);
         let lease = self.inner.grant_lease(ttl).await?;
-        self.granted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(lease.id);
+        self.granted.record(lease.id);
         Ok(lease)
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>> {
-        self.counts.bump(1);
+        self.counts.bump(Method::KeepAlive);
         self.inner.keep_alive(lease).await
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        self.counts.bump(2);
+        self.counts.bump(Method::RevokeLease);
         self.inner.revoke_lease(lease).await
     }
 
     async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
-        self.counts.bump(3);
+        self.counts.bump(Method::Join);
         self.inner.join(key, lease, value).await
     }
 
@@ -313,22 +336,22 @@ impl LockBackend for RecordingBackend {
         entry_key: &str,
         create_revision: Revision,
     ) -> Result<Position> {
-        self.counts.bump(4);
+        self.counts.bump(Method::Position);
         self.inner.position(key, entry_key, create_revision).await
     }
 
     async fn holder(&self, key: &str) -> Result<(Option<Entry>, Revision)> {
-        self.counts.bump(5);
+        self.counts.bump(Method::Holder);
         self.inner.holder(key).await
     }
 
     async fn entries(&self, key: &str) -> Result<Snapshot> {
-        self.counts.bump(6);
+        self.counts.bump(Method::Entries);
         self.inner.entries(key).await
     }
 
     async fn delete_entry(&self, entry_key: &str, create_revision: Revision) -> Result<bool> {
-        self.counts.bump(7);
+        self.counts.bump(Method::DeleteEntry);
         self.inner.delete_entry(entry_key, create_revision).await
     }
 
@@ -338,7 +361,7 @@ impl LockBackend for RecordingBackend {
         create_revision: Revision,
         value: &[u8],
     ) -> Result<bool> {
-        self.counts.bump(8);
+        self.counts.bump(Method::UpdateValue);
         self.inner
             .update_value(entry_key, create_revision, value)
             .await

@@ -13,7 +13,7 @@
 //!
 //! locker_tests::conformance_suite!(#[tokio::test(start_paused = true)] harness);
 //! ```
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod calls;
 pub mod chaos;
@@ -23,5 +23,11 @@ pub mod record;
 pub mod suite;
 
 pub use harness::{
-    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend, init_logging,
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, LeaseLog, RecordingBackend,
+    init_logging,
 };
+
+/// What a [`Harness`] is written with, so a backend's tests need no other dependency for it.
+pub use async_trait::async_trait;
+/// The API under test.
+pub use locker_core;

@@ -1424,3 +1424,45 @@ pub async fn bad_input_safety_margin(h: &dyn Harness) {
         assert!(err.to_string().contains("third of the TTL"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The names of the `pub async fn NAME(h: &dyn Harness)` of a source file, but for the
+    /// `assert_*` checks run after each test, sorted.
+    fn harness_fns(source: &str) -> Vec<&str> {
+        let mut names: Vec<&str> = source
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub async fn "))
+            .filter_map(|rest| rest.strip_suffix("(h: &dyn Harness) {"))
+            .filter(|name| !name.starts_with("assert_"))
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn sorted(names: &[&'static str]) -> Vec<&'static str> {
+        let mut names = names.to_vec();
+        names.sort_unstable();
+        names
+    }
+
+    /// Every behaviour written in this file is in [`BEHAVIOURS`](super::BEHAVIOURS), and so in
+    /// the macro (whose generated test checks the macro against the list): none is left out of
+    /// the suite by forgetting to list it.
+    #[test]
+    fn every_behaviour_written_is_listed() {
+        assert_eq!(
+            harness_fns(include_str!("suite.rs")),
+            sorted(super::BEHAVIOURS)
+        );
+    }
+
+    /// The same for the clauses of the backend contract.
+    #[test]
+    fn every_clause_written_is_listed() {
+        assert_eq!(
+            harness_fns(include_str!("contract.rs")),
+            sorted(crate::contract::CLAUSES)
+        );
+    }
+}

@@ -13,7 +13,7 @@ use tokio::sync::{Mutex, RwLock};
 
 use locker_etcd::testing::{EtcdServer, LinkState, Proxy, unique_prefix};
 use locker_tests::{
-    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend,
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, LeaseLog, RecordingBackend,
 };
 
 /// The history of the etcd shared by the tests of this process (`EtcdServer::shared`): compaction is
@@ -29,7 +29,7 @@ pub(crate) struct EtcdHarness {
     describe: String,
     prefix: String,
     admin: Mutex<etcd_client::Client>,
-    granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    granted: LeaseLog,
     history: HistoryClaim,
 }
 
@@ -65,7 +65,7 @@ impl EtcdHarness {
             describe,
             prefix: format!("locker-test/{}", unique_prefix(name)),
             admin: Mutex::new(admin),
-            granted: Arc::default(),
+            granted: LeaseLog::default(),
             history: HistoryClaim::shared_store(&SHARED_HISTORY),
         }
     }
@@ -226,10 +226,7 @@ impl Harness for EtcdHarness {
     }
 
     fn granted_leases(&self) -> Vec<LeaseId> {
-        self.granted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.granted.all()
     }
 
     async fn leftovers(&self, leases: &[LeaseId]) -> Vec<String> {

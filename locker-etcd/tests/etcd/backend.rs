@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use etcd_client::{Client, LockOptions, Permission, PutOptions, Txn, TxnOp};
-use futures::StreamExt;
-use locker_core::backend::{EventKind, WatchEvent, WatchStream, entry_key};
+use locker_core::backend::{EventKind, entry_key};
 use locker_core::{Error, LockBackend, Watcher};
 use locker_etcd::EtcdBackend;
 use locker_etcd::testing::{EtcdProcess, EtcdServer, unique_prefix};
+use locker_tests::contract::next_events;
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -22,23 +22,6 @@ async fn shared() -> &'static EtcdServer {
 
 async fn backend(test: &str) -> EtcdBackend {
     shared().await.backend(&unique_prefix(test)).await.unwrap()
-}
-
-async fn next_batch(stream: &mut WatchStream) -> Vec<WatchEvent> {
-    tokio::time::timeout(Duration::from_secs(10), stream.events.next())
-        .await
-        .expect("a watch batch within 10 s")
-        .expect("the watch stream goes on")
-        .expect("a batch, not an error")
-}
-
-/// Reads batches until `count` events arrived.
-async fn next_events(stream: &mut WatchStream, count: usize) -> Vec<WatchEvent> {
-    let mut events = Vec::new();
-    while events.len() < count {
-        events.extend(next_batch(stream).await);
-    }
-    events
 }
 
 /// etcd grants whole seconds, and at least its 2 s minimum: the backend rounds a TTL up, never

@@ -8,7 +8,7 @@ use locker_core::backend::{Entry, LeaseId, is_entry_of};
 use locker_memory::{Faults, MemoryBackend, PartitionMode};
 
 use locker_tests::{
-    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, RecordingBackend,
+    Client, ClientFaults, Cut, Harness, HistoryClaim, HistoryUse, LeaseLog, RecordingBackend,
 };
 
 /// A harness over one [`MemoryBackend`] store, for one test.
@@ -16,7 +16,7 @@ use locker_tests::{
 pub(crate) struct MemoryHarness {
     store: MemoryBackend,
     prefix: String,
-    granted: Arc<std::sync::Mutex<Vec<LeaseId>>>,
+    granted: LeaseLog,
     history: HistoryClaim,
 }
 
@@ -27,7 +27,7 @@ impl MemoryHarness {
         MemoryHarness {
             store: MemoryBackend::new(),
             prefix: format!("{name}/"),
-            granted: Arc::default(),
+            granted: LeaseLog::default(),
             // Each test has a store of its own: its history is nobody else's.
             history: HistoryClaim::own_store(),
         }
@@ -114,10 +114,7 @@ impl Harness for MemoryHarness {
     }
 
     fn granted_leases(&self) -> Vec<LeaseId> {
-        self.granted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.granted.all()
     }
 
     /// The store is the test's own: every key in it is the test's, under its prefix or not.
