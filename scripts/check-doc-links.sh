@@ -6,8 +6,10 @@
 #
 #   scripts/check-doc-links.sh [DOC_DIR]     DOC_DIR defaults to target/doc (or $CARGO_TARGET_DIR/doc)
 #
-# Build the docs first, the crates everything links to first:
-#   cargo doc -p locker-core --no-deps && cargo doc --workspace --no-deps
+# Build the docs first, twice, the second time one crate at a time (rustdoc links into another
+# crate only if that crate's pages exist and are not being rewritten meanwhile), as .ci/run does:
+#   cargo doc --workspace --no-deps
+#   RUSTDOCFLAGS="--cfg locker_doc_links" cargo doc --workspace --no-deps -j 1
 # Pages of blanket implementations (docs copied from other crates, e.g. tracing's) are not ours
 # and are left out.
 set -euo pipefail
