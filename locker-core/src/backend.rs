@@ -54,7 +54,7 @@ pub fn is_entry_of(entry_key: &str, queue: &str) -> bool {
 }
 
 /// One entry of a lock queue, as stored.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Entry {
     /// The entry's key, relative to the backend root (`lock-key/<lease hex>`).
     pub key: String,

@@ -143,12 +143,47 @@ impl Error {
         )
     }
 
+    /// What kind of permanent failure this is, for [`Ownership::Failed`](crate::Ownership::Failed);
+    /// `None` for a retryable one.
+    pub fn failure_kind(&self) -> Option<FailureKind> {
+        match self {
+            _ if self.is_retryable() => None,
+            Error::PermissionDenied { .. } => Some(FailureKind::PermissionDenied),
+            _ if self.is_invalid_input() => Some(FailureKind::InvalidInput),
+            _ => Some(FailureKind::Rejected),
+        }
+    }
+
     /// An [`Error::Unavailable`] with a message and no source.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Error::Unavailable {
             message: message.into(),
             source: None,
         }
+    }
+}
+
+/// Why a lock stopped for good on a store error ([`Ownership::Failed`](crate::Ownership::Failed));
+/// the error itself is what [`LockHandle::wait_owned`](crate::LockHandle::wait_owned) answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The store refused the credentials, or this user may not touch the lock's keys
+    /// ([`Error::PermissionDenied`]).
+    PermissionDenied,
+    /// The store refused the request as invalid.
+    InvalidInput,
+    /// Another failure that trying again will not mend.
+    Rejected,
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailureKind::PermissionDenied => "the store denied permission",
+            FailureKind::InvalidInput => "the store refused the request as invalid",
+            FailureKind::Rejected => "the store failed for good",
+        })
     }
 }
 

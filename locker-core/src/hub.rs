@@ -330,7 +330,7 @@ async fn run(
 ) {
     let mut from: Option<Revision> = None;
     let mut resync = false;
-    let mut failures = 0u32;
+    let mut backoff = jitter.new_backoff(retry_base, retry_max);
     loop {
         let stream = match backend.watch("", from).await {
             Ok(stream) => stream,
@@ -357,14 +357,13 @@ async fn run(
                 return;
             }
             Err(err) => {
-                let delay = jitter.backoff(failures, retry_base, retry_max);
-                failures = failures.saturating_add(1);
+                let delay = backoff.next_delay();
                 debug!(error = %err, ?delay, "hub watch failed; retrying");
                 tokio::time::sleep(delay).await;
                 continue;
             }
         };
-        failures = 0;
+        backoff.reset();
         let mut next = stream.start_revision;
         if resync {
             resync = false;
@@ -397,7 +396,7 @@ async fn run(
         }
         from = if resync { None } else { Some(next) };
         if !resync {
-            tokio::time::sleep(jitter.backoff(0, retry_base, retry_max)).await;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 }

@@ -1,17 +1,20 @@
 #![doc = include_str!("../README.md")]
 
 pub mod backend;
+mod driver;
 mod error;
+mod handle;
 mod hub;
-mod lock;
 mod locker;
+mod machine;
+mod reaper;
 mod retry;
 mod session;
 mod types;
 mod watch;
 
 pub use backend::{LockBackend, Watcher};
-pub use error::{BoxError, Error, LossReason, Result};
-pub use lock::{LockGuard, LockHandle};
+pub use error::{BoxError, Error, FailureKind, LossReason, Result};
+pub use handle::{LockGuard, LockHandle};
 pub use locker::{DEFAULT_TTL, LockOptions, Locker, LockerBuilder};
 pub use types::{FencingToken, Holder, Ownership};

@@ -9,8 +9,11 @@ use futures::stream::BoxStream;
 
 use crate::backend::{Entry, LockBackend};
 use crate::error::{Error, Result};
+use crate::handle::{self as lock, LockGuard, LockHandle};
 use crate::hub::Hub;
-use crate::lock::{self, LockGuard, LockHandle, Mode};
+use crate::machine::Mode;
+use crate::reaper::{Job, Reaper};
+use crate::retry::Backoff;
 use crate::retry::Jitter;
 use crate::session::{Session, Timing};
 use crate::types::{FencingToken, Holder};
@@ -61,7 +64,11 @@ pub(crate) struct Inner {
     /// The shared sessions: slot 0 is the default session; a lock on a key that another lock of
     /// this locker already has on every lower slot uses the next slot (one entry per key per
     /// lease). Extra slots are kept for reuse while the locker lives.
-    sessions: tokio::sync::Mutex<Vec<Option<Arc<Session>>>>,
+    sessions: std::sync::Mutex<Vec<Option<Arc<Session>>>>,
+    /// Held while a shared session is granted, so that a slot gets one.
+    granting: tokio::sync::Mutex<()>,
+    /// Removes what locks leave behind.
+    reaper: Reaper,
     /// The keys, each with a session slot, that locks of this locker use.
     claims: Claims,
 }
@@ -179,11 +186,13 @@ impl LockerBuilder {
                     jitter.clone(),
                     (self.retry_base, self.retry_max),
                 ),
+                reaper: Reaper::new(self.backend.clone(), (self.retry_base, self.retry_max)),
                 backend: self.backend,
                 jitter,
                 ttl: self.ttl,
                 timing,
-                sessions: tokio::sync::Mutex::new(Vec::new()),
+                sessions: std::sync::Mutex::new(Vec::new()),
+                granting: tokio::sync::Mutex::new(()),
                 claims: Arc::default(),
             }),
         })
@@ -412,7 +421,7 @@ impl Locker {
     /// call `close` before a process exits to be sure the lease is gone.
     pub async fn close(&self) {
         let sessions: Vec<Arc<Session>> = {
-            let mut slots = self.inner.sessions.lock().await;
+            let mut slots = self.sessions();
             slots.iter_mut().filter_map(Option::take).collect()
         };
         for session in sessions {
@@ -448,16 +457,36 @@ impl Locker {
     /// The shared session of `slot` (0: the default session), started (or restarted after a
     /// loss) if need be.
     pub(crate) async fn shared_session(&self, slot: usize) -> Result<Arc<Session>> {
-        let mut slots = self.inner.sessions.lock().await;
+        if let Some(session) = self.live_session(slot) {
+            return Ok(session);
+        }
+        let _granting = self.inner.granting.lock().await;
+        if let Some(session) = self.live_session(slot) {
+            return Ok(session);
+        }
+        let session = self.new_session(self.inner.ttl).await?;
+        let mut slots = self.sessions();
         if slots.len() <= slot {
             slots.resize(slot + 1, None);
         }
-        if let Some(session) = slots[slot].as_ref().filter(|s| !s.is_lost()) {
-            return Ok(session.clone());
-        }
-        let session = self.new_session(self.inner.ttl).await?;
         slots[slot] = Some(session.clone());
         Ok(session)
+    }
+
+    /// The shared session of `slot`, if it is there and not lost.
+    fn live_session(&self, slot: usize) -> Option<Arc<Session>> {
+        self.sessions()
+            .get(slot)
+            .and_then(Option::as_ref)
+            .filter(|s| !s.is_lost())
+            .cloned()
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<Option<Arc<Session>>>> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) async fn new_session(&self, ttl: Duration) -> Result<Arc<Session>> {
@@ -482,15 +511,17 @@ impl Holder {
 }
 
 impl Locker {
-    /// The jittered delay before retry number `*failures`, counting it.
-    pub(crate) fn retry_delay(&self, failures: &mut u32) -> Duration {
+    /// A back-off with this locker's retry delays, seeded from its jitter.
+    pub(crate) fn backoff(&self) -> Backoff {
         let timing = &self.inner.timing;
-        let delay = self
-            .inner
+        self.inner
             .jitter
-            .backoff(*failures, timing.retry_base, timing.retry_max);
-        *failures = failures.saturating_add(1);
-        delay
+            .new_backoff(timing.retry_base, timing.retry_max)
+    }
+
+    /// Hands `job` to this locker's reaper.
+    pub(crate) fn reap(&self, job: Job) {
+        self.inner.reaper.reap(job, self.inner.jitter.next_u64());
     }
 
     /// Claims `key` in the lowest session slot where no other lock of this locker has it.
@@ -509,8 +540,8 @@ impl Locker {
     }
 
     /// Stops using `session` as a shared session (its lease is gone).
-    pub(crate) async fn forget_shared_session(&self, session: &Arc<Session>) {
-        let mut slots = self.inner.sessions.lock().await;
+    pub(crate) fn forget_shared_session(&self, session: &Arc<Session>) {
+        let mut slots = self.sessions();
         for slot in slots.iter_mut() {
             if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
                 *slot = None;

@@ -1,9 +1,11 @@
-//! Jittered exponential back-off with a seedable source, so a run can be replayed.
+//! Jittered exponential back-off, the one used by every retry loop, with a seedable source so
+//! that a run can be replayed.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// A small seedable random source (xorshift64*), shared by a [`Locker`](crate::Locker)'s tasks.
+/// A small seedable random source (xorshift64*), shared by a [`Locker`](crate::Locker)'s tasks:
+/// it seeds each [`Backoff`].
 #[derive(Debug)]
 pub(crate) struct Jitter {
     state: Mutex<u64>,
@@ -11,10 +13,8 @@ pub(crate) struct Jitter {
 
 impl Jitter {
     pub(crate) fn new(seed: u64) -> Self {
-        // Zero is a fixed point of xorshift; mix the seed so every seed gives a live state.
-        let mixed = seed ^ 0x9E37_79B9_7F4A_7C15;
         Jitter {
-            state: Mutex::new(if mixed == 0 { 1 } else { mixed }),
+            state: Mutex::new(mix(seed)),
         }
     }
 
@@ -26,23 +26,83 @@ impl Jitter {
         h.finish()
     }
 
-    /// A number in `[0, 1)`.
-    pub(crate) fn next_unit(&self) -> f64 {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut x = *s;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        *s = x;
-        let out = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (out >> 11) as f64 / (1u64 << 53) as f64
+    /// The next number of the locker's sequence.
+    pub(crate) fn next_u64(&self) -> u64 {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        xorshift(&mut state)
     }
 
-    /// The delay before retry number `attempt` (0-based): `base * 2^attempt`, capped at `max`,
-    /// then scaled by a random factor in `[0.5, 1)` so that clients spread out.
+    /// A back-off of `base` doubling up to `max`, seeded from this source.
+    pub(crate) fn new_backoff(&self, base: Duration, max: Duration) -> Backoff {
+        Backoff::new(base, max, self.next_u64())
+    }
+
+    /// The delay before retry number `attempt` of a loop that keeps its own count (the
+    /// session's keeper, until it keeps a [`Backoff`]).
     pub(crate) fn backoff(&self, attempt: u32, base: Duration, max: Duration) -> Duration {
-        let exp = base.saturating_mul(1u32 << attempt.min(16)).min(max);
-        exp.mul_f64(0.5 + self.next_unit() / 2.0)
+        let mut backoff = Backoff::new(base, max, self.next_u64());
+        backoff.failures = attempt;
+        backoff.next_delay()
+    }
+}
+
+/// Zero is a fixed point of xorshift: mix the seed so that every seed gives a live state.
+fn mix(seed: u64) -> u64 {
+    let mixed = seed ^ 0x9E37_79B9_7F4A_7C15;
+    if mixed == 0 { 1 } else { mixed }
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// The delays between the tries of one failing call: `base`, doubling at each failure up to
+/// `max`, each scaled by a random factor in `[0.5, 1)` so that clients spread out; back to
+/// `base` after a success ([`Backoff::reset`]). A plain value (no clock, no I/O): the state
+/// machine keeps one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Backoff {
+    base: Duration,
+    max: Duration,
+    failures: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    /// A back-off from `base` up to `max`, its jitter seeded with `seed`.
+    pub(crate) fn new(base: Duration, max: Duration, seed: u64) -> Self {
+        Backoff {
+            base,
+            max,
+            failures: 0,
+            rng: mix(seed),
+        }
+    }
+
+    /// The delay before the next try, counting one more failure.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        let unit = (xorshift(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64;
+        exp.mul_f64(0.5 + unit / 2.0)
+    }
+
+    /// A call succeeded: the next failure waits `base` again.
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// How many failures in a row so far.
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
     }
 }
 
@@ -51,26 +111,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn same_seed_same_sequence() {
-        let a = Jitter::new(7);
-        let b = Jitter::new(7);
+    fn same_seed_same_delays() {
+        let (a, b) = (Jitter::new(7), Jitter::new(7));
+        let (mut x, mut y) = (
+            a.new_backoff(Duration::from_millis(50), Duration::from_secs(1)),
+            b.new_backoff(Duration::from_millis(50), Duration::from_secs(1)),
+        );
         for _ in 0..100 {
-            assert_eq!(a.next_unit().to_bits(), b.next_unit().to_bits());
+            assert_eq!(x.next_delay(), y.next_delay());
         }
     }
 
     #[test]
-    fn backoff_is_bounded_and_grows() {
-        let j = Jitter::new(1);
+    fn delays_are_bounded_grow_and_reset() {
         let base = Duration::from_millis(50);
         let max = Duration::from_secs(1);
-        for attempt in 0..40 {
-            let d = j.backoff(attempt, base, max);
+        let mut backoff = Backoff::new(base, max, 1);
+        for attempt in 0..40u32 {
+            let delay = backoff.next_delay();
             let cap = base.saturating_mul(1u32 << attempt.min(16)).min(max);
             assert!(
-                d >= cap / 2 && d <= cap,
-                "attempt {attempt}: {d:?} vs cap {cap:?}"
+                delay >= cap / 2 && delay <= cap,
+                "attempt {attempt}: {delay:?} vs cap {cap:?}"
             );
         }
+        backoff.reset();
+        assert!(backoff.next_delay() <= base);
     }
 }

@@ -12,7 +12,7 @@ use crate::error::{Error, LossReason, Result};
 use crate::retry::Jitter;
 
 /// The health of a session's lease, as this client knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum SessionState {
     /// The last keep-alive succeeded; everything under the lease is owned until `deadline`.
     Live { deadline: Instant },

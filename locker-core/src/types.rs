@@ -5,7 +5,7 @@ use std::fmt;
 use tokio::time::Instant;
 
 use crate::backend::LeaseId;
-use crate::error::LossReason;
+use crate::error::{FailureKind, LossReason};
 
 /// A number that is strictly greater for every later holder of a lock: the create revision of the
 /// holder's entry in the store.
@@ -64,7 +64,7 @@ impl fmt::Debug for Holder {
 }
 
 /// Where a lock handle stands, published on every change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Ownership {
     /// Trying to own: joining the queue, or waiting for the holders before this one.
@@ -92,6 +92,13 @@ pub enum Ownership {
     },
     /// The handle was released or abandoned, or a one-shot attempt ended. Terminal.
     Released,
+    /// The store failed in a way trying again will not mend (permission denied on the lock's
+    /// keys, say): the lock stopped. Terminal; [`LockHandle::wait_owned`](crate::LockHandle::wait_owned)
+    /// answers the error.
+    Failed {
+        /// What kind of failure.
+        kind: FailureKind,
+    },
 }
 
 impl Ownership {

@@ -10,6 +10,7 @@ use crate::backend::{Entry, EventKind, Revision};
 use crate::error::Result;
 use crate::hub::{HubMsg, Subscription};
 use crate::locker::Locker;
+use crate::retry::Backoff;
 use crate::types::Holder;
 
 /// The queue of one key as this client knows it, oldest entry first.
@@ -52,13 +53,14 @@ pub(crate) fn holder_stream(
     locker: Locker,
     key: String,
 ) -> BoxStream<'static, Result<Option<Holder>>> {
+    let backoff = locker.backoff();
     let feed = Feed {
         locker,
         key,
         sub: None,
         view: None,
         last: None,
-        failures: 0,
+        backoff,
         done: false,
     };
     futures::stream::unfold(feed, |mut feed| async move {
@@ -76,7 +78,7 @@ struct Feed {
     /// The queue as read, and the revision of the read (events at or before it are in it).
     view: Option<(Queue, Revision)>,
     last: Option<Option<Holder>>,
-    failures: u32,
+    backoff: Backoff,
     done: bool,
 }
 
@@ -98,7 +100,7 @@ impl Feed {
                     }
                     Err(err) if !err.is_retryable() => return self.fail(err),
                     Err(err) => {
-                        let delay = self.locker.retry_delay(&mut self.failures);
+                        let delay = self.backoff.next_delay();
                         debug!(key = %self.key, error = %err, ?delay, "watch: subscribe failed; retrying");
                         tokio::time::sleep(delay).await;
                     }
@@ -108,7 +110,7 @@ impl Feed {
             let Some((queue, read_at)) = &mut self.view else {
                 match inner.backend.entries(&self.key).await {
                     Ok(snapshot) => {
-                        self.failures = 0;
+                        self.backoff.reset();
                         let queue = Queue::from_entries(snapshot.entries);
                         let holder = queue.holder();
                         self.view = Some((queue, snapshot.revision));
@@ -117,7 +119,7 @@ impl Feed {
                         }
                     }
                     Err(err) if err.is_retryable() => {
-                        let delay = self.locker.retry_delay(&mut self.failures);
+                        let delay = self.backoff.next_delay();
                         debug!(key = %self.key, error = %err, ?delay, "watch: read failed; retrying");
                         tokio::time::sleep(delay).await;
                     }

@@ -1,0 +1,720 @@
+//! The async driver of a lock's [`Machine`]: it carries out the machine's actions (store calls,
+//! sessions, the hub's watch, the reaper) and feeds the answers back; it decides nothing.
+//!
+//! One lock is one [`Shared`]: the machine, the resources the driver needs for it ([`Io`]: the
+//! session, the hub registration, the key claim), and the published state, in one allocation that
+//! the handle, the hub and the driver share. Whoever drives takes the *driving token* and runs
+//! [`drive`]: `acquire` on the caller's task until the lock is held (no hand-off between tasks on
+//! the way in), then the lock's own task while it is held, and `release` on the caller's task
+//! when that task is idle (one round trip, no hand-off on the way out). Inputs that are not
+//! answers (hub events, commands) go into the machine at once, under the lock, from whatever
+//! thread they come; the driver is woken to carry out what they lead to.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::backend::{EventKind, WatchEvent};
+use crate::error::{Error, LossReason, Result};
+use crate::hub::{HubMsg, Registration, Sink};
+use crate::locker::{KeyClaim, Locker};
+use crate::machine::{Action, Command, Failure, Input, Machine, Outcome, ReplyTo, SessionView};
+use crate::reaper::{Job, Target};
+use crate::session::{Session, SessionState};
+use crate::types::Ownership;
+
+/// One lock: its machine, its driver's resources, its published state.
+pub(crate) struct Shared {
+    pub(crate) key: Arc<str>,
+    core: Mutex<Core>,
+    /// Rung when the machine has something for its driver.
+    doorbell: Notify,
+    /// Rung at every change of the published state (or of `ended`), for readers.
+    changed: Notify,
+}
+
+/// What is behind [`Shared`]'s lock.
+struct Core {
+    machine: Machine,
+    io: Io,
+    /// Someone is driving (see the module docs).
+    driving: bool,
+    /// The lock's task exists (spawned, not finished).
+    task: bool,
+    /// Callers waiting for an answer to a command.
+    replies: Vec<(ReplyTo, oneshot::Sender<Outcome>)>,
+    next_reply: ReplyTo,
+    /// For [`Shared::subscribe`]: made on first use.
+    sender: Option<watch::Sender<Ownership>>,
+    /// The error of the last failed store call, and the one kept when the lock stopped on it.
+    last_error: Option<Error>,
+    error: Option<Error>,
+    /// Nothing more will change.
+    ended: bool,
+    /// The machine's actions that wait for whoever drives.
+    todo: VecDeque<Action>,
+}
+
+impl Core {
+    /// Nothing more will happen: the machine ended, its last actions carried out, and nobody is
+    /// in the middle of carrying some out.
+    fn is_done(&self) -> bool {
+        self.machine.is_ended() && self.todo.is_empty() && !self.driving
+    }
+}
+
+/// What the driver needs to carry out the machine's actions.
+struct Io {
+    locker: Locker,
+    /// A lock on a session of its own: its TTL.
+    dedicated_ttl: Option<Duration>,
+    session: Option<Arc<Session>>,
+    /// The lease of a session of its own that was abandoned: its entry goes with it.
+    abandoned: Option<i64>,
+    registration: Option<Registration>,
+    /// This lock's claim on its key in a shared session slot (one entry per key per lease).
+    claim: Option<KeyClaim>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let core = lock(&self.core);
+        f.debug_struct("Shared")
+            .field("key", &self.key)
+            .field("state", core.machine.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(locker: Locker, machine: Machine, dedicated_ttl: Option<Duration>) -> Self {
+        Shared {
+            key: machine.key().clone(),
+            core: Mutex::new(Core {
+                machine,
+                io: Io {
+                    locker,
+                    dedicated_ttl,
+                    session: None,
+                    abandoned: None,
+                    registration: None,
+                    claim: None,
+                },
+                driving: false,
+                task: false,
+                replies: Vec::new(),
+                next_reply: 0,
+                sender: None,
+                last_error: None,
+                error: None,
+                ended: false,
+                todo: VecDeque::new(),
+            }),
+            doorbell: Notify::new(),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Feeds `input` to the machine now, and wakes whoever drives if there is work.
+    pub(crate) fn input(&self, input: Input) {
+        let mut core = lock(&self.core);
+        core.machine.handle(input, Instant::now());
+        self.apply_local(&mut core);
+        drop(core);
+        self.doorbell.notify_waiters();
+    }
+
+    /// Sends a command whose answer someone waits for.
+    pub(crate) fn command_with_reply(
+        &self,
+        command: impl FnOnce(ReplyTo) -> Command,
+    ) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        let mut core = lock(&self.core);
+        if core.ended && core.machine.state() != &crate::machine::State::Ended {
+            // Nobody drives any more (the lock's task went with its runtime).
+            let _ = tx.send(Outcome::Stopped);
+            return rx;
+        }
+        let id = core.next_reply;
+        core.next_reply = core.next_reply.wrapping_add(1);
+        core.replies.push((id, tx));
+        core.machine
+            .handle(Input::Command(command(id)), Instant::now());
+        self.apply_local(&mut core);
+        drop(core);
+        self.doorbell.notify_waiters();
+        rx
+    }
+
+    /// **The** answer to "is the lock owned now?" (and what else it is).
+    pub(crate) fn ownership(&self) -> Ownership {
+        lock(&self.core).machine.ownership(Instant::now())
+    }
+
+    /// Checks a value against the store's limits (no I/O).
+    pub(crate) fn check_value(&self, value: &[u8]) -> Result<()> {
+        lock(&self.core).io.locker.check_value(value)
+    }
+
+    /// The error the lock stopped on, if it stopped on one.
+    pub(crate) fn stopped_on(&self) -> Option<Error> {
+        lock(&self.core).error.take()
+    }
+
+    /// The error the lock stopped on, or the last one it met, or "released".
+    pub(crate) fn error(&self) -> Error {
+        let mut core = lock(&self.core);
+        core.error
+            .take()
+            .or_else(|| core.last_error.take())
+            .unwrap_or_else(|| Error::Released {
+                key: self.key.to_string(),
+            })
+    }
+
+    /// A receiver of every published state (latest value wins).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Ownership> {
+        let mut core = lock(&self.core);
+        if let Some(sender) = &core.sender {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = watch::channel(core.machine.published());
+        if !core.ended {
+            core.sender = Some(sender);
+        }
+        receiver
+    }
+
+    /// Waits until `done` answers for the published state (and whether the lock has ended).
+    pub(crate) async fn wait_for<T>(
+        &self,
+        mut done: impl FnMut(Ownership, bool) -> Option<T>,
+    ) -> T {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a change right after it still wakes us.
+            notified.as_mut().enable();
+            let (state, ended) = {
+                let core = lock(&self.core);
+                let now = Instant::now();
+                (core.machine.ownership(now), core.ended)
+            };
+            if let Some(answer) = done(state, ended) {
+                return answer;
+            }
+            notified.await;
+        }
+    }
+
+    /// Carries out the actions that need no I/O and no await (publishing, replies, errors),
+    /// so that they happen at once, whoever drives; the rest wait for the driver.
+    fn apply_local(&self, core: &mut Core) {
+        while let Some(action) = core.machine.poll_action() {
+            match action {
+                Action::Publish(state) => self.publish(core, state),
+                Action::Reply(to, outcome) => {
+                    if let Some(at) = core.replies.iter().position(|(id, _)| *id == to) {
+                        let (_, tx) = core.replies.swap_remove(at);
+                        let _ = tx.send(outcome);
+                    }
+                }
+                Action::KeepError => core.error = core.last_error.take(),
+                other => core.todo.push_back(other),
+            }
+        }
+    }
+
+    fn publish(&self, core: &mut Core, state: Ownership) {
+        match state {
+            Ownership::Owned { token } => info!(key = %self.key, %token, "owned"),
+            Ownership::Lost { token, reason } => warn!(key = %self.key, %token, %reason, "lost"),
+            Ownership::Released => info!(key = %self.key, "released"),
+            Ownership::Failed { kind } => warn!(key = %self.key, %kind, "stopped"),
+            _ => debug!(key = %self.key, ?state, "published"),
+        }
+        if let Some(sender) = &core.sender {
+            sender.send_replace(state);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// A store call (or another wait) in flight, with the input its answer becomes.
+type Request = Pin<Box<dyn Future<Output = Input> + Send>>;
+
+/// Until when [`drive`] drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// Until the lock is held or its attempt ended (an `acquire` on the caller's task).
+    Settled,
+    /// Until the machine ended (a `release` on the caller's task).
+    Ended,
+    /// Until the machine ended, letting others drive whenever nothing is in flight (the lock's
+    /// own task: a `release` then drives on its caller's task, without a hand-off).
+    EndedSharing,
+}
+
+/// Drives the machine of `shared` until `until`: carries out its actions (holding the driving
+/// token while it does; `token`: the caller holds it already), and feeds it what happens
+/// (answers, the session's changes, its timers).
+async fn drive(shared: &Arc<Shared>, until: Until, mut token: bool) {
+    let mut request: Option<Request> = None;
+    // The session's lease, and its receiver until its keeper is gone.
+    let mut session: Option<(i64, Option<watch::Receiver<SessionState>>)> = None;
+    loop {
+        let notified = shared.doorbell.notified();
+        tokio::pin!(notified);
+        // Registered before looking: whatever comes after the look wakes this loop.
+        notified.as_mut().enable();
+        let mut unregister = Vec::new();
+        let (timeout, done) = {
+            let mut core = lock(&shared.core);
+            if !token && !core.driving {
+                core.driving = true;
+                token = true;
+            }
+            if token {
+                shared.apply_local(&mut core);
+                while let Some(action) = core.todo.pop_front() {
+                    tracing::trace!(key = %shared.key, ?action, "action");
+                    if let Some(next) = carry_out(shared, &mut core, action, &mut unregister) {
+                        request = Some(next);
+                    }
+                    shared.apply_local(&mut core);
+                }
+                if !core.machine.in_flight() {
+                    // The machine no longer waits for it (a release dropped a subscription).
+                    request = None;
+                }
+            }
+            let lease = core.io.session.as_ref().map(|s| s.lease());
+            if session.as_ref().map(|(l, _)| *l) != lease {
+                session = core
+                    .io
+                    .session
+                    .as_ref()
+                    .map(|s| (s.lease(), Some(s.subscribe())));
+            }
+            // Ended, its last actions carried out, and nobody else in the middle of some.
+            let finished = core.machine.is_ended()
+                && core.todo.is_empty()
+                && request.is_none()
+                && (token || !core.driving);
+            let done = match until {
+                Until::Settled => core.machine.settled() && core.todo.is_empty(),
+                Until::Ended | Until::EndedSharing => finished,
+            };
+            if token && request.is_none() && (done || until == Until::EndedSharing) {
+                // Idle (or done): let someone else drive meanwhile.
+                core.driving = false;
+                token = false;
+                if finished {
+                    unregister.extend(shared.finish(&mut core));
+                }
+                if until != Until::EndedSharing {
+                    // A caller gives the driving back: the lock's task may have work waiting.
+                    shared.doorbell.notify_waiters();
+                }
+            }
+            (core.machine.poll_timeout(), done)
+        };
+        drop(unregister);
+        if done && request.is_none() {
+            return;
+        }
+        let input = tokio::select! {
+            biased;
+            answer = async { request.as_mut().expect("a request").await }, if request.is_some() => {
+                request = None;
+                Some(answer)
+            }
+            () = &mut notified => None,
+            changed = async {
+                let rx = session.as_mut().and_then(|(_, rx)| rx.as_mut()).expect("a receiver");
+                rx.changed().await.map(|()| *rx.borrow_and_update())
+            }, if session.as_ref().is_some_and(|(_, rx)| rx.is_some()) => match changed {
+                Ok(state) => Some(Input::SessionChanged(state)),
+                // The session's keeper is gone: its last state stands.
+                Err(_) => {
+                    if let Some((_, rx)) = session.as_mut() {
+                        *rx = None;
+                    }
+                    None
+                }
+            },
+            () = sleep_until(timeout), if timeout.is_some() => {
+                let mut core = lock(&shared.core);
+                core.machine.handle_timeout(Instant::now());
+                shared.apply_local(&mut core);
+                None
+            }
+        };
+        if let Some(input) = input {
+            tracing::trace!(key = %shared.key, ?input, "input");
+            let mut core = lock(&shared.core);
+            core.machine.handle(input, Instant::now());
+            shared.apply_local(&mut core);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Carries out one action that needs the driver's resources: a store call becomes a request
+/// whose answer is an input; the rest is done at once.
+fn carry_out(
+    shared: &Arc<Shared>,
+    core: &mut Core,
+    action: Action,
+    unregister: &mut Vec<Registration>,
+) -> Option<Request> {
+    let io = &mut core.io;
+    let backend = io.locker.inner.backend.clone();
+    let key = shared.key.clone();
+    match action {
+        Action::OpenSession => {
+            let locker = io.locker.clone();
+            let dedicated = io.dedicated_ttl;
+            let own = io
+                .session
+                .take()
+                .filter(|s| dedicated.is_some() && !s.is_lost());
+            if dedicated.is_none() && io.claim.is_none() {
+                io.claim = Some(locker.claim_key(&key));
+            }
+            let slot = io.claim.as_ref().map_or(0, KeyClaim::slot);
+            let shared = shared.clone();
+            Some(Box::pin(async move {
+                let session = match (own, dedicated) {
+                    (Some(own), _) => Ok(own),
+                    (None, Some(ttl)) => locker.new_session(ttl).await,
+                    (None, None) => locker.shared_session(slot).await,
+                };
+                match session {
+                    Ok(session) => {
+                        let view = SessionView {
+                            lease: session.lease(),
+                            ttl: session.ttl(),
+                            state: session.state(),
+                        };
+                        lock(&shared.core).io.session = Some(session);
+                        Input::SessionOpened(Ok(view))
+                    }
+                    Err(err) => Input::SessionOpened(Err(shared.failed(err))),
+                }
+            }))
+        }
+        Action::DropSession(lease) => {
+            if let Some(session) = io.session.take_if(|s| s.lease() == lease)
+                && io.dedicated_ttl.is_none()
+            {
+                io.locker.forget_shared_session(&session);
+            }
+            None
+        }
+        Action::Subscribe => {
+            unregister.extend(io.registration.take());
+            let locker = io.locker.clone();
+            let shared = shared.clone();
+            Some(Box::pin(async move {
+                let sink: Arc<dyn Sink> = shared.clone();
+                match locker.inner.hub.register(key, sink).await {
+                    Ok(registration) => {
+                        let mut core = lock(&shared.core);
+                        let stale = core.io.registration.replace(registration);
+                        drop(core);
+                        drop(stale);
+                        Input::Subscribed(Ok(()))
+                    }
+                    Err(err) => Input::Subscribed(Err(shared.failed(err))),
+                }
+            }))
+        }
+        Action::Unsubscribe => {
+            // Dropped outside the lock: unregistering locks the hub, which delivers to us.
+            unregister.extend(io.registration.take());
+            None
+        }
+        Action::Join { lease, value } => {
+            let shared = shared.clone();
+            Some(Box::pin(async move {
+                match backend.join(&key, lease, &value).await {
+                    Ok(joined) => {
+                        Input::Joined(Ok((joined.entry, joined.predecessor, joined.revision)))
+                    }
+                    Err(err) => Input::Joined(Err(shared.failed(err))),
+                }
+            }))
+        }
+        Action::Update {
+            entry,
+            create_revision,
+            value,
+        } => {
+            let shared = shared.clone();
+            Some(Box::pin(async move {
+                match backend.update_value(&entry, create_revision, &value).await {
+                    Ok(updated) => Input::Updated(Ok(updated)),
+                    Err(err) => Input::Updated(Err(shared.failed(err))),
+                }
+            }))
+        }
+        Action::Position {
+            entry,
+            create_revision,
+        } => {
+            let shared = shared.clone();
+            Some(Box::pin(async move {
+                match backend.position(&key, &entry, create_revision).await {
+                    Ok(p) => Input::Positioned(Ok((p.own, p.predecessor, p.revision))),
+                    Err(err) => Input::Positioned(Err(shared.failed(err))),
+                }
+            }))
+        }
+        Action::Delete {
+            entry,
+            create_revision,
+        } => {
+            let shared = shared.clone();
+            Some(Box::pin(async move {
+                match backend.delete_entry(&entry, create_revision).await {
+                    Ok(deleted) => Input::Deleted(Ok(deleted)),
+                    Err(err) => Input::Deleted(Err(shared.failed(err))),
+                }
+            }))
+        }
+        Action::Reap {
+            entry,
+            create_revision,
+            lease,
+            after,
+        } => {
+            if io.abandoned == Some(lease) {
+                return None; // a session of its own, abandoned: the entry goes with it
+            }
+            let ended = core.machine.state() == &crate::machine::State::Ended;
+            let job = Job {
+                target: Target::Entry {
+                    key: entry,
+                    create_revision,
+                },
+                session: io.session.clone().filter(|s| s.lease() == lease),
+                after,
+                // The last thing a lock leaves takes its claim on the key along.
+                claim: if ended { io.claim.take() } else { None },
+            };
+            io.locker.reap(job);
+            None
+        }
+        Action::ReapUnseenJoin { entry, lease } => {
+            let ended = core.machine.state() == &crate::machine::State::Ended;
+            let job = Job {
+                target: Target::UnseenJoin {
+                    queue: key,
+                    key: entry,
+                },
+                session: io.session.clone().filter(|s| s.lease() == lease),
+                after: Duration::ZERO,
+                claim: if ended { io.claim.take() } else { None },
+            };
+            io.locker.reap(job);
+            None
+        }
+        Action::AbandonSession => {
+            if io.dedicated_ttl.is_some()
+                && let Some(session) = &io.session
+            {
+                session.abandon();
+                io.abandoned = Some(session.lease());
+            }
+            None
+        }
+        // Done by `apply_local`.
+        Action::Publish(_) | Action::Reply(..) | Action::KeepError => None,
+    }
+}
+
+impl Shared {
+    /// Maps a failed call for the machine, keeping the error.
+    fn failed(&self, err: Error) -> Failure {
+        let failure = match &err {
+            Error::LeaseLost { .. } => Failure::LeaseLost,
+            _ => match err.failure_kind() {
+                None => Failure::Retryable,
+                Some(kind) => Failure::Permanent(kind),
+            },
+        };
+        if failure == Failure::Retryable {
+            debug!(key = %self.key, error = %err, "store call failed; retrying");
+        } else {
+            warn!(key = %self.key, error = %err, "store call failed");
+        }
+        lock(&self.core).last_error = Some(err);
+        failure
+    }
+
+    /// The machine ended: nothing more changes; the session, the claim and the waiting callers
+    /// go (a session of its own is revoked when its last reference goes). Answers the
+    /// registration, to drop once the lock is let go of (unregistering locks the hub, which
+    /// delivers to us).
+    fn finish(&self, core: &mut Core) -> Option<Registration> {
+        if core.ended {
+            return None;
+        }
+        core.ended = true;
+        core.sender = None;
+        core.io.session = None;
+        core.io.claim = None;
+        for (_, tx) in core.replies.drain(..) {
+            let _ = tx.send(Outcome::Stopped);
+        }
+        self.changed.notify_waiters();
+        core.io.registration.take()
+    }
+}
+
+/// Starts the lock's own task: it drives whenever nobody else does, until the machine ends.
+pub(crate) fn spawn_task(shared: Arc<Shared>) {
+    {
+        let mut core = lock(&shared.core);
+        if core.task || core.ended {
+            return;
+        }
+        core.task = true;
+    }
+    tokio::spawn(async move {
+        let task = TaskGuard(shared.clone());
+        drive(&shared, Until::EndedSharing, false).await;
+        drop(task);
+    });
+}
+
+/// Marks the task gone however it ends; a task that went with its runtime before the machine
+/// ended lets readers go (nothing more will change).
+struct TaskGuard(Arc<Shared>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        let mut core = lock(&self.0.core);
+        core.task = false;
+        let registration = self.0.finish(&mut core);
+        drop(core);
+        drop(registration);
+    }
+}
+
+/// Drives on the caller's task (an `acquire` until held, a `release` until done). `false` if
+/// someone else is driving (a request in flight on the lock's task): then the caller waits for
+/// the lock's task instead. If the caller's future is dropped half-way, the answer in flight is
+/// abandoned and the lock's task takes over.
+pub(crate) async fn drive_here(shared: &Arc<Shared>, until: Until) -> bool {
+    {
+        let mut core = lock(&shared.core);
+        if core.driving {
+            return false;
+        }
+        core.driving = true;
+    }
+    let mut guard = HandOver {
+        shared,
+        done: false,
+    };
+    drive(shared, until, true).await;
+    guard.done = true;
+    true
+}
+
+struct HandOver<'a> {
+    shared: &'a Arc<Shared>,
+    done: bool,
+}
+
+impl Drop for HandOver<'_> {
+    fn drop(&mut self) {
+        let mut core = lock(&self.shared.core);
+        if !self.done && core.driving {
+            // Cancelled half-way: the request in flight (if any) will never be answered.
+            if core.machine.in_flight() {
+                core.machine.handle(Input::Abandoned, Instant::now());
+                self.shared.apply_local(&mut core);
+            }
+            core.driving = false;
+        }
+        let ended = core.is_done();
+        let registration = if ended {
+            self.shared.finish(&mut core)
+        } else {
+            None
+        };
+        drop(core);
+        drop(registration);
+        self.shared.doorbell.notify_waiters();
+        if !ended && tokio::runtime::Handle::try_current().is_ok() {
+            spawn_task(self.shared.clone());
+        }
+    }
+}
+
+impl Sink for Shared {
+    fn deliver(&self, msg: HubMsg) {
+        let input = match msg {
+            HubMsg::Event(event) => Input::EntryDeleted {
+                key: event.entry.key,
+                revision: event.entry.mod_revision,
+            },
+            HubMsg::Resync => Input::Resync,
+        };
+        self.input(input);
+    }
+
+    /// Only deletes move a lock (its own entry's, its predecessor's): a put, such as the one of
+    /// its own join, is neither copied nor wakes anyone.
+    fn wants(&self, event: &WatchEvent) -> bool {
+        event.kind == EventKind::Delete
+    }
+
+    fn close(&self) {
+        self.input(Input::WatchClosed);
+    }
+}
+
+/// The loss reason a late release reports, for a `LossReason` the machine gave.
+pub(crate) fn not_owned(key: &str, reason: LossReason) -> Error {
+    Error::NotOwned {
+        key: key.to_owned(),
+        reason,
+    }
+}
+
+/// Turns a command's outcome into the caller's result.
+pub(crate) fn outcome(
+    shared: &Shared,
+    outcome: Result<Outcome, oneshot::error::RecvError>,
+) -> Result<()> {
+    match outcome {
+        Ok(Outcome::Done) => Ok(()),
+        Ok(Outcome::NotOwned(reason)) => Err(not_owned(&shared.key, reason)),
+        Ok(Outcome::Failed) => Err(shared.error()),
+        Ok(Outcome::Stopped) | Err(_) => Err(Error::Released {
+            key: shared.key.to_string(),
+        }),
+    }
+}

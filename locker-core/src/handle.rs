@@ -1,0 +1,364 @@
+//! What a user holds: [`LockHandle`] (the seed's `Lock`: keeps trying to own) and [`LockGuard`]
+//! (mutex style). Both are views of one lock's [`Shared`] state; everything they do is an input
+//! to the lock's [state machine](crate::machine), carried out by its [driver](crate::driver).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::watch;
+
+use crate::driver::{self, Shared, Until};
+use crate::error::{Error, LossReason, Result};
+use crate::locker::{LockOptions, Locker, check_ttl};
+use crate::machine::{Command, Input, Machine, Mode};
+use crate::types::{FencingToken, Ownership};
+
+/// Checks the input (no I/O) and makes a lock's state.
+fn prepare(
+    locker: Locker,
+    key: String,
+    value: Vec<u8>,
+    options: LockOptions,
+    mode: Mode,
+) -> Result<Arc<Shared>> {
+    locker.check_key(&key)?;
+    locker.check_value(&value)?;
+    if let Some(ttl) = options.ttl {
+        check_ttl(locker.inner.backend.as_ref(), ttl)?;
+        let margin = locker.inner.timing.safety_margin;
+        if margin >= ttl / 3 {
+            return Err(Error::InvalidConfig(format!(
+                "the locker's safety margin {margin:?} must be below a third of the lock's TTL {ttl:?}"
+            )));
+        }
+    }
+    tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::InvalidConfig("locks must be started within a tokio runtime".to_owned())
+    })?;
+    let backoff = locker.backoff();
+    let machine = Machine::new(Arc::from(key), value, mode, backoff);
+    Ok(Arc::new(Shared::new(locker, machine, options.ttl)))
+}
+
+/// `Locker::lock`: a handle whose own task joins, waits, holds and joins again.
+pub(crate) fn start(
+    locker: Locker,
+    key: String,
+    value: Vec<u8>,
+    options: LockOptions,
+) -> Result<LockHandle> {
+    let shared = prepare(locker, key, value, options, Mode::Persistent)?;
+    driver::spawn_task(shared.clone());
+    Ok(LockHandle { shared })
+}
+
+/// `Locker::acquire` (`Mode::Once`) and `Locker::try_acquire` (`Mode::TryOnce`): joins and
+/// waits on the caller's task, then leaves the holding to a task of the lock's own. `None` if
+/// the attempt ended without owning (a `try_acquire` that found the lock held).
+///
+/// Cancel safe: a dropped call hands what it started to the lock's task, which cleans up.
+pub(crate) async fn acquire(
+    locker: Locker,
+    key: String,
+    value: Vec<u8>,
+    options: LockOptions,
+    mode: Mode,
+) -> Result<Option<LockGuard>> {
+    let shared = prepare(locker, key, value, options, mode)?;
+    let handle = LockHandle { shared };
+    driver::drive_here(&handle.shared, Until::Settled).await;
+    match handle.shared.ownership() {
+        Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
+            Ok(Some(LockGuard { handle, token }))
+        }
+        Ownership::Failed { .. } => Err(handle.shared.error()),
+        Ownership::Released if mode == Mode::TryOnce => match handle.shared.stopped_on() {
+            Some(err) => Err(err),
+            None => Ok(None),
+        },
+        // Ended before owning (a failure), or lost at once: wait as a handle would.
+        _ => handle.into_guard().await,
+    }
+}
+
+/// A lock that keeps trying to own `key` with its value until released: the seed's `Lock`.
+///
+/// Ownership is published as [`Ownership`] through a watch channel ([`LockHandle::subscribe`]) and
+/// as a stream of `bool` transitions ([`LockHandle::owned_changes`]); a slow reader never delays
+/// the keep-alive. After a loss the handle joins the queue again on its own. A permanent store
+/// error (permission denied on the lock's keys, say) stops it: [`Ownership::Failed`], and
+/// [`LockHandle::wait_owned`] answers the error.
+///
+/// Dropping the handle releases the lock in the background; [`LockHandle::release`] does it now
+/// and waits; [`LockHandle::abandon`] lets it expire after the TTL.
+#[must_use = "dropping a LockHandle releases the lock"]
+pub struct LockHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for LockHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockHandle")
+            .field("key", &self.key())
+            .field("ownership", &self.ownership())
+            .finish()
+    }
+}
+
+impl Drop for LockHandle {
+    fn drop(&mut self) {
+        self.shared.input(Input::Command(Command::Release(None)));
+    }
+}
+
+impl LockHandle {
+    /// The lock key.
+    pub fn key(&self) -> &str {
+        &self.shared.key
+    }
+
+    /// Where the lock stands now. It never claims ownership past the local deadline: a held
+    /// lock whose deadline has passed answers [`Ownership::Lost`] (with
+    /// [`LossReason::DeadlinePassed`]) even before the lock's task has heard of it.
+    pub fn ownership(&self) -> Ownership {
+        self.shared.ownership()
+    }
+
+    /// Whether the lock is owned right now: held, and within the local deadline of its lease.
+    pub fn is_owned(&self) -> bool {
+        self.ownership().is_owned()
+    }
+
+    /// A receiver of every published [`Ownership`] (latest value wins; a loss followed by a new
+    /// tenure shows as a new token).
+    pub fn subscribe(&self) -> watch::Receiver<Ownership> {
+        self.shared.subscribe()
+    }
+
+    /// The seed's `owned` channel: `true`/`false` at every change of "do we own the lock?",
+    /// starting with the current answer. A tenure that ends and a new one that begins between two
+    /// polls still shows as `false` then `true`. Ends when the lock stops.
+    pub fn owned_changes(&self) -> BoxStream<'static, bool> {
+        owned_changes(self.subscribe())
+    }
+
+    /// Waits until the lock is owned and answers the fencing token.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    ///
+    /// # Errors
+    ///
+    /// The error that stopped the lock ([`Ownership::Failed`]: permission denied, ...; a
+    /// one-shot attempt's failure), or [`Error::Released`] if it was released.
+    pub async fn wait_owned(&self) -> Result<FencingToken> {
+        let shared = &self.shared;
+        let answer = shared
+            .wait_for(|state, ended| match state {
+                Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
+                    Some(Ok(token))
+                }
+                Ownership::Released | Ownership::Failed { .. } => Some(Err(())),
+                _ if ended => Some(Err(())),
+                _ => None,
+            })
+            .await;
+        answer.map_err(|()| shared.error())
+    }
+
+    /// Changes the value: at once in the store if the handle has an entry (owned or waiting),
+    /// and for every later tenure. The new value is taken for later tenures even if writing it
+    /// to the current entry fails.
+    ///
+    /// # Errors
+    ///
+    /// Bad input before any I/O; [`Error::NotOwned`] if the entry was found gone; store errors;
+    /// [`Error::Released`] if the handle stopped.
+    pub async fn set_value(&self, value: impl Into<Vec<u8>>) -> Result<()> {
+        let value = value.into();
+        self.shared.check_value(&value)?;
+        let reply = self
+            .shared
+            .command_with_reply(|to| Command::SetValue(value, to));
+        driver::outcome(&self.shared, reply.await)
+    }
+
+    /// Gives the lock up now: deletes the entry (hand-off in one round trip) and stops.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotOwned`] if a one-shot lock was lost before the release (or its deadline had
+    /// passed); store errors while deleting (the lease then expires as usual).
+    pub async fn release(self) -> Result<()> {
+        let reply = self
+            .shared
+            .command_with_reply(|to| Command::Release(Some(to)));
+        // On this task if nobody else is driving: no hand-off to the lock's task.
+        driver::drive_here(&self.shared, Until::Ended).await;
+        driver::outcome(&self.shared, reply.await)
+    }
+
+    /// Stops without deleting: the entry stays until the lease would expire, as if this process
+    /// had died (the seed's `quit`). With a dedicated session the lease is simply not renewed;
+    /// with the shared session the entry is deleted once the session's TTL has passed.
+    pub fn abandon(self) {
+        self.shared.input(Input::Command(Command::Abandon));
+    }
+
+    /// Waits until owned, then wraps the handle in a guard; `None` if the attempt ended without
+    /// owning (a `try_acquire` that found the lock held).
+    pub(crate) async fn into_guard(self) -> Result<Option<LockGuard>> {
+        match self.wait_owned().await {
+            Ok(token) => Ok(Some(LockGuard {
+                handle: self,
+                token,
+            })),
+            Err(Error::Released { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Proof of owning a lock, mutex style: from [`Locker::acquire`] or [`Locker::try_acquire`].
+///
+/// Owning can end without the guard's say (lease lost, deadline passed, entry deleted): check
+/// [`LockGuard::is_owned`] before a protected write, send [`LockGuard::token`] along with it, or
+/// race the work against [`LockGuard::lost`]. A guard never re-acquires.
+///
+/// Dropping the guard releases the lock in the background; [`LockGuard::release`] does it now.
+#[must_use = "dropping a LockGuard releases the lock"]
+#[derive(Debug)]
+pub struct LockGuard {
+    handle: LockHandle,
+    token: FencingToken,
+}
+
+impl LockGuard {
+    /// The lock key.
+    pub fn key(&self) -> &str {
+        self.handle.key()
+    }
+
+    /// The fencing token of this tenure.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Whether the lock is still owned (see [`LockHandle::is_owned`]).
+    pub fn is_owned(&self) -> bool {
+        self.handle.is_owned()
+    }
+
+    /// Where the lock stands now (see [`LockHandle::ownership`]).
+    pub fn ownership(&self) -> Ownership {
+        self.handle.ownership()
+    }
+
+    /// A receiver of every published [`Ownership`].
+    pub fn subscribe(&self) -> watch::Receiver<Ownership> {
+        self.handle.subscribe()
+    }
+
+    /// Completes when ownership ends, with the reason. Use it to stop protected work (the example
+    /// runs on tokio's paused clock, `start_paused = true`, which needs tokio's `test-util`
+    /// feature: its second of work takes no real time):
+    ///
+    /// ```
+    /// #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// async fn main() -> Result<(), locker_core::Error> {
+    ///     let locker = locker_core::Locker::new(locker_memory::MemoryBackend::new());
+    ///     let guard = locker.acquire("jobs/cleanup", "worker-1").await?;
+    ///     tokio::select! {
+    ///         reason = guard.lost() => println!("lost the lock: {reason}"),
+    ///         _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => println!("work done"),
+    ///     }
+    ///     guard.release().await?;
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lost(&self) -> LossReason {
+        self.handle
+            .shared
+            .wait_for(|state, ended| match state {
+                Ownership::Lost { reason, .. } => Some(reason),
+                Ownership::Released | Ownership::Failed { .. } => Some(LossReason::Released),
+                _ if ended => Some(LossReason::Released),
+                _ => None,
+            })
+            .await
+    }
+
+    /// Changes the holder's value in the store (etcd's `Proclaim`), guarded by this tenure.
+    ///
+    /// # Errors
+    ///
+    /// As [`LockHandle::set_value`].
+    pub async fn set_value(&self, value: impl Into<Vec<u8>>) -> Result<()> {
+        self.handle.set_value(value).await
+    }
+
+    /// Releases the lock now: the next waiter owns it one round trip later.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotOwned`] if ownership was lost before the release (the critical section was not
+    /// protected to the end); store errors while deleting.
+    pub async fn release(self) -> Result<()> {
+        self.handle.release().await
+    }
+}
+
+fn owned_changes(rx: watch::Receiver<Ownership>) -> BoxStream<'static, bool> {
+    struct St {
+        rx: watch::Receiver<Ownership>,
+        last: Option<Option<FencingToken>>,
+        pending: VecDeque<bool>,
+        started: bool,
+    }
+    let st = St {
+        rx,
+        last: None,
+        pending: VecDeque::new(),
+        started: false,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(b) = st.pending.pop_front() {
+                return Some((b, st));
+            }
+            if st.started && st.rx.changed().await.is_err() {
+                return None;
+            }
+            st.started = true;
+            let state = *st.rx.borrow_and_update();
+            let now = if state.is_owned() {
+                state.token()
+            } else {
+                None
+            };
+            match st.last {
+                None => st.pending.push_back(now.is_some()),
+                Some(prev) if prev == now => {}
+                Some(Some(_)) if now.is_some() => {
+                    st.pending.push_back(false);
+                    st.pending.push_back(true);
+                }
+                Some(prev) => {
+                    if prev.is_some() != now.is_some() {
+                        st.pending.push_back(now.is_some());
+                    }
+                }
+            }
+            st.last = Some(now);
+        }
+    })
+    .boxed()
+}
