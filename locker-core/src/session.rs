@@ -1,4 +1,8 @@
 //! Sessions: one lease, kept alive every ttl/3, with a local ownership deadline.
+//!
+//! A keep-alive that fails, or stays unanswered for ttl/3, makes the session `Unconfirmed` until
+//! one is answered; at the deadline (`sent + ttl - safety margin` of the last answered one) it is
+//! lost. No call waits past that deadline, except the revoke on close (bounded by the TTL).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +20,8 @@ use crate::retry::Jitter;
 pub(crate) enum SessionState {
     /// The last keep-alive succeeded; everything under the lease is owned until `deadline`.
     Live { deadline: Instant },
-    /// Keep-alives are failing; still owned until `deadline` unless one succeeds.
+    /// Keep-alives are failing, or one is unanswered for a third of the TTL; still owned until
+    /// `deadline` unless one succeeds.
     Unconfirmed { deadline: Instant },
     /// The lease is gone, or its local deadline passed. Terminal.
     Lost(LossReason),
@@ -184,17 +189,32 @@ impl Keeper {
                 return;
             }
             let sent = Instant::now();
-            let answer = tokio::select! {
-                biased;
-                msg = &mut stop => {
-                    match msg {
-                        Ok(Stop::Abandon) => {}
-                        Ok(Stop::Revoke(done)) => self.revoke(&lease, done).await,
-                        Err(_) => self.revoke(&lease, None).await,
+            let call = tokio::time::timeout_at(deadline, self.backend.keep_alive(self.lease));
+            tokio::pin!(call);
+            // Unanswered for a third of the TTL is as suspect as failed (a hung store).
+            let silence = tokio::time::sleep_until(sent + self.ttl / 3);
+            tokio::pin!(silence);
+            let mut suspect = matches!(*self.state.borrow(), SessionState::Live { .. });
+            let answer = loop {
+                tokio::select! {
+                    biased;
+                    msg = &mut stop => {
+                        match msg {
+                            Ok(Stop::Abandon) => {}
+                            Ok(Stop::Revoke(done)) => self.revoke(&lease, done).await,
+                            Err(_) => self.revoke(&lease, None).await,
+                        }
+                        return;
                     }
-                    return;
+                    answer = &mut call => break answer,
+                    () = &mut silence, if suspect => {
+                        suspect = false;
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        warn!(%lease, ?remaining, "keep-alive unanswered for a third of the TTL");
+                        self.state
+                            .send_replace(SessionState::Unconfirmed { deadline });
+                    }
                 }
-                answer = tokio::time::timeout_at(deadline, self.backend.keep_alive(self.lease)) => answer,
             };
             match answer {
                 Err(_elapsed) => {
