@@ -1,4 +1,8 @@
 //! Sessions: one lease, kept alive every ttl/3, with a local ownership deadline.
+//!
+//! A keep-alive that fails, or stays unanswered for ttl/3, makes the session `Unconfirmed` until
+//! one is answered; at the deadline (`sent + ttl - safety margin` of the last answered one) it is
+//! lost. No call waits past that deadline, except the revoke on close (bounded by the TTL).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +20,8 @@ use crate::retry::Jitter;
 pub(crate) enum SessionState {
     /// The last keep-alive succeeded; everything under the lease is owned until `deadline`.
     Live { deadline: Instant },
-    /// Keep-alives are failing; still owned until `deadline` unless one succeeds.
+    /// Keep-alives are failing, or one is unanswered for a third of the TTL; still owned until
+    /// `deadline` unless one succeeds.
     Unconfirmed { deadline: Instant },
     /// The lease is gone, or its local deadline passed. Terminal.
     Lost(LossReason),
@@ -184,17 +189,32 @@ impl Keeper {
                 return;
             }
             let sent = Instant::now();
-            let answer = tokio::select! {
-                biased;
-                msg = &mut stop => {
-                    match msg {
-                        Ok(Stop::Abandon) => {}
-                        Ok(Stop::Revoke(done)) => self.revoke(&lease, done).await,
-                        Err(_) => self.revoke(&lease, None).await,
+            let call = tokio::time::timeout_at(deadline, self.backend.keep_alive(self.lease));
+            tokio::pin!(call);
+            // Unanswered for a third of the TTL is as suspect as failed (a hung store).
+            let silence = tokio::time::sleep_until(sent + self.ttl / 3);
+            tokio::pin!(silence);
+            let mut suspect = matches!(*self.state.borrow(), SessionState::Live { .. });
+            let answer = loop {
+                tokio::select! {
+                    biased;
+                    msg = &mut stop => {
+                        match msg {
+                            Ok(Stop::Abandon) => {}
+                            Ok(Stop::Revoke(done)) => self.revoke(&lease, done).await,
+                            Err(_) => self.revoke(&lease, None).await,
+                        }
+                        return;
                     }
-                    return;
+                    answer = &mut call => break answer,
+                    () = &mut silence, if suspect => {
+                        suspect = false;
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        warn!(%lease, ?remaining, "keep-alive unanswered for a third of the TTL");
+                        self.state
+                            .send_replace(SessionState::Unconfirmed { deadline });
+                    }
                 }
-                answer = tokio::time::timeout_at(deadline, self.backend.keep_alive(self.lease)) => answer,
             };
             match answer {
                 Err(_elapsed) => {
@@ -276,5 +296,229 @@ impl Keeper {
         if let Some(done) = done {
             let _ = done.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::backend::{Entry, Joined, Lease, Limits, Position, Revision, Snapshot};
+    use crate::backend::{WatchStream, Watcher};
+
+    const TTL: Duration = Duration::from_secs(3);
+    const MARGIN: Duration = Duration::from_millis(300);
+
+    /// How the store answers keep-alives.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Link {
+        /// At once.
+        Up,
+        /// After this long.
+        Slow(Duration),
+        /// Not until the link changes.
+        Hang,
+        /// With an error, at once.
+        Fail,
+    }
+
+    /// A store of leases only (a session makes no other call), with a scripted link.
+    #[derive(Debug)]
+    struct Leases {
+        link: watch::Sender<Link>,
+    }
+
+    #[async_trait]
+    impl Watcher for Leases {
+        async fn watch(&self, _: &str, _: Option<Revision>) -> Result<WatchStream> {
+            unreachable!("a session never watches")
+        }
+    }
+
+    #[async_trait]
+    impl LockBackend for Leases {
+        fn limits(&self) -> Limits {
+            unreachable!("a session never asks")
+        }
+
+        async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+            Ok(Lease { id: 0x5e55, ttl })
+        }
+
+        async fn keep_alive(&self, _: LeaseId) -> Result<Option<Duration>> {
+            let mut link = self.link.subscribe();
+            loop {
+                let now = *link.borrow_and_update();
+                match now {
+                    Link::Up => return Ok(Some(TTL)),
+                    Link::Slow(latency) => {
+                        tokio::time::sleep(latency).await;
+                        return Ok(Some(TTL));
+                    }
+                    Link::Fail => return Err(Error::unavailable("link down")),
+                    Link::Hang => {
+                        let _ = link.changed().await;
+                    }
+                }
+            }
+        }
+
+        async fn revoke_lease(&self, _: LeaseId) -> Result<()> {
+            Ok(())
+        }
+
+        async fn join(&self, _: &str, _: LeaseId, _: &[u8]) -> Result<Joined> {
+            unreachable!("a session never joins")
+        }
+
+        async fn position(&self, _: &str, _: &str, _: Revision) -> Result<Position> {
+            unreachable!("a session never reads entries")
+        }
+
+        async fn holder(&self, _: &str) -> Result<(Option<Entry>, Revision)> {
+            unreachable!("a session never reads entries")
+        }
+
+        async fn entries(&self, _: &str) -> Result<Snapshot> {
+            unreachable!("a session never reads entries")
+        }
+
+        async fn delete_entry(&self, _: &str, _: Revision) -> Result<bool> {
+            unreachable!("a session never deletes entries")
+        }
+
+        async fn update_value(&self, _: &str, _: Revision, _: &[u8]) -> Result<bool> {
+            unreachable!("a session never writes entries")
+        }
+    }
+
+    /// Grants a session of [`TTL`] on a link that starts as `link`, and records the states it
+    /// publishes.
+    async fn session_on(link: Link) -> (Arc<Session>, watch::Sender<Link>, Recorder) {
+        let leases = Arc::new(Leases {
+            link: watch::channel(link).0,
+        });
+        let timing = Timing {
+            safety_margin: MARGIN,
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_millis(400),
+        };
+        let session = Session::grant(leases.clone(), TTL, timing, Arc::new(Jitter::new(7)))
+            .await
+            .expect("granted");
+        let recorder = Recorder::follow(&session);
+        (session, leases.link.clone(), recorder)
+    }
+
+    /// The distinct states a session published, each with when (since the recorder started).
+    struct Recorder(tokio::task::JoinHandle<Vec<(Duration, SessionState)>>);
+
+    impl Recorder {
+        fn follow(session: &Session) -> Recorder {
+            let mut rx = session.subscribe();
+            let start = Instant::now();
+            Recorder(tokio::spawn(async move {
+                let mut seen: Vec<(Duration, SessionState)> = Vec::new();
+                loop {
+                    let state = *rx.borrow_and_update();
+                    if seen.last().is_none_or(|(_, last)| *last != state) {
+                        seen.push((start.elapsed(), state));
+                    }
+                    if matches!(state, SessionState::Lost(_)) || rx.changed().await.is_err() {
+                        return seen;
+                    }
+                }
+            }))
+        }
+
+        /// Everything recorded until the session was lost.
+        async fn until_lost(self) -> Vec<(Duration, SessionState)> {
+            self.0.await.expect("the recorder ran")
+        }
+    }
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    /// A keep-alive (sent at ttl/3 = 1 s) that hangs makes the session `Unconfirmed` once it has
+    /// been outstanding for ttl/3 (at 2 s), with the deadline of the last answered one
+    /// (0 + 3 s - 300 ms); it is lost at that deadline.
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_unanswered_for_a_third_of_the_ttl_is_unconfirmed() {
+        let start = Instant::now();
+        let (session, _link, recorder) = session_on(Link::Hang).await;
+        let deadline = start + ms(2700);
+        assert_eq!(
+            recorder.until_lost().await,
+            [
+                (ms(0), SessionState::Live { deadline }),
+                (ms(2000), SessionState::Unconfirmed { deadline }),
+                (ms(2700), SessionState::Lost(LossReason::DeadlinePassed)),
+            ]
+        );
+        drop(session);
+    }
+
+    /// The same as a failed keep-alive, which is `Unconfirmed` at once (at 1 s), same deadline.
+    #[tokio::test(start_paused = true)]
+    async fn failed_keepalive_is_unconfirmed_at_once() {
+        let start = Instant::now();
+        let (session, _link, recorder) = session_on(Link::Fail).await;
+        let deadline = start + ms(2700);
+        assert_eq!(
+            recorder.until_lost().await,
+            [
+                (ms(0), SessionState::Live { deadline }),
+                (ms(1000), SessionState::Unconfirmed { deadline }),
+                (ms(2700), SessionState::Lost(LossReason::DeadlinePassed)),
+            ]
+        );
+        drop(session);
+    }
+
+    /// An answer that comes after ttl/3 makes the session `Live` again. The keep-alive it answers
+    /// (sent at 1 s) gives 3.7 s; the next one, due since 2 s, goes at once and is answered at
+    /// once, so the session reads `Live` until 2.5 s + 3 s - 300 ms.
+    #[tokio::test(start_paused = true)]
+    async fn late_keepalive_answer_makes_the_session_live_again() {
+        let start = Instant::now();
+        let (session, link, _recorder) = session_on(Link::Hang).await;
+        let mut states = session.subscribe();
+        tokio::time::sleep_until(start + ms(2500)).await;
+        assert_eq!(
+            *states.borrow_and_update(),
+            SessionState::Unconfirmed {
+                deadline: start + ms(2700)
+            }
+        );
+        link.send_replace(Link::Up);
+        states.changed().await.expect("a new state");
+        assert_eq!(
+            *states.borrow_and_update(),
+            SessionState::Live {
+                deadline: start + ms(5200)
+            }
+        );
+    }
+
+    /// Keep-alives answered in just under ttl/3 never make the session `Unconfirmed`.
+    #[tokio::test(start_paused = true)]
+    async fn slow_keepalives_answered_within_a_third_of_the_ttl_stay_live() {
+        let (session, link, recorder) = session_on(Link::Slow(ms(999))).await;
+        tokio::time::sleep(TTL * 10).await;
+        link.send_replace(Link::Hang);
+        let seen = recorder.until_lost().await;
+        let first_suspicion = seen
+            .iter()
+            .position(|(_, state)| !matches!(state, SessionState::Live { .. }))
+            .expect("suspected once hung");
+        assert!(
+            seen[first_suspicion].0 > TTL * 10,
+            "unconfirmed while answered in time: {seen:?}"
+        );
+        assert!(first_suspicion > 10, "kept alive meanwhile: {seen:?}");
+        drop(session);
     }
 }

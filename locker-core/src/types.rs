@@ -74,8 +74,9 @@ pub enum Ownership {
         /// The fencing token of this tenure.
         token: FencingToken,
     },
-    /// Still owned, but keep-alives are failing (Curator's SUSPENDED): unless one succeeds, the
-    /// lock is lost at `deadline`. A cautious caller stops protected work now.
+    /// Still owned, but keep-alives are failing, or one has gone unanswered for a third of the
+    /// TTL (Curator's SUSPENDED): unless one succeeds, the lock is lost at `deadline`. A cautious
+    /// caller stops protected work now.
     Unconfirmed {
         /// The fencing token of this tenure.
         token: FencingToken,

@@ -1,6 +1,7 @@
 //! Fault behaviours on a real three-node etcd cluster (one cluster per test, three processes on
 //! loopback): leader killed or frozen, the whole cluster down past the TTL, restarts, a client cut
-//! off, compaction, a holder that dies, cancelled waiters.
+//! off, compaction, a holder that dies, cancelled waiters; and on a single etcd of the test's own,
+//! frozen whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -10,8 +11,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use locker_core::{LockBackend, Locker, Ownership};
 use locker_etcd::EtcdBackend;
-use locker_etcd::testing::{EtcdCluster, LinkState, Proxy, unique_prefix};
-use locker_tests::record::Tenures;
+use locker_etcd::testing::{EtcdCluster, EtcdProcess, LinkState, Proxy, unique_prefix};
+use locker_tests::record::{self, Tenures};
 use locker_tests::suite::{PATIENCE, eventually, next_holder, owned};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -172,6 +173,75 @@ async fn leader_killed_while_lock_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_paused_while_lock_held() {
     leader_fault_while_lock_held("leader-paused", LeaderFault::Pause).await;
+}
+
+/// A lock held on an etcd that freezes (SIGSTOP: it keeps its sockets, and answers and fails
+/// nothing) is `Unconfirmed` before it is lost, and lost within the TTL although a request may
+/// wait for 5 s (the default timeout); thawed, etcd answers again and the lock is owned again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_etcd_shows_unconfirmed_before_loss() {
+    locker_tests::init_logging();
+    let etcd = EtcdProcess::start()
+        .await
+        .expect("a dedicated etcd (this test needs an etcd binary)");
+    let prefix = format!("locker-faults/{}", unique_prefix("frozen"));
+    let mut admin = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .expect("an etcd client");
+    // The default request timeout: longer than the TTL.
+    let a = locker(Arc::new(etcd.backend(&prefix).await.unwrap()));
+    let ha = a.lock("k", "a").await.unwrap();
+    let first = owned(&ha).await;
+    let states = record::states_until(ha.subscribe(), move |state| {
+        state.is_owned() && state.token() != Some(first)
+    });
+    let mut claimed = ha.subscribe();
+
+    let frozen_at = Instant::now();
+    etcd.pause().unwrap();
+    timeout(PATIENCE, claimed.wait_for(|state| !state.is_owned()))
+        .await
+        .expect("lost in time")
+        .unwrap();
+    etcd.resume().unwrap();
+    once_reachable(|| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .status()
+                .await
+                .map_err(|e| locker_core::Error::unavailable(e.to_string()))
+        }
+    })
+    .await;
+    let second = owned(&ha).await;
+    assert!(second > first);
+    let seen = timeout(PATIENCE, states).await.unwrap().unwrap();
+    let loss = record::assert_unconfirmed_before_loss(&seen, first);
+    let lost_after = loss.lost_at.duration_since(frozen_at);
+    assert!(
+        lost_after < TTL,
+        "still claimed ownership {lost_after:?} after etcd froze (TTL {TTL:?}); states: {}",
+        record::describe(&seen)
+    );
+    let holder = once_reachable(|| a.get("k")).await;
+    assert_eq!(holder.expect("held").token, second);
+    ha.release().await.unwrap();
+    a.close().await;
+    eventually("nothing of the test is left", || {
+        let mut admin = admin.clone();
+        let prefix = prefix.clone();
+        async move {
+            let options = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_count_only();
+            let keys = admin.get(prefix, Some(options)).await;
+            let leases = admin.leases().await;
+            keys.is_ok_and(|r| r.count() == 0) && leases.is_ok_and(|l| l.leases().is_empty())
+        }
+    })
+    .await;
+    admin.status().await.expect("etcd still answers");
 }
 
 /// The answer of `call`, tried again while it fails with a retryable error (after a restart the

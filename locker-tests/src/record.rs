@@ -1,9 +1,11 @@
 //! Recording who believed they owned what, and when, on the one monotonic clock of the process,
-//! and checking that no two beliefs on a key overlap.
+//! and checking that no two beliefs on a key overlap; recording the states one handle published.
 
 use std::sync::{Arc, Mutex};
 
-use locker_core::{FencingToken, LockHandle, Ownership};
+use locker_core::{FencingToken, LockHandle, LossReason, Ownership};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// One tenure as its holder believed it: from the moment it was published as owned to the moment
@@ -108,4 +110,121 @@ fn end(log: &mut [Tenure], client: usize, token: FencingToken, at: Instant) {
     {
         t.until = Some(at);
     }
+}
+
+/// Every state published on `states` (from [`LockHandle::subscribe`]), starting with the current
+/// one, each with when a subscriber task saw it, until one for which `until` is true (kept) or
+/// the handle ends. Not sampled: every change wakes the task (though, the latest value winning, a
+/// change overwritten before the task ran is not seen).
+pub fn states_until(
+    mut states: watch::Receiver<Ownership>,
+    until: impl Fn(&Ownership) -> bool + Send + 'static,
+) -> JoinHandle<Vec<(Instant, Ownership)>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            let state = *states.borrow_and_update();
+            seen.push((Instant::now(), state));
+            if until(&state) || states.changed().await.is_err() {
+                return seen;
+            }
+        }
+    })
+}
+
+/// How a tenure ended without an answer from the store, as [`assert_unconfirmed_before_loss`]
+/// found it in recorded states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuspectedLoss {
+    /// When the tenure was first seen `Unconfirmed`.
+    pub unconfirmed_at: Instant,
+    /// The deadline it was `Unconfirmed` with.
+    pub deadline: Instant,
+    /// When it was first seen no longer claimed.
+    pub lost_at: Instant,
+}
+
+/// Checks that, in `seen` (from [`states_until`]), the tenure `token` was `Owned`, then
+/// `Unconfirmed` with one deadline and never confirmed again, then no longer claimed (`Lost` for
+/// [`LossReason::DeadlinePassed`], or already `Acquiring` again), not before that deadline.
+///
+/// # Panics
+///
+/// If it was not so; the message quotes `seen`.
+pub fn assert_unconfirmed_before_loss(
+    seen: &[(Instant, Ownership)],
+    token: FencingToken,
+) -> SuspectedLoss {
+    let mut unconfirmed: Option<(Instant, Instant)> = None;
+    for &(at, state) in seen {
+        match (state, unconfirmed) {
+            (Ownership::Owned { token: t }, None) if t == token => {}
+            (Ownership::Unconfirmed { token: t, deadline }, None) if t == token => {
+                unconfirmed = Some((at, deadline));
+            }
+            (Ownership::Unconfirmed { token: t, deadline }, Some((_, d)))
+                if t == token && deadline == d => {}
+            (Ownership::Lost { token: t, reason }, Some((unconfirmed_at, deadline)))
+                if t == token =>
+            {
+                assert_eq!(
+                    reason,
+                    LossReason::DeadlinePassed,
+                    "states: {}",
+                    describe(seen)
+                );
+                assert!(
+                    at >= deadline,
+                    "lost before its deadline; states: {}",
+                    describe(seen)
+                );
+                return SuspectedLoss {
+                    unconfirmed_at,
+                    deadline,
+                    lost_at: at,
+                };
+            }
+            // The `Lost` may be overwritten by `Acquiring` before the subscriber ran.
+            (Ownership::Acquiring, Some((unconfirmed_at, deadline))) => {
+                assert!(
+                    at >= deadline,
+                    "lost before its deadline; states: {}",
+                    describe(seen)
+                );
+                return SuspectedLoss {
+                    unconfirmed_at,
+                    deadline,
+                    lost_at: at,
+                };
+            }
+            _ => panic!(
+                "tenure {token}: expected Owned, then Unconfirmed (one deadline), then not \
+                 claimed; saw {state:?}; states: {}",
+                describe(seen)
+            ),
+        }
+    }
+    panic!(
+        "tenure {token}: never stopped claiming ownership; states: {}",
+        describe(seen)
+    )
+}
+
+/// Recorded states, one a line, with times (and deadlines) since the first.
+pub fn describe(seen: &[(Instant, Ownership)]) -> String {
+    let Some(&(start, _)) = seen.first() else {
+        return "none".to_owned();
+    };
+    let mut lines = String::new();
+    for &(at, state) in seen {
+        let state = match state {
+            Ownership::Unconfirmed { token, deadline } => format!(
+                "Unconfirmed {{ token: {token}, deadline: +{:?} }}",
+                deadline.saturating_duration_since(start)
+            ),
+            other => format!("{other:?}"),
+        };
+        lines.push_str(&format!("\n  +{:?} {state}", at.duration_since(start)));
+    }
+    lines
 }

@@ -18,6 +18,7 @@ use locker_core::{
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::harness::{Cut, Harness, HistoryUse};
+use crate::record;
 
 /// The TTL of most tests: etcd's minimum.
 pub const TTL: Duration = Duration::from_secs(2);
@@ -49,6 +50,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "fencing_tokens_strictly_increase",
     "partitioned_holder_stops_owning_before_lease_expires",
     "keepalive_failures_show_unconfirmed_before_loss",
+    "hung_keepalives_show_unconfirmed_before_loss",
     "lost_lease_reacquires_when_fault_heals",
     "operator_deleted_entry_means_loss",
     "operator_deleted_entry_makes_handle_rejoin",
@@ -113,6 +115,7 @@ macro_rules! conformance_suite {
             fencing_tokens_strictly_increase,
             partitioned_holder_stops_owning_before_lease_expires,
             keepalive_failures_show_unconfirmed_before_loss,
+            hung_keepalives_show_unconfirmed_before_loss,
             lost_lease_reacquires_when_fault_heals,
             operator_deleted_entry_means_loss,
             operator_deleted_entry_makes_handle_rejoin,
@@ -785,6 +788,45 @@ pub async fn keepalive_failures_show_unconfirmed_before_loss(h: &dyn Harness) {
         "went from owned to lost without Unconfirmed"
     );
     client.faults.heal().await;
+}
+
+/// While keep-alives hang (no answer, no error: a frozen store, a black hole), a holder is
+/// `Unconfirmed` (with its token) before it stops claiming ownership, and stops claiming before
+/// the store ends its tenure; once healed, it owns again.
+pub async fn hung_keepalives_show_unconfirmed_before_loss(h: &dyn Harness) {
+    let key = h.key("hung");
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let observer = h.client().await.locker(TTL);
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    let first = owned(&handle).await;
+    let mut holders = observer.watch(&key).expect("watch");
+    assert_eq!(
+        next_holder(&mut holders).await.map(|holder| holder.token),
+        Some(first)
+    );
+    let states = record::states_until(handle.subscribe(), move |state| {
+        state.is_owned() && state.token() != Some(first)
+    });
+
+    client.faults.cut(Cut::Hang).await;
+    // The store ends the tenure when the lease expires.
+    assert_eq!(next_holder(&mut holders).await, None);
+    let store_moved_at = Instant::now();
+    client.faults.heal().await;
+    let second = owned(&handle).await;
+    assert!(second > first);
+    let seen = timeout(PATIENCE, states)
+        .await
+        .expect("owned again in time")
+        .expect("recorded");
+    let loss = record::assert_unconfirmed_before_loss(&seen, first);
+    assert!(
+        loss.lost_at < store_moved_at,
+        "the store moved on before a stopped claiming: {loss:?}, store at {store_moved_at:?}"
+    );
+    assert_eq!(a.get(&key).await.expect("get").expect("held").token, second);
+    handle.release().await.expect("release");
 }
 
 /// A handle that lost its lease during a fault owns again (with a new token) once it heals.

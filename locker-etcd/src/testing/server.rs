@@ -33,7 +33,8 @@ dir=$1; shift
 pid=
 start() { "$@" >>"$dir/etcd.log" 2>&1 & pid=$!; echo "started $pid"; }
 stop() {
-  if [ -n "$pid" ]; then kill "$1" "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; pid=; fi
+  # SIGCONT after the signal: a frozen etcd (pause) only acts on SIGTERM once thawed.
+  if [ -n "$pid" ]; then kill "$1" "$pid" 2>/dev/null; kill -CONT "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; pid=; fi
   echo stopped
 }
 start "$@"

@@ -218,6 +218,25 @@ async fn streams_survive_an_etcd_restart() {
     assert_eq!(events[0].kind, EventKind::Delete);
 }
 
+/// A frozen etcd (say, of a test that failed before thawing it) stops as soon as it is dropped,
+/// not after the 10 s given to an etcd that ignores SIGTERM: its supervisor has reaped it and
+/// removed its directory when the drop returns.
+#[tokio::test]
+async fn a_frozen_etcd_stops_when_dropped() {
+    let etcd = EtcdProcess::start()
+        .await
+        .expect("a dedicated etcd (this test needs an etcd binary)");
+    let pid = etcd.pid().expect("running");
+    let dir = etcd.dir().to_owned();
+    etcd.pause().unwrap();
+    drop(etcd);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "etcd was not reaped by its supervisor"
+    );
+    assert!(!dir.exists());
+}
+
 /// etcd's auth: refused credentials and keys outside the user's permission are PermissionDenied.
 #[tokio::test]
 async fn credentials_and_permissions_are_checked() {
