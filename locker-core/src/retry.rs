@@ -36,14 +36,6 @@ impl Jitter {
     pub(crate) fn new_backoff(&self, base: Duration, max: Duration) -> Backoff {
         Backoff::new(base, max, self.next_u64())
     }
-
-    /// The delay before retry number `attempt` of a loop that keeps its own count (the
-    /// session's keeper, until it keeps a [`Backoff`]).
-    pub(crate) fn backoff(&self, attempt: u32, base: Duration, max: Duration) -> Duration {
-        let mut backoff = Backoff::new(base, max, self.next_u64());
-        backoff.failures = attempt;
-        backoff.next_delay()
-    }
 }
 
 /// Zero is a fixed point of xorshift: mix the seed so that every seed gives a live state.

@@ -167,7 +167,10 @@ impl Keeper {
         mut stop: oneshot::Receiver<Stop>,
     ) {
         let lease = format_args!("{:x}", self.lease).to_string();
-        let mut failures: u32 = 0;
+        let mut backoff = self.jitter.new_backoff(
+            self.timing.retry_base,
+            self.timing.retry_max.min(self.ttl / 3),
+        );
         let mut next = last_sent + self.ttl / 3;
         loop {
             tokio::select! {
@@ -222,10 +225,10 @@ impl Keeper {
                     return;
                 }
                 Ok(Ok(Some(ttl_left))) => {
-                    if failures > 0 {
+                    if backoff.failures() > 0 {
                         info!(%lease, "keep-alive recovered");
                     }
-                    failures = 0;
+                    backoff.reset();
                     last_sent = sent;
                     deadline = local_deadline(sent, ttl_left, self.timing.safety_margin);
                     next = last_sent + self.ttl / 3;
@@ -239,13 +242,7 @@ impl Keeper {
                     warn!(%lease, error = %err, remaining = ?deadline.saturating_duration_since(Instant::now()), "keep-alive failed");
                     self.state
                         .send_replace(SessionState::Unconfirmed { deadline });
-                    let delay = self.jitter.backoff(
-                        failures,
-                        self.timing.retry_base,
-                        self.timing.retry_max.min(self.ttl / 3),
-                    );
-                    failures = failures.saturating_add(1);
-                    next = Instant::now() + delay;
+                    next = Instant::now() + backoff.next_delay();
                 }
             }
         }
@@ -262,7 +259,9 @@ impl Keeper {
         // Bounded by the TTL: retried while the store is briefly unreachable; past the TTL the
         // lease has expired by itself anyway.
         let give_up = Instant::now() + self.ttl;
-        let mut failures = 0u32;
+        let mut backoff = self
+            .jitter
+            .new_backoff(self.timing.retry_base, self.timing.retry_max);
         loop {
             match tokio::time::timeout_at(give_up, self.backend.revoke_lease(self.lease)).await {
                 Ok(Ok(())) => {
@@ -270,12 +269,7 @@ impl Keeper {
                     break;
                 }
                 Ok(Err(err)) if err.is_retryable() => {
-                    let delay = self.jitter.backoff(
-                        failures,
-                        self.timing.retry_base,
-                        self.timing.retry_max,
-                    );
-                    failures = failures.saturating_add(1);
+                    let delay = backoff.next_delay();
                     debug!(%lease, error = %err, ?delay, "revoke failed; retrying");
                     if Instant::now() + delay >= give_up {
                         debug!(%lease, "giving up the revoke; the lease will expire");
