@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -28,7 +28,13 @@ use crate::locker::{KeyClaim, Locker};
 use crate::machine::{Action, Command, Failure, Input, Machine, Outcome, ReplyTo, SessionView};
 use crate::reaper::{Job, Target};
 use crate::session::{Session, SessionState};
-use crate::types::Ownership;
+use crate::types::{FencingToken, Ownership};
+
+/// How many published states an [`events`](Shared::events) receiver may fall behind.
+pub(crate) const EVENTS_KEPT: usize = 64;
+
+/// How many ended tenures a lock remembers the end of.
+const ENDS_KEPT: usize = 256;
 
 /// One lock: its machine, its driver's resources, its published state.
 pub(crate) struct Shared {
@@ -53,6 +59,12 @@ struct Core {
     next_reply: ReplyTo,
     /// For [`Shared::subscribe`]: made on first use.
     sender: Option<watch::Sender<Ownership>>,
+    /// For [`Shared::events`]: made on first use.
+    events: Option<broadcast::Sender<Ownership>>,
+    /// The tenure in progress (published owned), and how the last ones ended, for
+    /// [`Shared::tenure_end`] (the last [`ENDS_KEPT`]).
+    tenure: Option<FencingToken>,
+    ends: VecDeque<(FencingToken, LossReason)>,
     /// The error of the last failed store call, and the one kept when the lock stopped on it.
     last_error: Option<Error>,
     error: Option<Error>,
@@ -116,6 +128,9 @@ impl Shared {
                 replies: Vec::new(),
                 next_reply: 0,
                 sender: None,
+                events: None,
+                tenure: None,
+                ends: VecDeque::new(),
                 last_error: None,
                 error: None,
                 ended: false,
@@ -197,6 +212,45 @@ impl Shared {
         receiver
     }
 
+    /// A receiver of every published state, in order (bounded: a receiver more than
+    /// [`EVENTS_KEPT`] behind is told it lagged).
+    pub(crate) fn events(&self) -> broadcast::Receiver<Ownership> {
+        let mut core = lock(&self.core);
+        if core.ended {
+            // Nothing more will be published: a receiver that says so.
+            return broadcast::channel(1).0.subscribe();
+        }
+        core.events
+            .get_or_insert_with(|| broadcast::channel(EVENTS_KEPT).0)
+            .subscribe()
+    }
+
+    /// The tenure in progress, if the lock is owned now.
+    pub(crate) fn tenure_now(&self) -> Option<FencingToken> {
+        let core = lock(&self.core);
+        core.machine
+            .ownership(Instant::now())
+            .is_owned()
+            .then_some(core.tenure)
+            .flatten()
+    }
+
+    /// How the tenure `token` ended, once it has (`None` while it lasts).
+    pub(crate) fn tenure_end(&self, token: FencingToken) -> Option<LossReason> {
+        let core = lock(&self.core);
+        if let Some((_, reason)) = core.ends.iter().rev().find(|(t, _)| *t == token) {
+            return Some(*reason);
+        }
+        match core.machine.ownership(Instant::now()) {
+            // Past its deadline, before the lock's task has heard of it.
+            Ownership::Lost { token: t, reason } if t == token => Some(reason),
+            _ if core.tenure == Some(token) && !core.ended => None,
+            // Too old to be kept, or the lock stopped: it ended with the lock.
+            _ if core.ended || core.tenure != Some(token) => Some(LossReason::Released),
+            _ => None,
+        }
+    }
+
     /// Waits until `done` answers for the published state (and whether the lock has ended).
     pub(crate) async fn wait_for<T>(
         &self,
@@ -238,6 +292,27 @@ impl Shared {
     }
 
     fn publish(&self, core: &mut Core, state: Ownership) {
+        match state {
+            Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
+                core.tenure = Some(token);
+            }
+            Ownership::Lost { token, reason } => {
+                core.tenure = None;
+                core.ends.push_back((token, reason));
+            }
+            Ownership::Released | Ownership::Failed { .. } => {
+                if let Some(token) = core.tenure.take() {
+                    core.ends.push_back((token, LossReason::Released));
+                }
+            }
+            _ => {}
+        }
+        if core.ends.len() > ENDS_KEPT {
+            core.ends.pop_front();
+        }
+        if let Some(events) = &core.events {
+            let _ = events.send(state);
+        }
         match state {
             Ownership::Owned { token } => info!(key = %self.key, %token, "owned"),
             Ownership::Lost { token, reason } => warn!(key = %self.key, %token, %reason, "lost"),
@@ -581,6 +656,7 @@ impl Shared {
         }
         core.ended = true;
         core.sender = None;
+        core.events = None;
         core.io.session = None;
         core.io.claim = None;
         for (_, tx) in core.replies.drain(..) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::driver::{self, Shared, Until};
 use crate::error::{Error, LossReason, Result};
@@ -136,6 +136,39 @@ impl LockHandle {
     /// tenure shows as a new token).
     pub fn subscribe(&self) -> watch::Receiver<Ownership> {
         self.shared.subscribe()
+    }
+
+    /// Every state the lock publishes, in order, none coalesced away: a loss is always seen as
+    /// [`Ownership::Lost`] with its reason, even when the handle joins again at once. (The
+    /// receiver of [`subscribe`](Self::subscribe) keeps only the latest state.) It starts with the
+    /// next change: read [`ownership`](Self::ownership) first. A receiver that falls more than 64
+    /// states behind gets [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged)
+    /// (tokio's `broadcast`): memory stays bounded whoever does not read.
+    pub fn events(&self) -> broadcast::Receiver<Ownership> {
+        self.shared.events()
+    }
+
+    /// Every tenure of the lock, one item each as it begins (the current one first, if the lock
+    /// is owned now): its fencing token, and a [`Tenure::lost`] future that completes with the
+    /// reason it ended. A tenure that begins and ends between two polls is still reported.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// use futures::StreamExt;
+    /// # let locker = locker_core::Locker::new(locker_memory::MemoryBackend::new());
+    /// let handle = locker.lock("leader", "me").await?;
+    /// let mut tenures = handle.tenures();
+    /// while let Some(tenure) = tenures.next().await {
+    ///     // Lead, fencing every write with tenure.token(), until tenure.lost() completes.
+    ///     println!("leading with token {}", tenure.token());
+    ///     # break;
+    /// }
+    /// handle.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tenures(&self) -> BoxStream<'static, Tenure> {
+        tenures(self.shared.clone())
     }
 
     /// The seed's `owned` channel: `true`/`false` at every change of "do we own the lock?",
@@ -314,6 +347,91 @@ impl LockGuard {
     pub async fn release(self) -> Result<()> {
         self.handle.release().await
     }
+}
+
+/// One tenure of a lock: from owning it with a fencing token to losing it
+/// ([`LockHandle::tenures`]).
+#[derive(Clone)]
+pub struct Tenure {
+    shared: Arc<Shared>,
+    token: FencingToken,
+}
+
+impl fmt::Debug for Tenure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tenure")
+            .field("key", &self.shared.key)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl Tenure {
+    /// The fencing token of this tenure.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Whether this tenure is still going on: owned now (within the local deadline).
+    pub fn is_current(&self) -> bool {
+        self.shared.tenure_now() == Some(self.token)
+    }
+
+    /// Completes when this tenure has ended, with the reason (at once if it already has).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lost(&self) -> LossReason {
+        let token = self.token;
+        let shared = &self.shared;
+        shared.wait_for(|_, _| shared.tenure_end(token)).await
+    }
+}
+
+/// The stream of [`LockHandle::tenures`]: the current tenure first, then each new one, read from
+/// the events (after a lag, the current tenure is looked at again, so only a tenure that both
+/// began and ended in the lag is missed).
+fn tenures(shared: Arc<Shared>) -> BoxStream<'static, Tenure> {
+    struct St {
+        shared: Arc<Shared>,
+        events: broadcast::Receiver<Ownership>,
+        last: Option<FencingToken>,
+        started: bool,
+    }
+    let events = shared.events();
+    let st = St {
+        shared,
+        events,
+        last: None,
+        started: false,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            let token = if st.started {
+                match st.events.recv().await {
+                    Ok(state) if state.is_owned() => state.token(),
+                    Ok(_) => None,
+                    Err(broadcast::error::RecvError::Lagged(_)) => st.shared.tenure_now(),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            } else {
+                st.started = true;
+                st.shared.tenure_now()
+            };
+            if let Some(token) = token
+                && st.last.is_none_or(|last| token > last)
+            {
+                st.last = Some(token);
+                let tenure = Tenure {
+                    shared: st.shared.clone(),
+                    token,
+                };
+                return Some((tenure, st));
+            }
+        }
+    })
+    .boxed()
 }
 
 fn owned_changes(rx: watch::Receiver<Ownership>) -> BoxStream<'static, bool> {

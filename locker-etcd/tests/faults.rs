@@ -192,7 +192,7 @@ async fn frozen_etcd_shows_unconfirmed_before_loss() {
     let a = locker(Arc::new(etcd.backend(&prefix).await.unwrap()));
     let ha = a.lock("k", "a").await.unwrap();
     let first = owned(&ha).await;
-    let states = record::states_until(ha.subscribe(), move |state| {
+    let states = record::states_until(&ha, move |state| {
         state.is_owned() && state.token() != Some(first)
     });
     let mut claimed = ha.subscribe();

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use locker_core::{FencingToken, LockHandle, LossReason, Ownership};
-use tokio::sync::watch;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -112,21 +112,34 @@ fn end(log: &mut [Tenure], client: usize, token: FencingToken, at: Instant) {
     }
 }
 
-/// Every state published on `states` (from [`LockHandle::subscribe`]), starting with the current
-/// one, each with when a subscriber task saw it, until one for which `until` is true (kept) or
-/// the handle ends. Not sampled: every change wakes the task (though, the latest value winning, a
-/// change overwritten before the task ran is not seen).
+/// Every state `handle` publishes ([`LockHandle::events`]: none coalesced away), starting with
+/// the current one, each with when a task saw it, until one for which `until` is true (kept) or
+/// the handle ends.
+///
+/// # Panics
+///
+/// In the task, if the events lag (more than 64 states unread).
 pub fn states_until(
-    mut states: watch::Receiver<Ownership>,
+    handle: &LockHandle,
     until: impl Fn(&Ownership) -> bool + Send + 'static,
 ) -> JoinHandle<Vec<(Instant, Ownership)>> {
+    let mut events = handle.events();
+    let first = handle.ownership();
     tokio::spawn(async move {
-        let mut seen = Vec::new();
+        let mut seen = vec![(Instant::now(), first)];
+        if until(&first) {
+            return seen;
+        }
         loop {
-            let state = *states.borrow_and_update();
-            seen.push((Instant::now(), state));
-            if until(&state) || states.changed().await.is_err() {
-                return seen;
+            match events.recv().await {
+                Ok(state) => {
+                    seen.push((Instant::now(), state));
+                    if until(&state) {
+                        return seen;
+                    }
+                }
+                Err(RecvError::Closed) => return seen,
+                Err(RecvError::Lagged(n)) => panic!("{n} states were not recorded"),
             }
         }
     })
@@ -145,8 +158,8 @@ pub struct SuspectedLoss {
 }
 
 /// Checks that, in `seen` (from [`states_until`]), the tenure `token` was `Owned`, then
-/// `Unconfirmed` with one deadline and never confirmed again, then no longer claimed (`Lost` for
-/// [`LossReason::DeadlinePassed`], or already `Acquiring` again), not before that deadline.
+/// `Unconfirmed` with one deadline and never confirmed again, then `Lost` for
+/// [`LossReason::DeadlinePassed`], not before that deadline.
 ///
 /// # Panics
 ///
@@ -173,19 +186,6 @@ pub fn assert_unconfirmed_before_loss(
                     "states: {}",
                     describe(seen)
                 );
-                assert!(
-                    at >= deadline,
-                    "lost before its deadline; states: {}",
-                    describe(seen)
-                );
-                return SuspectedLoss {
-                    unconfirmed_at,
-                    deadline,
-                    lost_at: at,
-                };
-            }
-            // The `Lost` may be overwritten by `Acquiring` before the subscriber ran.
-            (Ownership::Acquiring, Some((unconfirmed_at, deadline))) => {
                 assert!(
                     at >= deadline,
                     "lost before its deadline; states: {}",

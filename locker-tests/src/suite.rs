@@ -54,6 +54,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "lost_lease_reacquires_when_fault_heals",
     "operator_deleted_entry_means_loss",
     "operator_deleted_entry_makes_handle_rejoin",
+    "a_handle_that_loses_and_rejoins_reports_the_loss",
     "release_right_after_an_operator_delete_reports_not_owned",
     "cancelled_acquire_leaves_no_entry",
     "transient_errors_below_deadline_keep_ownership",
@@ -119,6 +120,7 @@ macro_rules! conformance_suite {
             lost_lease_reacquires_when_fault_heals,
             operator_deleted_entry_means_loss,
             operator_deleted_entry_makes_handle_rejoin,
+            a_handle_that_loses_and_rejoins_reports_the_loss,
             release_right_after_an_operator_delete_reports_not_owned,
             cancelled_acquire_leaves_no_entry,
             transient_errors_below_deadline_keep_ownership,
@@ -805,7 +807,7 @@ pub async fn hung_keepalives_show_unconfirmed_before_loss(h: &dyn Harness) {
         next_holder(&mut holders).await.map(|holder| holder.token),
         Some(first)
     );
-    let states = record::states_until(handle.subscribe(), move |state| {
+    let states = record::states_until(&handle, move |state| {
         state.is_owned() && state.token() != Some(first)
     });
 
@@ -925,6 +927,70 @@ pub async fn operator_deleted_entry_makes_handle_rejoin(h: &dyn Harness) {
     let second = owned(&handle).await;
     assert!(second > first);
     handle.release().await.expect("release");
+}
+
+/// A handle that loses the lock (its entry deleted by an operator) and owns again at once reports
+/// the loss with its reason: in its events (never coalesced away by the new tenure), and as the
+/// end of the first of its tenures, whose next one has a higher token.
+pub async fn a_handle_that_loses_and_rejoins_reports_the_loss(h: &dyn Harness) {
+    let key = h.key("rejoin-reported");
+    let a = h.client().await.locker(TTL);
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    let mut tenures = handle.tenures();
+    let first = timeout(PATIENCE, tenures.next())
+        .await
+        .expect("a tenure in time")
+        .expect("tenures go on");
+    assert!(first.is_current());
+    let states = crate::record::states_until(&handle, {
+        let first = first.token();
+        move |state| state.is_owned() && state.token() != Some(first)
+    });
+    let entry = h.entries(&key).await.remove(0);
+    h.delete_key(&entry.key).await;
+
+    assert_eq!(
+        timeout(PATIENCE, first.lost()).await.expect("lost in time"),
+        LossReason::EntryDeleted
+    );
+    assert!(!first.is_current());
+    let second = timeout(PATIENCE, tenures.next())
+        .await
+        .expect("a new tenure in time")
+        .expect("tenures go on");
+    assert!(second.token() > first.token());
+    assert!(second.is_current());
+    let seen = timeout(PATIENCE, states)
+        .await
+        .expect("owned again in time")
+        .expect("recorded");
+    let lost = Ownership::Lost {
+        token: first.token(),
+        reason: LossReason::EntryDeleted,
+    };
+    let at = seen.iter().position(|(_, state)| *state == lost);
+    let owned_again = seen
+        .iter()
+        .position(|(_, state)| state.token() == Some(second.token()) && state.is_owned());
+    assert!(
+        matches!((at, owned_again), (Some(at), Some(again)) if at < again),
+        "the loss is not reported before the next tenure: {}",
+        crate::record::describe(&seen)
+    );
+    handle.release().await.expect("release");
+    assert_eq!(
+        timeout(PATIENCE, second.lost())
+            .await
+            .expect("ended in time"),
+        LossReason::Released
+    );
+    assert!(
+        timeout(PATIENCE, tenures.next())
+            .await
+            .expect("ended in time")
+            .is_none(),
+        "no tenure after the release"
+    );
 }
 
 /// An `acquire` cancelled while waiting leaves no entry behind.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Permission};
-use locker_core::{Error, Locker};
+use locker_core::{Error, FailureKind, Locker, Ownership};
 use locker_etcd::testing::{EtcdProcess, TestPki};
 use locker_etcd::{EtcdBackend, EtcdBackendBuilder, Identity};
 use locker_tests::suite::next_holder;
@@ -295,6 +295,20 @@ async fn auth_limits_a_user_to_its_prefix_and_hides_passwords() {
         .unwrap_err();
     assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
     assert!(!err.is_retryable());
+    // A handle there stops too (it does not retry forever), says why, and `wait_owned` answers
+    // the error.
+    let handle = outside.lock("job", "x").await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), handle.wait_owned())
+        .await
+        .expect("wait_owned answers by itself")
+        .unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+    assert_eq!(
+        handle.ownership(),
+        Ownership::Failed {
+            kind: FailureKind::PermissionDenied
+        }
+    );
     outside.close().await;
 
     // A wrong password: PermissionDenied at connect, in bounded time, and no password in the log

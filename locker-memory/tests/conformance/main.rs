@@ -26,7 +26,9 @@ mod edges {
     use locker_core::backend::{
         Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchStream,
     };
-    use locker_core::{Error, LockBackend, LockGuard, Locker, Result, Watcher};
+    use locker_core::{
+        Error, FailureKind, LockBackend, LockGuard, Locker, LossReason, Ownership, Result, Watcher,
+    };
     use locker_memory::MemoryBackend;
     use tokio::sync::Notify;
 
@@ -40,6 +42,8 @@ mod edges {
         cut: Arc<Notify>,
         lose_joins: Arc<AtomicBool>,
         fail_entries: Arc<AtomicU64>,
+        /// Joins are refused, as a store refuses a user the lock's keys.
+        deny_joins: Arc<AtomicBool>,
     }
 
     #[async_trait]
@@ -76,6 +80,12 @@ mod edges {
             self.inner.revoke_lease(lease).await
         }
         async fn join(&self, key: &str, lease: LeaseId, value: &[u8]) -> Result<Joined> {
+            if self.deny_joins.load(Ordering::SeqCst) {
+                return Err(Error::PermissionDenied {
+                    message: "no write permission on the lock's keys (test)".into(),
+                    source: None,
+                });
+            }
             let joined = self.inner.join(key, lease, value).await?;
             if self.lose_joins.load(Ordering::SeqCst) {
                 // Applied, but the answer never comes back (a connection lost mid-call).
@@ -272,6 +282,74 @@ mod edges {
         assert!(
             done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
             "dropping the runtime hangs"
+        );
+    }
+
+    /// A handle that meets a permanent store error (its joins refused) stops, says why in its
+    /// published state, and `wait_owned` answers the error; it does not retry forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_error_reaches_wait_owned() {
+        let store = MemoryBackend::new();
+        let gate = WatchGate {
+            inner: store.new_client(),
+            ..WatchGate::default()
+        };
+        gate.deny_joins.store(true, Ordering::SeqCst);
+        let locker = Locker::new(gate);
+        let handle = locker.lock("k", "a").await.expect("lock");
+        let err = tokio::time::timeout(Duration::from_secs(30), handle.wait_owned())
+            .await
+            .expect("wait_owned answers")
+            .expect_err("the joins are refused");
+        assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+        assert_eq!(
+            handle.ownership(),
+            Ownership::Failed {
+                kind: FailureKind::PermissionDenied
+            }
+        );
+        let guard = locker.acquire("k2", "a").await;
+        assert!(
+            matches!(guard, Err(Error::PermissionDenied { .. })),
+            "{guard:?}"
+        );
+        assert!(store.keys().is_empty(), "{:?}", store.keys());
+    }
+
+    /// `ownership()` never claims a tenure past its local deadline, even before the lock's task
+    /// has heard of it: here the runtime's one thread is blocked past the deadline (no
+    /// keep-alive, no timer ran), and the published state still says `Owned`.
+    #[tokio::test(flavor = "current_thread")]
+    async fn ownership_after_the_deadline_does_not_claim_it() {
+        let store = MemoryBackend::new();
+        let locker = Locker::builder(store.new_client())
+            .ttl(Duration::from_secs(2))
+            .build()
+            .expect("locker");
+        let guard = locker.acquire("k", "a").await.expect("acquire");
+        let published = guard.subscribe();
+        assert!(guard.is_owned());
+        // Past the deadline (last keep-alive sent + 2 s - the 200 ms margin), without yielding.
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(
+            *published.borrow(),
+            Ownership::Owned {
+                token: guard.token()
+            },
+            "the lock's task ran meanwhile: this test proves nothing"
+        );
+        assert_eq!(
+            guard.ownership(),
+            Ownership::Lost {
+                token: guard.token(),
+                reason: LossReason::DeadlinePassed
+            }
+        );
+        assert!(!guard.is_owned());
+        let released = guard.release().await;
+        assert!(
+            matches!(released, Err(Error::NotOwned { .. })),
+            "{released:?}"
         );
     }
 }
