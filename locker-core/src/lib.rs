@@ -7,6 +7,8 @@ mod handle;
 mod hub;
 mod locker;
 mod machine;
+#[cfg(test)]
+mod machine_tests;
 mod reaper;
 mod retry;
 mod session;
