@@ -25,7 +25,9 @@ use crate::backend::{EventKind, WatchEvent};
 use crate::error::{Error, LossReason, Result};
 use crate::hub::{HubMsg, Registration, Sink};
 use crate::locker::{KeyClaim, Locker};
-use crate::machine::{Action, Command, Failure, Input, Machine, Outcome, ReplyTo, SessionView};
+use crate::machine::{
+    Action, Command, Failure, Input, Machine, Outcome, ReplyTo, SessionView, State,
+};
 use crate::reaper::{Job, Target};
 use crate::session::{Session, SessionState};
 use crate::types::{FencingToken, Ownership};
@@ -151,16 +153,23 @@ impl Shared {
     }
 
     /// Sends a command whose answer someone waits for.
-    pub(crate) fn command_with_reply(
+    fn command_with_reply(
         &self,
         command: impl FnOnce(ReplyTo) -> Command,
-    ) -> oneshot::Receiver<Outcome> {
+        take_token: bool,
+    ) -> (oneshot::Receiver<Outcome>, bool) {
         let (tx, rx) = oneshot::channel();
         let mut core = lock(&self.core);
-        if core.ended && core.machine.state() != &crate::machine::State::Ended {
+        if core.ended && core.machine.state() != &State::Ended {
             // Nobody drives any more (the lock's task went with its runtime).
             let _ = tx.send(Outcome::Stopped);
-            return rx;
+            return (rx, false);
+        }
+        // Taken before the command goes in: the lock's task, woken by it, must not carry it out
+        // (a hand-off between tasks) when this caller can.
+        let token = take_token && !core.driving;
+        if token {
+            core.driving = true;
         }
         let id = core.next_reply;
         core.next_reply = core.next_reply.wrapping_add(1);
@@ -169,8 +178,30 @@ impl Shared {
             .handle(Input::Command(command(id)), Instant::now());
         self.apply_local(&mut core);
         drop(core);
-        self.doorbell.notify_waiters();
-        rx
+        if !token {
+            self.doorbell.notify_waiters();
+        }
+        (rx, token)
+    }
+
+    /// Sends a command whose answer the caller waits for, and carries out what it leads to on
+    /// the caller's task until `until` if nobody else is driving (else the driver does);
+    /// answers its outcome as the caller's result.
+    pub(crate) async fn command_here(
+        self: &Arc<Self>,
+        command: impl FnOnce(ReplyTo) -> Command,
+        until: Until,
+    ) -> Result<()> {
+        let (reply, token) = self.command_with_reply(command, true);
+        if token {
+            let mut guard = HandOver {
+                shared: self,
+                done: false,
+            };
+            drive(self, until, true).await;
+            guard.done = true;
+        }
+        outcome(self, reply.await)
     }
 
     /// **The** answer to "is the lock owned now?" (and what else it is).
@@ -276,17 +307,29 @@ impl Shared {
     /// Carries out the actions that need no I/O and no await (publishing, replies, errors),
     /// so that they happen at once, whoever drives; the rest wait for the driver.
     fn apply_local(&self, core: &mut Core) {
+        let mut replies = Vec::new();
         while let Some(action) = core.machine.poll_action() {
             match action {
                 Action::Publish(state) => self.publish(core, state),
-                Action::Reply(to, outcome) => {
-                    if let Some(at) = core.replies.iter().position(|(id, _)| *id == to) {
-                        let (_, tx) = core.replies.swap_remove(at);
-                        let _ = tx.send(outcome);
-                    }
-                }
+                Action::Reply(to, outcome) => replies.push((to, outcome)),
                 Action::KeepError => core.error = core.last_error.take(),
                 other => core.todo.push_back(other),
+            }
+        }
+        // Ended with nothing left to reap: the claim on the key goes now, before anyone hears
+        // of the end (a release's caller may lock the same key again at once).
+        if core.machine.state() == &State::Ended
+            && !core
+                .todo
+                .iter()
+                .any(|a| matches!(a, Action::Reap { .. } | Action::ReapUnseenJoin { .. }))
+        {
+            core.io.claim = None;
+        }
+        for (to, outcome) in replies {
+            if let Some(at) = core.replies.iter().position(|(id, _)| *id == to) {
+                let (_, tx) = core.replies.swap_remove(at);
+                let _ = tx.send(outcome);
             }
         }
     }
@@ -337,6 +380,8 @@ pub(crate) enum Until {
     Settled,
     /// Until the machine ended (a `release` on the caller's task).
     Ended,
+    /// Until nothing is in flight (a `set_value` on the caller's task).
+    Idle,
     /// Until the machine ended, letting others drive whenever nothing is in flight (the lock's
     /// own task: a `release` then drives on its caller's task, without a hand-off).
     EndedSharing,
@@ -390,6 +435,9 @@ async fn drive(shared: &Arc<Shared>, until: Until, mut token: bool) {
                 && (token || !core.driving);
             let done = match until {
                 Until::Settled => core.machine.settled() && core.todo.is_empty(),
+                Until::Idle => {
+                    request.is_none() && !core.machine.in_flight() && core.todo.is_empty()
+                }
                 Until::Ended | Until::EndedSharing => finished,
             };
             if token && request.is_none() && (done || until == Until::EndedSharing) {
@@ -585,7 +633,7 @@ fn carry_out(
             if io.abandoned == Some(lease) {
                 return None; // a session of its own, abandoned: the entry goes with it
             }
-            let ended = core.machine.state() == &crate::machine::State::Ended;
+            let ended = core.machine.state() == &State::Ended;
             let job = Job {
                 target: Target::Entry {
                     key: entry,
@@ -600,7 +648,7 @@ fn carry_out(
             None
         }
         Action::ReapUnseenJoin { entry, lease } => {
-            let ended = core.machine.state() == &crate::machine::State::Ended;
+            let ended = core.machine.state() == &State::Ended;
             let job = Job {
                 target: Target::UnseenJoin {
                     queue: key,

@@ -214,10 +214,9 @@ impl LockHandle {
     pub async fn set_value(&self, value: impl Into<Vec<u8>>) -> Result<()> {
         let value = value.into();
         self.shared.check_value(&value)?;
-        let reply = self
-            .shared
-            .command_with_reply(|to| Command::SetValue(value, to));
-        driver::outcome(&self.shared, reply.await)
+        self.shared
+            .command_here(|to| Command::SetValue(value, to), Until::Idle)
+            .await
     }
 
     /// Gives the lock up now: deletes the entry (hand-off in one round trip) and stops.
@@ -227,12 +226,10 @@ impl LockHandle {
     /// [`Error::NotOwned`] if a one-shot lock was lost before the release (or its deadline had
     /// passed); store errors while deleting (the lease then expires as usual).
     pub async fn release(self) -> Result<()> {
-        let reply = self
-            .shared
-            .command_with_reply(|to| Command::Release(Some(to)));
         // On this task if nobody else is driving: no hand-off to the lock's task.
-        driver::drive_here(&self.shared, Until::Ended).await;
-        driver::outcome(&self.shared, reply.await)
+        self.shared
+            .command_here(|to| Command::Release(Some(to)), Until::Ended)
+            .await
     }
 
     /// Stops without deleting: the entry stays until the lease would expire, as if this process

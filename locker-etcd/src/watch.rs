@@ -2,16 +2,17 @@
 //!
 //! A background task (the *hub*) owns the gRPC watch stream. Watches are created on it one at a
 //! time (etcd answers creations in order; the next is sent once the previous is `created`), and
-//! responses are routed to each watch by its etcd watch id. When the stream breaks, every watch is
-//! re-created on a new stream from the revision after the last one it delivered, after a jittered
-//! back-off; the consumer sees nothing but a pause. A compaction ends the affected watch with
-//! [`Error::Compacted`]. Dropping a [`WatchStream`]'s events cancels its watch on the server.
+//! responses are routed to each watch by its etcd watch id. When the stream breaks (a restart, a
+//! lost connection), every watch on it ends with a retryable [`Error::Unavailable`], as the
+//! `Watcher` contract allows: resuming from the revision after the last one delivered is the
+//! caller's, done once, in locker-core's hub, with its back-off. A later watch opens a new
+//! stream. A compaction ends the affected watch with [`Error::Compacted`]. Dropping a
+//! [`WatchStream`]'s events cancels its watch on the server.
 //!
 //! The hub is started on the first `watch` call, on the caller's runtime, and restarted there if
 //! that runtime has since shut down. It ends when the backend and every stream are gone.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,15 +26,9 @@ use futures::{Stream, StreamExt};
 use locker_core::backend::{Entry, EventKind, Revision, WatchEvent, WatchStream};
 use locker_core::{Error, Result};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
 use crate::backend::entry_from_kv;
 use crate::error::{Context, is_unavailable, map_cancel_reason, map_error, timed_out};
-
-/// The first pause before re-opening a broken watch stream.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// The longest pause between attempts to re-open a broken watch stream.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 type Batch = Result<Vec<WatchEvent>>;
 
@@ -166,8 +161,6 @@ struct Hub {
     in_flight: Option<u64>,
     sender: Option<WatchRequestSender>,
     responses: Option<WatchResponseStream>,
-    backoff: Duration,
-    retry_at: Option<Instant>,
 }
 
 impl Hub {
@@ -182,23 +175,18 @@ impl Hub {
             in_flight: None,
             sender: None,
             responses: None,
-            backoff: BACKOFF_MIN,
-            retry_at: None,
         }
     }
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         loop {
             self.pump().await;
-            let retry_at = self.retry_at;
-            let waiting_to_retry = self.responses.is_none() && retry_at.is_some();
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.command(command).await,
                     None => return,
                 },
                 response = next_response(&mut self.responses) => self.response(response).await,
-                () = sleep_until(retry_at), if waiting_to_retry => self.retry_at = None,
             }
         }
     }
@@ -235,10 +223,6 @@ impl Hub {
             }
             return;
         }
-        if self.retry_at.is_some_and(|at| at > Instant::now()) {
-            return;
-        }
-        self.retry_at = None;
         let mut client = self.client.clone();
         match tokio::time::timeout(self.request_timeout, client.watch(key, Some(options))).await {
             Ok(Ok(stream)) => {
@@ -249,22 +233,20 @@ impl Hub {
                 self.in_flight = Some(id);
                 tracing::debug!(watches = self.watches.len(), "opened etcd watch stream");
             }
-            Ok(Err(err)) if is_refused(&err) => {
-                // Refused for good (credentials, permissions): every watch fails with it.
+            // Refused for good (credentials, permissions), or not open now: every watch waiting
+            // for a stream fails with it (retryable or not, as the error is).
+            Ok(Err(err)) => {
                 let err = map_error(err, Context::op("watch"));
-                tracing::debug!(error = %err, "etcd refused the watch stream");
-                let ids: Vec<u64> = self.watches.keys().copied().collect();
-                for id in ids {
-                    self.fail(id, clone_error(&err));
-                }
-                self.pending.clear();
+                tracing::debug!(error = %err, "etcd did not open the watch stream");
+                self.broken_for_good(&err);
             }
-            Ok(Err(err)) => self.schedule_retry(&err.to_string()),
-            Err(_) => self.schedule_retry("timed out opening the stream"),
+            Err(_) => {
+                self.broken_for_good(&timed_out("opening the watch stream", self.request_timeout))
+            }
         }
     }
 
-    /// Fails every watch with `err` and drops the stream.
+    /// Fails every watch (created, or waiting to be) with `err` and drops the stream.
     fn broken_for_good(&mut self, err: &Error) {
         self.sender = None;
         self.responses = None;
@@ -390,7 +372,6 @@ impl Hub {
         let start = *watch.next.get_or_insert(revision + 1);
         watch.etcd_id = Some(etcd_id);
         self.by_etcd_id.insert(etcd_id, id);
-        self.backoff = BACKOFF_MIN;
         if let Some(reply) = watch.reply.take() {
             // If the caller gave up waiting, its Cancel command is on its way.
             let _ = reply.send(Ok(start));
@@ -426,35 +407,17 @@ impl Hub {
         }
     }
 
-    /// The stream broke: drop it and queue every watch for re-creation.
+    /// The stream broke: every watch on it (or waiting for it) ends with a retryable error; the
+    /// caller resumes from the revision after the last one it saw.
     fn broken(&mut self, why: &str) {
-        self.sender = None;
-        self.responses = None;
-        self.by_etcd_id.clear();
-        let mut requeue: Vec<u64> = self.in_flight.take().into_iter().collect();
-        let mut created: Vec<u64> = self
-            .watches
-            .iter_mut()
-            .filter_map(|(&id, watch)| watch.etcd_id.take().map(|_| id))
-            .collect();
-        created.sort_unstable();
-        requeue.extend(created);
-        for id in requeue.into_iter().rev() {
-            self.pending.push_front(id);
-        }
-        self.schedule_retry(why);
-    }
-
-    fn schedule_retry(&mut self, why: &str) {
-        let pause = jitter(self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        self.retry_at = Some(Instant::now() + pause);
         tracing::debug!(
             reason = why,
             watches = self.watches.len(),
-            retry_in = ?pause,
-            "etcd watch stream broke; resuming every watch from its next revision"
+            "etcd watch stream broke; every watch ends (the caller resumes)"
         );
+        self.broken_for_good(&Error::unavailable(format!(
+            "the etcd watch stream broke ({why}): watch again from the next revision"
+        )));
     }
 }
 
@@ -465,22 +428,6 @@ async fn next_response(
         Some(responses) => responses.next().await,
         None => std::future::pending().await,
     }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A pause between half of `base` and `base`, at random.
-fn jitter(base: Duration) -> Duration {
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let half = base / 2;
-    half + half.mul_f64((random % 1024) as f64 / 1024.0)
 }
 
 /// A copy of an error for failing several watches at once (the source is not kept).
@@ -533,18 +480,5 @@ fn map_error_is_retryable(err: &etcd_client::Error) -> bool {
     match err {
         etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::ResourceExhausted,
         _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_half_and_whole() {
-        for _ in 0..100 {
-            let pause = jitter(Duration::from_millis(100));
-            assert!(pause >= Duration::from_millis(50) && pause <= Duration::from_millis(100));
-        }
     }
 }

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use etcd_client::{Client, LockOptions, Permission, PutOptions, Txn, TxnOp};
+use futures::StreamExt;
 use locker_core::backend::{EventKind, entry_key};
 use locker_core::{Error, LockBackend, Watcher};
 use locker_etcd::EtcdBackend;
@@ -169,10 +170,11 @@ async fn etcd_lock_service_interoperates() {
     backend.revoke_lease(ours).await.unwrap();
 }
 
-/// A restart of etcd breaks every stream; watches resume from where they were and keep-alives
-/// re-open their stream, without the caller noticing more than a pause.
+/// A restart of etcd breaks every stream: a watch ends with a retryable error (the caller, core's
+/// hub, resumes from the revision after the last one it saw, and nothing is missed), and
+/// keep-alives re-open their stream without the caller noticing more than a pause.
 #[tokio::test]
-async fn streams_survive_an_etcd_restart() {
+async fn a_restart_ends_watches_retryably_and_nothing_is_missed() {
     let mut etcd = EtcdProcess::start()
         .await
         .expect("a dedicated etcd (this test needs an etcd binary)");
@@ -188,6 +190,13 @@ async fn streams_survive_an_etcd_restart() {
         backend.keep_alive(lease).await,
         Err(Error::Unavailable { .. })
     ));
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.events.next())
+        .await
+        .expect("the broken watch ends in time");
+    match ended {
+        Some(Err(err)) => assert!(err.is_retryable(), "{err:?}"),
+        other => panic!("the watch did not end with a retryable error: {other:?}"),
+    }
     etcd.restart().await.unwrap();
 
     // Unary calls reconnect by themselves; give the channel a moment if needed.
@@ -206,7 +215,12 @@ async fn streams_survive_an_etcd_restart() {
         }
     }
     assert_eq!(update, Some(true));
-    let events = next_events(&mut stream, 1).await;
+    // Resumed from the revision after the last one seen: the update made meanwhile is there.
+    let mut resumed = backend
+        .watch("r/", Some(joined.revision + 1))
+        .await
+        .unwrap();
+    let events = next_events(&mut resumed, 1).await;
     assert_eq!(events[0].entry.value, b"after");
     assert_eq!(
         events[0].entry.create_revision,
@@ -214,7 +228,7 @@ async fn streams_survive_an_etcd_restart() {
     );
     assert_eq!(backend.keep_alive(lease).await.unwrap(), Some(TTL));
     backend.revoke_lease(lease).await.unwrap();
-    let events = next_events(&mut stream, 1).await;
+    let events = next_events(&mut resumed, 1).await;
     assert_eq!(events[0].kind, EventKind::Delete);
 }
 
