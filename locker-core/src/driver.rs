@@ -68,8 +68,8 @@ struct Core {
     tenure: Option<FencingToken>,
     ends: VecDeque<(FencingToken, LossReason)>,
     /// The error of the last failed store call, and the one kept when the lock stopped on it.
-    last_error: Option<Error>,
-    error: Option<Error>,
+    last_error: Option<Box<Error>>,
+    error: Option<Box<Error>>,
     /// Nothing more will change.
     ended: bool,
     /// The machine's actions that wait for whoever drives.
@@ -216,7 +216,7 @@ impl Shared {
 
     /// The error the lock stopped on, if it stopped on one.
     pub(crate) fn stopped_on(&self) -> Option<Error> {
-        lock(&self.core).error.take()
+        lock(&self.core).error.take().map(|err| *err)
     }
 
     /// The error the lock stopped on, or the last one it met, or "released".
@@ -225,6 +225,7 @@ impl Shared {
         core.error
             .take()
             .or_else(|| core.last_error.take())
+            .map(|err| *err)
             .unwrap_or_else(|| Error::Released {
                 key: self.key.to_string(),
             })
@@ -440,6 +441,14 @@ async fn drive(shared: &Arc<Shared>, until: Until, mut token: bool) {
                 }
                 Until::Ended | Until::EndedSharing => finished,
             };
+            if request.is_none() && core.todo.is_empty() {
+                // Idle: a lock that waits keeps no room it does not use.
+                core.machine.shrink();
+                core.todo = VecDeque::new();
+                if core.replies.is_empty() {
+                    core.replies = Vec::new();
+                }
+            }
             if token && request.is_none() && (done || until == Until::EndedSharing) {
                 // Idle (or done): let someone else drive meanwhile.
                 core.driving = false;
@@ -690,7 +699,7 @@ impl Shared {
         } else {
             warn!(key = %self.key, error = %err, "store call failed");
         }
-        lock(&self.core).last_error = Some(err);
+        lock(&self.core).last_error = Some(Box::new(err));
         failure
     }
 

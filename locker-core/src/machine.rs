@@ -425,6 +425,20 @@ impl Machine {
         self.actions.pop_front()
     }
 
+    /// Gives back the room of its queues while they are empty (a held lock that waits keeps
+    /// nothing it does not need; the driver calls this when it goes idle).
+    pub(crate) fn shrink(&mut self) {
+        if self.actions.is_empty() {
+            self.actions = VecDeque::new();
+        }
+        if self.queued.is_empty() {
+            self.queued = VecDeque::new();
+        }
+        if self.deletes_seen.is_empty() {
+            self.deletes_seen = Vec::new();
+        }
+    }
+
     /// When [`Machine::handle_timeout`] is due: the end of a back-off, or a held lock's local
     /// deadline.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
