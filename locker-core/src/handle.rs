@@ -142,8 +142,7 @@ impl LockHandle {
     /// [`Ownership::Lost`] with its reason, even when the handle joins again at once. (The
     /// receiver of [`subscribe`](Self::subscribe) keeps only the latest state.) It starts with the
     /// next change: read [`ownership`](Self::ownership) first. A receiver that falls more than 64
-    /// states behind gets [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged)
-    /// (tokio's `broadcast`): memory stays bounded whoever does not read.
+    /// states behind gets tokio's `broadcast::error::RecvError::Lagged`: memory stays bounded whoever does not read.
     pub fn events(&self) -> broadcast::Receiver<Ownership> {
         self.shared.events()
     }
