@@ -127,9 +127,12 @@ fi
 [ $# -gt 0 ] || set -- --workspace
 say "cargo test $*"
 cargo test "$@"
-# The examples on etcd too (their etcd support is a feature, off in the workspace build); not
+# The examples on etcd too (their etcd support is a feature, off in the workspace build), and the
+# state machine's model checker once more with its output shown (the states it explored); not
 # when the arguments pick what to run.
 if [ "$*" = --workspace ]; then
+  say "cargo test -p locker-core --lib machine::model -- --nocapture (the model checker's state counts)"
+  cargo test -p locker-core --lib machine::model -- --nocapture 2>&1 | grep -E '^(model|test result)'
   say "cargo test -p locker-examples --features etcd-tests"
   cargo test -p locker-examples --features etcd-tests
 fi

@@ -658,16 +658,26 @@ fn carry_out(
         }
         Action::ReapUnseenJoin { entry, lease } => {
             let ended = core.machine.state() == &State::Ended;
-            let job = Job {
-                target: Target::UnseenJoin {
-                    queue: key,
-                    key: entry,
-                },
-                session: io.session.clone().filter(|s| s.lease() == lease),
-                after: Duration::ZERO,
-                claim: if ended { io.claim.take() } else { None },
-            };
-            io.locker.reap(job);
+            let session = io.session.clone().filter(|s| s.lease() == lease);
+            // A look at once, and one more a TTL later: a cancelled join may still reach the
+            // store after the first look (the model checker's counterexample: the entry then
+            // stays for as long as the session lives). The second look takes the claim along.
+            let again = session.as_ref().map_or(io.locker.ttl(), |s| s.ttl());
+            for after in [Duration::ZERO, again] {
+                io.locker.reap(Job {
+                    target: Target::UnseenJoin {
+                        queue: key.clone(),
+                        key: entry.clone(),
+                    },
+                    session: session.clone(),
+                    after,
+                    claim: if ended && !after.is_zero() {
+                        io.claim.take()
+                    } else {
+                        None
+                    },
+                });
+            }
             None
         }
         Action::AbandonSession => {

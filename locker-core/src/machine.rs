@@ -53,6 +53,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+#[cfg(test)]
+#[path = "machine_model.rs"]
+mod model;
+
 use crate::backend::{Entry, LeaseId, Revision, entry_key};
 use crate::error::{FailureKind, LossReason};
 use crate::retry::Backoff;
@@ -718,6 +722,23 @@ impl Machine {
     ) {
         let seen = std::mem::take(&mut self.deletes_seen);
         let gap = self.watch_gap.take();
+        if seen
+            .iter()
+            .any(|(key, at)| *key == entry.key && *at > entry.create_revision)
+        {
+            // The entry was deleted (an operator, its lease) while the answer was on its way:
+            // it holds nothing; join again (found by the model checker: the join's answer
+            // arrived after the watch's delete, and the lock held a deleted entry for good).
+            if self.mode == Mode::TryOnce {
+                self.stop(Ownership::Released);
+            } else {
+                if !self.session.is_some_and(|s| s.state.valid_at(now)) {
+                    self.forget_session();
+                }
+                self.restart();
+            }
+            return;
+        }
         if holds(&entry, predecessor.as_ref()) {
             self.begin_holding(entry, now);
             if let Some(gap) = gap {
@@ -759,8 +780,19 @@ impl Machine {
             moved,
         };
         if gap == Some(Gap::Closed) {
-            self.restart();
+            self.rejoin();
         }
+    }
+
+    /// Subscribes again by joining again, from the start: the join finds the entry where it is.
+    /// Until then the entry is as good as a join whose answer was not seen: if the lock ends
+    /// first, the reaper looks for it (found by the model checker: a lock dropped while it
+    /// subscribed again left its entry in the queue for as long as the session lived).
+    fn rejoin(&mut self) {
+        if let State::Waiting { entry, .. } = &self.state {
+            self.unseen_join = Some(entry.lease);
+        }
+        self.restart();
     }
 
     fn position(&mut self, entry: Entry) {
@@ -781,7 +813,17 @@ impl Machine {
     ) {
         match (self.state.clone(), own) {
             (State::Holding { .. }, None) => self.lose(LossReason::EntryDeleted),
-            (State::Holding { .. }, Some(_)) => self.set_check(Check::No),
+            // Still there. A check asked for meanwhile (the watch closed while reading) stays
+            // due (found by the model checker: the read's answer cleared a resubscription, and
+            // the holder, with no watch, missed the delete of its entry for good).
+            (
+                State::Holding {
+                    check: Check::Reading,
+                    ..
+                },
+                Some(_),
+            ) => self.set_check(Check::No),
+            (State::Holding { .. }, Some(_)) => {}
             // Our entry went while we waited (its lease, an operator): join again.
             (State::Positioning { .. }, None) => self.restart(),
             (State::Positioning { .. }, Some(entry)) => {
@@ -885,6 +927,21 @@ impl Machine {
     fn command(&mut self, command: Command, now: Instant) {
         if self.state == State::Ended {
             self.answer_ended(command);
+            return;
+        }
+        if let State::Releasing { reply: waiting, .. } = &mut self.state {
+            // A release in progress (its delete in flight, or a retry due) goes on: it answers
+            // a second release too; nothing else stops it half-way (found by the model checker:
+            // a drop while a failed delete waited for its retry ended the lock and left the
+            // entry in the store for as long as the session lived).
+            match command {
+                Command::Release(Some(reply)) if waiting.is_none() => *waiting = Some(reply),
+                Command::Release(Some(reply)) | Command::SetValue(_, reply) => {
+                    self.actions
+                        .push_back(Action::Reply(reply, Outcome::Stopped));
+                }
+                Command::Release(None) | Command::Abandon => {}
+            }
             return;
         }
         // A subscription in flight before the join may take long (the store is down): a release
@@ -1128,7 +1185,10 @@ impl Machine {
     fn moved(&mut self) {
         if matches!(
             self.state,
-            State::Joining | State::Refreshing { .. } | State::Positioning { .. }
+            State::Subscribing
+                | State::Joining
+                | State::Refreshing { .. }
+                | State::Positioning { .. }
         ) {
             self.watch_gap.get_or_insert(Gap::Resync);
             return;
@@ -1153,7 +1213,10 @@ impl Machine {
     fn watch_closed(&mut self) {
         if matches!(
             self.state,
-            State::Joining | State::Refreshing { .. } | State::Positioning { .. }
+            State::Subscribing
+                | State::Joining
+                | State::Refreshing { .. }
+                | State::Positioning { .. }
         ) {
             self.watch_gap = Some(Gap::Closed);
             return;
@@ -1169,7 +1232,7 @@ impl Machine {
         }
         match self.state {
             // Subscribe again by joining again: the join finds the entry where it is.
-            State::Waiting { .. } if self.pending.is_none() => self.restart(),
+            State::Waiting { .. } if self.pending.is_none() => self.rejoin(),
             State::Waiting { .. } => self.moved(),
             State::Holding { .. } => {
                 self.set_check(Check::Resubscribe);
