@@ -226,7 +226,7 @@ impl Shared {
             .take()
             .or_else(|| core.last_error.take())
             .map(|err| *err)
-            .unwrap_or_else(|| Error::Released {
+            .unwrap_or_else(|| Error::Closed {
                 key: self.key.to_string(),
             })
     }
@@ -278,7 +278,7 @@ impl Shared {
             Ownership::Lost { token: t, reason } if t == token => Some(reason),
             _ if core.tenure == Some(token) && !core.ended => None,
             // Too old to be kept, or the lock stopped: it ended with the lock.
-            _ if core.ended || core.tenure != Some(token) => Some(LossReason::Released),
+            _ if core.ended || core.tenure != Some(token) => Some(LossReason::Stopped),
             _ => None,
         }
     }
@@ -346,7 +346,7 @@ impl Shared {
             }
             Ownership::Released | Ownership::Failed { .. } => {
                 if let Some(token) = core.tenure.take() {
-                    core.ends.push_back((token, LossReason::Released));
+                    core.ends.push_back((token, LossReason::Stopped));
                 }
             }
             _ => {}
@@ -856,7 +856,7 @@ pub(crate) fn outcome(
         Ok(Outcome::Done) => Ok(()),
         Ok(Outcome::NotOwned(reason)) => Err(not_owned(&shared.key, reason)),
         Ok(Outcome::Failed) => Err(shared.error()),
-        Ok(Outcome::Stopped) | Err(_) => Err(Error::Released {
+        Ok(Outcome::Stopped) | Err(_) => Err(Error::Closed {
             key: shared.key.to_string(),
         }),
     }

@@ -110,9 +110,9 @@ pub enum Error {
         reason: LossReason,
     },
 
-    /// The lock handle has been released or its task has ended.
-    #[error("lock on {key:?} has been released")]
-    Released {
+    /// The lock is closed: released, abandoned, or stopped (its handle can do nothing more).
+    #[error("lock on {key:?} is closed")]
+    Closed {
         /// The lock key.
         key: String,
     },
@@ -198,8 +198,9 @@ pub enum LossReason {
     DeadlinePassed,
     /// The lock's entry was deleted by someone else (an operator, or another tool).
     EntryDeleted,
-    /// The lock was released or abandoned by its owner.
-    Released,
+    /// The owner stopped the lock: released, abandoned or dropped it (or it stopped on a
+    /// permanent error).
+    Stopped,
 }
 
 impl std::fmt::Display for LossReason {
@@ -208,7 +209,7 @@ impl std::fmt::Display for LossReason {
             LossReason::LeaseGone => "the lease is gone from the store",
             LossReason::DeadlinePassed => "keep-alives failed until the local deadline passed",
             LossReason::EntryDeleted => "the lock entry was deleted by someone else",
-            LossReason::Released => "the lock was released",
+            LossReason::Stopped => "the owner stopped the lock",
         })
     }
 }

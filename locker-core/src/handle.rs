@@ -186,7 +186,7 @@ impl LockHandle {
     /// # Errors
     ///
     /// The error that stopped the lock ([`Ownership::Failed`]: permission denied, ...; a
-    /// one-shot attempt's failure), or [`Error::Released`] if it was released.
+    /// one-shot attempt's failure), or [`Error::Closed`] if it was released.
     pub async fn wait_owned(&self) -> Result<FencingToken> {
         let shared = &self.shared;
         let answer = shared
@@ -209,7 +209,7 @@ impl LockHandle {
     /// # Errors
     ///
     /// Bad input before any I/O; [`Error::NotOwned`] if the entry was found gone; store errors;
-    /// [`Error::Released`] if the handle stopped.
+    /// [`Error::Closed`] if the handle stopped.
     pub async fn set_value(&self, value: impl Into<Vec<u8>>) -> Result<()> {
         let value = value.into();
         self.shared.check_value(&value)?;
@@ -246,7 +246,7 @@ impl LockHandle {
                 handle: self,
                 token,
             })),
-            Err(Error::Released { .. }) => Ok(None),
+            Err(Error::Closed { .. }) => Ok(None),
             Err(err) => Err(err),
         }
     }
@@ -318,8 +318,8 @@ impl LockGuard {
             .shared
             .wait_for(|state, ended| match state {
                 Ownership::Lost { reason, .. } => Some(reason),
-                Ownership::Released | Ownership::Failed { .. } => Some(LossReason::Released),
-                _ if ended => Some(LossReason::Released),
+                Ownership::Released | Ownership::Failed { .. } => Some(LossReason::Stopped),
+                _ if ended => Some(LossReason::Stopped),
                 _ => None,
             })
             .await

@@ -1130,7 +1130,7 @@ impl Machine {
         session.state = state;
         match (&self.state, state) {
             (State::Holding { .. }, SessionState::Lost(reason)) => self.lose(match reason {
-                LossReason::Released => LossReason::LeaseGone,
+                LossReason::Stopped => LossReason::LeaseGone,
                 other => other,
             }),
             (State::Holding { .. }, _) => {

@@ -255,7 +255,7 @@ impl Keeper {
 
     async fn revoke(&self, lease: &str, done: Option<oneshot::Sender<()>>) {
         self.state
-            .send_replace(SessionState::Lost(LossReason::Released));
+            .send_replace(SessionState::Lost(LossReason::Stopped));
         // Bounded by the TTL: retried while the store is briefly unreachable; past the TTL the
         // lease has expired by itself anyway.
         let give_up = Instant::now() + self.ttl;

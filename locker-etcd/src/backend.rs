@@ -20,7 +20,7 @@ use locker_core::{Error, LockBackend, Result, Watcher};
 use crate::config::{EtcdBackendBuilder, Settings};
 use crate::error::{Context, map_error, timed_out};
 use crate::keepalive::{KeepAlives, revoke_result};
-use crate::watch::WatchHub;
+use crate::watch::WatchMux;
 
 /// How many keys a holder or predecessor read asks for at first. Entries of deeper queues (`k/b/..`
 /// under `k/`) are filtered out; when a whole page is filtered away, the read pages on.
@@ -83,7 +83,7 @@ struct Inner {
     lease: LeaseClient,
     settings: Settings,
     keep_alives: KeepAlives,
-    watches: WatchHub,
+    watches: WatchMux,
 }
 
 impl fmt::Debug for EtcdBackend {
@@ -138,7 +138,7 @@ impl EtcdBackend {
         // Reads of a whole queue and watch batches may be larger than tonic's default 4 MiB.
         let kv = client.kv_client().max_decoding_message_size(usize::MAX);
         let watch = client.watch_client().max_decoding_message_size(usize::MAX);
-        let watches = WatchHub::new(watch, settings.prefix.as_bytes(), settings.request_timeout);
+        let watches = WatchMux::new(watch, settings.prefix.as_bytes(), settings.request_timeout);
         EtcdBackend {
             inner: Arc::new(Inner {
                 kv,

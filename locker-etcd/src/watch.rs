@@ -46,7 +46,7 @@ enum Command {
 }
 
 /// The handle a backend keeps on its hub.
-pub(crate) struct WatchHub {
+pub(crate) struct WatchMux {
     client: WatchClient,
     root: Arc<[u8]>,
     request_timeout: Duration,
@@ -54,9 +54,9 @@ pub(crate) struct WatchHub {
     next_id: AtomicU64,
 }
 
-impl WatchHub {
+impl WatchMux {
     pub(crate) fn new(client: WatchClient, root: &[u8], request_timeout: Duration) -> Self {
-        WatchHub {
+        WatchMux {
             client,
             root: root.into(),
             request_timeout,
@@ -76,7 +76,7 @@ impl WatchHub {
             }
         }
         let (sender, receiver) = mpsc::unbounded_channel();
-        let hub = Hub::new(self.client.clone(), self.root.clone(), self.request_timeout);
+        let hub = MuxState::new(self.client.clone(), self.root.clone(), self.request_timeout);
         tokio::spawn(hub.run(receiver));
         // The receiver is alive (just made), so this send cannot fail.
         let _ = sender.send(command);
@@ -149,7 +149,7 @@ struct Watch {
     events: mpsc::UnboundedSender<Batch>,
 }
 
-struct Hub {
+struct MuxState {
     client: WatchClient,
     root: Arc<[u8]>,
     request_timeout: Duration,
@@ -163,9 +163,9 @@ struct Hub {
     responses: Option<WatchResponseStream>,
 }
 
-impl Hub {
+impl MuxState {
     fn new(client: WatchClient, root: Arc<[u8]>, request_timeout: Duration) -> Self {
-        Hub {
+        MuxState {
             client,
             root,
             request_timeout,

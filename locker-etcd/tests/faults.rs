@@ -12,7 +12,7 @@ use futures::StreamExt;
 use locker_core::{LockBackend, Locker, Ownership};
 use locker_etcd::EtcdBackend;
 use locker_etcd::testing::{EtcdCluster, EtcdProcess, LinkState, Proxy, unique_prefix};
-use locker_tests::record::{self, Tenures};
+use locker_tests::record::{self, TenureLog};
 use locker_tests::suite::{PATIENCE, eventually, next_holder, owned};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -135,7 +135,7 @@ enum LeaderFault {
 async fn leader_fault_while_lock_held(name: &str, fault: LeaderFault) {
     let mut bed = Bed::new(name).await;
     let (a, b) = (bed.locker().await, bed.locker().await);
-    let tenures = Tenures::default();
+    let tenures = TenureLog::default();
     let ha = a.lock("k", "a").await.unwrap();
     tenures.follow(0, &ha);
     owned(&ha).await;
@@ -339,7 +339,7 @@ async fn client_cut_off_and_healed() {
     let bed = Bed::new("cut").await;
     let (a, link) = bed.locker_with_link().await;
     let b = bed.locker().await;
-    let tenures = Tenures::default();
+    let tenures = TenureLog::default();
     let ha = a.lock("k", "a").await.unwrap();
     tenures.follow(0, &ha);
     owned(&ha).await;

@@ -24,7 +24,7 @@ use locker_core::{FencingToken, Locker};
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::harness::{LeaseLog, RecordingBackend};
-use crate::record::{Tenure, Tenures};
+use crate::record::{TenureLog, TenureRecord};
 
 /// A seeded random source (splitmix64): the schedule of a run is a function of its seed.
 #[derive(Debug, Clone)]
@@ -138,9 +138,9 @@ pub type History = BTreeMap<String, Vec<(usize, i64, u128, Option<u128>)>>;
 pub struct Report {
     /// The seed.
     pub seed: u64,
-    /// Tenures begun, over all keys.
+    /// TenureLog begun, over all keys.
     pub acquisitions: usize,
-    /// Tenures that followed another client's on the same key.
+    /// TenureLog that followed another client's on the same key.
     pub handoffs: usize,
     /// Faults injected.
     pub faults: usize,
@@ -191,7 +191,7 @@ pub async fn run(world: Arc<dyn World>, plan: &Plan) -> Report {
     let start = Instant::now();
     let end = start + plan.duration;
     let keys: Vec<String> = (0..plan.keys).map(|k| format!("key-{k}")).collect();
-    let tenures: Vec<Tenures> = keys.iter().map(|_| Tenures::default()).collect();
+    let tenures: Vec<TenureLog> = keys.iter().map(|_| TenureLog::default()).collect();
     let faults = Arc::new(AtomicU64::new(0));
     let mut rng = Rng::new(plan.seed);
 
@@ -332,7 +332,7 @@ async fn contend(
     locker: Locker,
     client: usize,
     key: String,
-    tenures: Tenures,
+    tenures: TenureLog,
     rng: &mut Rng,
     end: Instant,
 ) {
@@ -363,7 +363,7 @@ async fn contend(
     }
 }
 
-fn check_tenures(key: &str, all: &[Tenure], violations: &mut Vec<String>) {
+fn check_tenures(key: &str, all: &[TenureRecord], violations: &mut Vec<String>) {
     for (i, a) in all.iter().enumerate() {
         for b in &all[i + 1..] {
             match a.until {

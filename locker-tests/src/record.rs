@@ -11,7 +11,7 @@ use tokio::time::Instant;
 /// One tenure as its holder believed it: from the moment it was published as owned to the moment
 /// it was published as no longer owned (or the local deadline passed, whichever came first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tenure {
+pub struct TenureRecord {
     /// Who held it (an index given by the test).
     pub client: usize,
     /// Its fencing token.
@@ -24,9 +24,9 @@ pub struct Tenure {
 
 /// The tenures of every client on one key.
 #[derive(Debug, Clone, Default)]
-pub struct Tenures(Arc<Mutex<Vec<Tenure>>>);
+pub struct TenureLog(Arc<Mutex<Vec<TenureRecord>>>);
 
-impl Tenures {
+impl TenureLog {
     /// Records every tenure of `handle` as `client`'s, until the handle ends.
     pub fn follow(&self, client: usize, handle: &LockHandle) {
         let mut rx = handle.subscribe();
@@ -48,7 +48,7 @@ impl Tenures {
     }
 
     /// Every tenure recorded so far, in the order they began.
-    pub fn all(&self) -> Vec<Tenure> {
+    pub fn all(&self) -> Vec<TenureRecord> {
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         all.sort_by_key(|t| t.from);
         all
@@ -74,7 +74,7 @@ impl Tenures {
 
 /// Records the change to `state` at `now`; answers the token now owned.
 fn note(
-    log: &Mutex<Vec<Tenure>>,
+    log: &Mutex<Vec<TenureRecord>>,
     client: usize,
     current: Option<FencingToken>,
     state: Ownership,
@@ -92,7 +92,7 @@ fn note(
         end(&mut entries, client, old, now);
     }
     if let Some(token) = owned {
-        entries.push(Tenure {
+        entries.push(TenureRecord {
             client,
             token,
             from: now,
@@ -102,7 +102,7 @@ fn note(
     owned
 }
 
-fn end(log: &mut [Tenure], client: usize, token: FencingToken, at: Instant) {
+fn end(log: &mut [TenureRecord], client: usize, token: FencingToken, at: Instant) {
     if let Some(t) = log
         .iter_mut()
         .rev()

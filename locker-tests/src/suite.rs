@@ -982,7 +982,7 @@ pub async fn a_handle_that_loses_and_rejoins_reports_the_loss(h: &dyn Harness) {
         timeout(PATIENCE, second.lost())
             .await
             .expect("ended in time"),
-        LossReason::Released
+        LossReason::Stopped
     );
     assert!(
         timeout(PATIENCE, tenures.next())

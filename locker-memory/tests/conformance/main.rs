@@ -253,7 +253,7 @@ mod edges {
             assert!(lost.is_ok(), "lost() waits for a task that is gone");
             let set = tokio::time::timeout(Duration::from_secs(2), guard.set_value("x")).await;
             assert!(
-                matches!(set, Ok(Err(Error::Released { .. }))),
+                matches!(set, Ok(Err(Error::Closed { .. }))),
                 "set_value answered {set:?}"
             );
         });
