@@ -299,3 +299,59 @@ fn a_hung_session_is_unconfirmed_then_lost_at_its_deadline() {
     );
     assert_eq!(m.state(), &State::Ended);
 }
+
+// The bugs the model checker found, step by step.
+
+#[test]
+fn a_join_answered_after_the_delete_of_its_entry_does_not_hold_it() {
+    let now = Instant::now();
+    let mut m = joining(Mode::Persistent, now);
+    // The watch says the entry went (an operator) before the join's answer comes.
+    m.handle(
+        Input::EntryDeleted {
+            key: "k/a".into(),
+            revision: 6,
+        },
+        now,
+    );
+    m.handle(Input::Joined(Ok((entry(LEASE, 5), None, 5))), now);
+    let out = actions(&mut m);
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Publish(o) if o.is_owned())),
+        "held a deleted entry: {out:?}"
+    );
+    assert!(!m.ownership(now).is_owned());
+    // It joins again (the session is still good).
+    assert!(out.contains(&Action::OpenSession), "{out:?}");
+}
+
+#[test]
+fn a_drop_while_a_release_waits_to_retry_its_delete_does_not_stop_it() {
+    let now = Instant::now();
+    let mut m = joining(Mode::Once, now);
+    m.handle(Input::Joined(Ok((entry(LEASE, 5), None, 5))), now);
+    actions(&mut m);
+    m.handle(Input::Command(Command::Release(Some(1))), now);
+    actions(&mut m);
+    // The delete fails: a retry is due after a back-off. The guard is dropped meanwhile.
+    m.handle(Input::Deleted(Err(Failure::Retryable)), now);
+    m.handle(Input::Command(Command::Release(None)), now);
+    assert!(
+        matches!(m.state(), State::Releasing { .. }),
+        "{:?}",
+        m.state()
+    );
+    let retry = m.poll_timeout().expect("a retry");
+    m.handle_timeout(retry);
+    assert!(actions(&mut m).contains(&Action::Delete {
+        entry: "k/a".into(),
+        create_revision: 5
+    }));
+    m.handle(Input::Deleted(Ok(true)), retry);
+    assert_eq!(
+        actions(&mut m),
+        [Action::Reply(1, Outcome::Done), Action::Unsubscribe]
+    );
+    assert!(m.is_ended());
+}
