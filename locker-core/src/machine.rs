@@ -32,7 +32,7 @@
 //! | `Opening` | a session | valid: `Subscribing`; lease already gone: `Idle`; error: back-off in `Idle` | commands wait |
 //! | `Subscribing` | the queue's watch | `Joining` | `Release`/`Abandon` end at once (the answer is dropped) |
 //! | `Joining` | the join | value changed since: `Refreshing`; first in the queue: `Holding`; behind (a try: give up): `Waiting`; lease gone: `Idle`; error: back-off in `Idle` (the entry may exist: the same lease finds it again, an end reaps it) | commands wait |
-//! | `Refreshing` | the update of the value | as `Joining`'s answer | commands wait |
+//! | `Refreshing` | the update of the value | as `Joining`'s answer; the entry gone: join again | commands wait |
 //! | `Waiting` | a delete of its predecessor or of itself, or a resync | – | the delete, a resync: `Positioning`. Watch closed: `Idle` (join again). Lease gone: reap, `Idle`. `Release`: `Releasing`. `Abandon`: end, reaped after the TTL. `SetValue`: update |
 //! | `Positioning` | the read | first: `Holding`; behind: `Waiting`; gone: `Idle`; error: back-off, read again | commands wait |
 //! | `Holding` | a change of the session, a delete, its deadline | (a check after a resync: still there, or lost) | `Live`/`Unconfirmed`: published. Lease gone, deadline passed, own entry deleted: **a loss**. Resync: check the entry. Watch closed: subscribe again, then check. `Release`: `Releasing`. `Abandon`: end. `SetValue`: update (gone: a loss) |
@@ -291,6 +291,8 @@ pub(crate) enum Check {
     No,
     /// The watch closed: subscribe again, then read.
     Resubscribe,
+    /// Subscribing again (a close meanwhile makes it `Resubscribe` again).
+    Subscribing,
     /// Read the entry as soon as nothing is in flight.
     Read,
     /// Reading it.
@@ -581,7 +583,12 @@ impl Machine {
             }
             (Pending::Subscribe, Input::Subscribed(Ok(()))) => match self.state {
                 State::Subscribing => self.join(),
-                State::Holding { .. } => self.set_check(Check::Read),
+                // Subscribed again: read the entry (a close that came meanwhile left
+                // `Resubscribe`, which stays due).
+                State::Holding {
+                    check: Check::Subscribing,
+                    ..
+                } => self.set_check(Check::Read),
                 _ => {}
             },
             (Pending::Subscribe, Input::Subscribed(Err(failure))) => match self.state {
@@ -618,8 +625,20 @@ impl Machine {
             (Pending::Update(None), Input::Updated(result)) => {
                 if let State::Refreshing { joined } = self.state.clone() {
                     let (mut entry, predecessor, revision) = *joined;
-                    if result == Ok(true) {
-                        entry.value = self.value.clone();
+                    match result {
+                        Ok(true) => entry.value = self.value.clone(),
+                        // The entry went meanwhile (found in review: the lock went on to own
+                        // an entry the store had just said was gone): join again.
+                        Ok(false) | Err(Failure::LeaseLost) => {
+                            self.deletes_seen.clear();
+                            self.watch_gap = None;
+                            if result == Err(Failure::LeaseLost) {
+                                self.forget_session();
+                            }
+                            self.restart();
+                            return;
+                        }
+                        Err(_) => {}
                     }
                     self.joined(entry, predecessor, revision, now);
                 }
@@ -1202,8 +1221,11 @@ impl Machine {
                     self.position(entry);
                 }
             }
-            State::Holding { .. } => {
-                self.set_check(Check::Read);
+            State::Holding { check, .. } => {
+                // A resubscription due or in progress reads the entry after it anyway.
+                if matches!(check, Check::No | Check::Reading) {
+                    *check = Check::Read;
+                }
                 self.check_if_due();
             }
             _ => {}
@@ -1233,7 +1255,12 @@ impl Machine {
         match self.state {
             // Subscribe again by joining again: the join finds the entry where it is.
             State::Waiting { .. } if self.pending.is_none() => self.rejoin(),
-            State::Waiting { .. } => self.moved(),
+            State::Waiting { .. } => {
+                // A request is in flight (a value update): rejoin once its answer is known
+                // (found in review: the waiter forgot the close and waited with no watch).
+                self.watch_gap = Some(Gap::Closed);
+                self.moved();
+            }
             State::Holding { .. } => {
                 self.set_check(Check::Resubscribe);
                 self.check_if_due();
@@ -1258,7 +1285,10 @@ impl Machine {
             return;
         }
         match check {
-            Check::Resubscribe => self.request(Pending::Subscribe, Action::Subscribe),
+            Check::Resubscribe => {
+                self.set_check(Check::Subscribing);
+                self.request(Pending::Subscribe, Action::Subscribe);
+            }
             Check::Read => {
                 let action = Action::Position {
                     entry: entry.key.clone(),
@@ -1267,7 +1297,7 @@ impl Machine {
                 self.set_check(Check::Reading);
                 self.request(Pending::Position, action);
             }
-            Check::No | Check::Reading => {}
+            Check::No | Check::Reading | Check::Subscribing => {}
         }
     }
 
@@ -1279,10 +1309,12 @@ impl Machine {
         match failure {
             Failure::LeaseLost => self.lose(LossReason::LeaseGone),
             Failure::Permanent(_) | Failure::Retryable => {
-                if let State::Holding { check, .. } = &mut self.state
-                    && *check == Check::Reading
-                {
-                    *check = Check::Read;
+                if let State::Holding { check, .. } = &mut self.state {
+                    match *check {
+                        Check::Reading => *check = Check::Read,
+                        Check::Subscribing => *check = Check::Resubscribe,
+                        _ => {}
+                    }
                 }
                 self.retry_at = Some(now + self.backoff.next_delay());
             }

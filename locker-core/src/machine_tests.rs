@@ -355,3 +355,32 @@ fn a_drop_while_a_release_waits_to_retry_its_delete_does_not_stop_it() {
     );
     assert!(m.is_ended());
 }
+
+#[test]
+fn a_waiter_whose_watch_closes_during_a_value_update_joins_again() {
+    let now = Instant::now();
+    let mut m = joining(Mode::Persistent, now);
+    m.handle(
+        Input::Joined(Ok((entry(LEASE, 5), Some(entry(0xb, 4)), 5))),
+        now,
+    );
+    actions(&mut m);
+    m.handle(Input::Command(Command::SetValue(b"w".to_vec(), 1)), now);
+    assert!(matches!(
+        actions(&mut m).as_slice(),
+        [Action::Update { .. }]
+    ));
+    // The watch closes while the update is in flight: once it is answered, the waiter does
+    // not wait on with no watch.
+    m.handle(Input::WatchClosed, now);
+    m.handle(Input::Updated(Ok(true)), now);
+    let mut out = actions(&mut m);
+    if let Some(Action::Position { .. }) = out.last() {
+        m.handle(
+            Input::Positioned(Ok((Some(entry(LEASE, 5)), Some(entry(0xb, 4)), 6))),
+            now,
+        );
+        out.extend(actions(&mut m));
+    }
+    assert!(out.contains(&Action::OpenSession), "{out:?}");
+}
