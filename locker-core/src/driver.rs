@@ -374,6 +374,19 @@ impl Shared {
 /// A store call (or another wait) in flight, with the input its answer becomes.
 type Request = Pin<Box<dyn Future<Output = Input> + Send>>;
 
+/// A store call as a request: its answer as `answer` makes it an input, a failure kept by
+/// [`Shared::failed`].
+fn call<T>(
+    shared: &Arc<Shared>,
+    call: impl Future<Output = Result<T>> + Send + 'static,
+    answer: impl FnOnce(std::result::Result<T, Failure>) -> Input + Send + 'static,
+) -> Option<Request> {
+    let shared = shared.clone();
+    Some(Box::pin(async move {
+        answer(call.await.map_err(|err| shared.failed(err)))
+    }))
+}
+
 /// Until when [`drive`] drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Until {
@@ -585,54 +598,36 @@ fn carry_out(
             unregister.extend(io.registration.take());
             None
         }
-        Action::Join { lease, value } => {
-            let shared = shared.clone();
-            Some(Box::pin(async move {
-                match backend.join(&key, lease, &value).await {
-                    Ok(joined) => {
-                        Input::Joined(Ok((joined.entry, joined.predecessor, joined.revision)))
-                    }
-                    Err(err) => Input::Joined(Err(shared.failed(err))),
-                }
-            }))
-        }
+        Action::Join { lease, value } => call(
+            shared,
+            async move { backend.join(&key, lease, &value).await },
+            |r| Input::Joined(r.map(|j| (j.entry, j.predecessor, j.revision))),
+        ),
         Action::Update {
             entry,
             create_revision,
             value,
-        } => {
-            let shared = shared.clone();
-            Some(Box::pin(async move {
-                match backend.update_value(&entry, create_revision, &value).await {
-                    Ok(updated) => Input::Updated(Ok(updated)),
-                    Err(err) => Input::Updated(Err(shared.failed(err))),
-                }
-            }))
-        }
+        } => call(
+            shared,
+            async move { backend.update_value(&entry, create_revision, &value).await },
+            Input::Updated,
+        ),
         Action::Position {
             entry,
             create_revision,
-        } => {
-            let shared = shared.clone();
-            Some(Box::pin(async move {
-                match backend.position(&key, &entry, create_revision).await {
-                    Ok(p) => Input::Positioned(Ok((p.own, p.predecessor, p.revision))),
-                    Err(err) => Input::Positioned(Err(shared.failed(err))),
-                }
-            }))
-        }
+        } => call(
+            shared,
+            async move { backend.position(&key, &entry, create_revision).await },
+            |r| Input::Positioned(r.map(|p| (p.own, p.predecessor, p.revision))),
+        ),
         Action::Delete {
             entry,
             create_revision,
-        } => {
-            let shared = shared.clone();
-            Some(Box::pin(async move {
-                match backend.delete_entry(&entry, create_revision).await {
-                    Ok(deleted) => Input::Deleted(Ok(deleted)),
-                    Err(err) => Input::Deleted(Err(shared.failed(err))),
-                }
-            }))
-        }
+        } => call(
+            shared,
+            async move { backend.delete_entry(&entry, create_revision).await },
+            Input::Deleted,
+        ),
         Action::Reap {
             entry,
             create_revision,
@@ -659,25 +654,17 @@ fn carry_out(
         Action::ReapUnseenJoin { entry, lease } => {
             let ended = core.machine.state() == &State::Ended;
             let session = io.session.clone().filter(|s| s.lease() == lease);
-            // A look at once, and one more a TTL later: a cancelled join may still reach the
-            // store after the first look (the model checker's counterexample: the entry then
-            // stays for as long as the session lives). The second look takes the claim along.
-            let again = session.as_ref().map_or(io.locker.ttl(), |s| s.ttl());
-            for after in [Duration::ZERO, again] {
-                io.locker.reap(Job {
-                    target: Target::UnseenJoin {
-                        queue: key.clone(),
-                        key: entry.clone(),
-                    },
-                    session: session.clone(),
-                    after,
-                    claim: if ended && !after.is_zero() {
-                        io.claim.take()
-                    } else {
-                        None
-                    },
-                });
-            }
+            let again_after = session.as_ref().map_or(io.locker.ttl(), |s| s.ttl());
+            io.locker.reap(Job {
+                target: Target::UnseenJoin {
+                    queue: key,
+                    key: entry,
+                    again_after,
+                },
+                session,
+                after: Duration::ZERO,
+                claim: if ended { io.claim.take() } else { None },
+            });
             None
         }
         Action::AbandonSession => {

@@ -1173,11 +1173,17 @@ impl Machine {
         }
     }
 
-    fn entry_deleted(&mut self, key: &str, revision: Revision) {
-        if matches!(
+    /// Whether a join or a read of the queue is in flight (or its answer waits to be used):
+    /// what the watch says meanwhile counts once that answer is known.
+    fn reading_the_queue(&self) -> bool {
+        matches!(
             self.state,
             State::Joining | State::Refreshing { .. } | State::Positioning { .. }
-        ) {
+        )
+    }
+
+    fn entry_deleted(&mut self, key: &str, revision: Revision) {
+        if self.reading_the_queue() {
             self.deletes_seen.push((key.to_owned(), revision));
             return;
         }
@@ -1202,13 +1208,7 @@ impl Machine {
 
     /// Something moved in the queue (a delete, or lost history): where does the entry stand?
     fn moved(&mut self) {
-        if matches!(
-            self.state,
-            State::Subscribing
-                | State::Joining
-                | State::Refreshing { .. }
-                | State::Positioning { .. }
-        ) {
+        if self.state == State::Subscribing || self.reading_the_queue() {
             self.watch_gap.get_or_insert(Gap::Resync);
             return;
         }
@@ -1233,13 +1233,7 @@ impl Machine {
     }
 
     fn watch_closed(&mut self) {
-        if matches!(
-            self.state,
-            State::Subscribing
-                | State::Joining
-                | State::Refreshing { .. }
-                | State::Positioning { .. }
-        ) {
+        if self.state == State::Subscribing || self.reading_the_queue() {
             self.watch_gap = Some(Gap::Closed);
             return;
         }

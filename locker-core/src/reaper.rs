@@ -25,12 +25,17 @@ pub(crate) enum Target {
         /// Its create revision.
         create_revision: Revision,
     },
-    /// The entry `key` of the queue `queue`, if a join whose answer was lost made it.
+    /// The entry `key` of the queue `queue`, if a join whose answer was lost made it: looked for
+    /// at once, and once more `again_after` (a cancelled join may still reach the store after
+    /// the first look; the model checker's counterexample: the entry then stays for as long as
+    /// the session lives).
     UnseenJoin {
         /// The queue (lock key).
         queue: Arc<str>,
         /// The key the join's entry would have.
         key: String,
+        /// When to look again.
+        again_after: Duration,
     },
 }
 
@@ -84,42 +89,87 @@ async fn run(backend: Arc<dyn LockBackend>, job: Job, mut backoff: Backoff) {
         tokio::time::sleep(after).await;
     }
     let lease_lost = || session.as_ref().is_some_and(|s| s.is_lost());
-    let (key, create_revision) = match target {
+    match target {
         Target::Entry {
             key,
             create_revision,
-        } => (key, create_revision),
-        Target::UnseenJoin { queue, key } => loop {
-            // A failed read is tried again: an entry forgotten here would block the key for as
-            // long as the session's lease is kept alive.
-            match backend.entries(&queue).await {
-                Ok(snapshot) => match snapshot.entries.into_iter().find(|e| e.key == key) {
-                    Some(entry) => break (entry.key, entry.create_revision),
-                    None => return,
-                },
-                Err(_) if lease_lost() => return,
-                Err(err) if err.is_retryable() => {
-                    let delay = backoff.next_delay();
-                    debug!(entry = %key, error = %err, ?delay, "looking for an unseen join failed; retrying");
-                    tokio::time::sleep(delay).await;
+        } => delete(&*backend, &key, create_revision, &session, &mut backoff).await,
+        Target::UnseenJoin {
+            queue,
+            key,
+            again_after,
+        } => {
+            for wait in [Duration::ZERO, again_after] {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
                 }
-                Err(err) => {
-                    warn!(entry = %key, error = %err, "cannot look for the entry of an unseen join; it stays until its lease ends");
-                    return;
+                if lease_lost() {
+                    break;
+                }
+                if let Some(create_revision) =
+                    find(&*backend, &queue, &key, &lease_lost, &mut backoff).await
+                {
+                    delete(&*backend, &key, create_revision, &session, &mut backoff).await;
                 }
             }
-        },
-    };
+        }
+    }
+    drop(claim);
+}
+
+/// The create revision of the entry `key` of `queue`, if it is there. A failed read is tried
+/// again: an entry forgotten here would block the key for as long as the session's lease is
+/// kept alive.
+async fn find(
+    backend: &dyn LockBackend,
+    queue: &str,
+    key: &str,
+    lease_lost: &(dyn Fn() -> bool + Sync),
+    backoff: &mut Backoff,
+) -> Option<Revision> {
     loop {
-        match backend.delete_entry(&key, create_revision).await {
-            Ok(_) | Err(Error::LeaseLost { .. }) => break,
+        match backend.entries(queue).await {
+            Ok(snapshot) => {
+                return snapshot
+                    .entries
+                    .into_iter()
+                    .find(|e| e.key == key)
+                    .map(|e| e.create_revision);
+            }
+            Err(_) if lease_lost() => return None,
+            Err(err) if err.is_retryable() => {
+                let delay = backoff.next_delay();
+                debug!(entry = %key, error = %err, ?delay, "looking for an unseen join failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => {
+                warn!(entry = %key, error = %err, "cannot look for the entry of an unseen join; it stays until its lease ends");
+                return None;
+            }
+        }
+    }
+}
+
+/// Deletes the entry if it still has `create_revision`, retrying until done or until the lease
+/// ends (then the store deletes it anyway).
+async fn delete(
+    backend: &dyn LockBackend,
+    key: &str,
+    create_revision: Revision,
+    session: &Option<Arc<Session>>,
+    backoff: &mut Backoff,
+) {
+    let lease_lost = || session.as_ref().is_some_and(|s| s.is_lost());
+    loop {
+        match backend.delete_entry(key, create_revision).await {
+            Ok(_) | Err(Error::LeaseLost { .. }) => return,
             // The lease is no longer renewed: the entry goes with it.
-            Err(_) if lease_lost() => break,
+            Err(_) if lease_lost() => return,
             // Nothing says whether the lease lives: a permanent error ends the attempt (the
             // lease's end removes the entry).
             Err(err) if session.is_none() && !err.is_retryable() => {
                 warn!(entry = %key, error = %err, "clean-up failed; the entry stays until its lease ends");
-                break;
+                return;
             }
             Err(err) => {
                 let delay = backoff.next_delay();
@@ -132,5 +182,4 @@ async fn run(backend: Arc<dyn LockBackend>, job: Job, mut backoff: Backoff) {
             }
         }
     }
-    drop(claim);
 }
