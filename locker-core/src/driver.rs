@@ -219,7 +219,7 @@ impl Shared {
         lock(&self.core).error.take().map(|err| *err)
     }
 
-    /// The error the lock stopped on, or the last one it met, or "released".
+    /// The error the lock stopped on, or the last one it met, or [`Error::Closed`].
     pub(crate) fn error(&self) -> Error {
         let mut core = lock(&self.core);
         core.error
@@ -278,8 +278,7 @@ impl Shared {
             Ownership::Lost { token: t, reason } if t == token => Some(reason),
             _ if core.tenure == Some(token) && !core.ended => None,
             // Too old to be kept, or the lock stopped: it ended with the lock.
-            _ if core.ended || core.tenure != Some(token) => Some(LossReason::Stopped),
-            _ => None,
+            _ => Some(LossReason::Stopped),
         }
     }
 
