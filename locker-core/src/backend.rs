@@ -186,10 +186,49 @@ impl fmt::Debug for WatchStream {
 ///   yields, [`Error::Compacted`](crate::Error::Compacted).
 /// - A broken connection may end the stream with a retryable error; the caller resumes from the
 ///   revision after the last one it saw.
+/// - [`watch_deletes`](Watcher::watch_deletes) is the same with the puts left out: every delete
+///   `>= rev`, in order, without gaps, and nothing else.
 #[async_trait]
 pub trait Watcher: Send + Sync + 'static {
     /// Watches every key under `prefix` (relative to the backend root) from `from_revision`.
     async fn watch(&self, prefix: &str, from_revision: Option<Revision>) -> Result<WatchStream>;
+
+    /// Watches the deletes under `prefix` from `from_revision`: what a lock waits for (its
+    /// predecessor's delete, or its own). The same contract as [`watch`](Watcher::watch), with
+    /// every put left out; a batch that would hold only puts is not sent.
+    ///
+    /// The default takes [`watch`](Watcher::watch)'s stream and drops the puts on the client. A
+    /// store that can leave them out itself (etcd's `NOPUT` filter) overrides it, so that the
+    /// puts of every join and value update under the prefix never cross the network.
+    async fn watch_deletes(
+        &self,
+        prefix: &str,
+        from_revision: Option<Revision>,
+    ) -> Result<WatchStream> {
+        let stream = self.watch(prefix, from_revision).await?;
+        Ok(WatchStream {
+            start_revision: stream.start_revision,
+            events: deletes_only(stream.events),
+        })
+    }
+}
+
+/// The deletes of a stream of batches, without the batches left empty.
+fn deletes_only(
+    events: BoxStream<'static, Result<Vec<WatchEvent>>>,
+) -> BoxStream<'static, Result<Vec<WatchEvent>>> {
+    use futures::StreamExt;
+    events
+        .filter_map(|batch| {
+            std::future::ready(match batch {
+                Ok(mut batch) => {
+                    batch.retain(|event| event.kind == EventKind::Delete);
+                    (!batch.is_empty()).then_some(Ok(batch))
+                }
+                Err(err) => Some(Err(err)),
+            })
+        })
+        .boxed()
 }
 
 /// The primitives a lock store provides.

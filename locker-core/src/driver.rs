@@ -21,7 +21,7 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{EventKind, WatchEvent};
+use crate::backend::EventKind;
 use crate::error::{Error, LossReason, Result};
 use crate::hub::{HubMsg, Registration, Sink};
 use crate::locker::{KeyClaim, Locker};
@@ -805,19 +805,16 @@ impl Drop for HandOver<'_> {
 impl Sink for Shared {
     fn deliver(&self, msg: HubMsg) {
         let input = match msg {
-            HubMsg::Event(event) => Input::EntryDeleted {
+            // A lock's registration is on the hub's deletes-only watch: only deletes move a
+            // lock (its own entry's, its predecessor's).
+            HubMsg::Event(event) if event.kind == EventKind::Delete => Input::EntryDeleted {
                 key: event.entry.key,
                 revision: event.entry.mod_revision,
             },
+            HubMsg::Event(_) => return,
             HubMsg::Resync => Input::Resync,
         };
         self.input(input);
-    }
-
-    /// Only deletes move a lock (its own entry's, its predecessor's): a put, such as the one of
-    /// its own join, is neither copied nor wakes anyone.
-    fn wants(&self, event: &WatchEvent) -> bool {
-        event.kind == EventKind::Delete
     }
 
     fn close(&self) {

@@ -1,10 +1,15 @@
-//! One long-lived watch per locker, with every wait and watch stream multiplexed over it.
+//! Long-lived watches per locker, with every wait and watch stream multiplexed over them.
 //!
 //! Opening a fresh watch at a past revision for each wait is what makes etcd's own Go `Mutex` slow
-//! under contention (etcd serves such watches from a catch-up loop every 100 ms). The hub opens one
-//! watch over the whole backend root, keeps it for the life of the [`Locker`](crate::Locker),
-//! resumes it from the last revision seen when it breaks, and hands each event to the subscribers
-//! of the event's queue.
+//! under contention (etcd serves such watches from a catch-up loop every 100 ms). The hub keeps
+//! one watch per [`Feed`] over the whole backend root, each for the life of the
+//! [`Locker`](crate::Locker), resumes it from the last revision seen when it breaks, and hands
+//! each event to the subscribers of the event's queue:
+//!
+//! - [`Feed::Deletes`], for locks: a lock moves on deletes only (its predecessor's, its own), so
+//!   its watch leaves the puts out ([`Watcher::watch_deletes`](crate::backend::Watcher)), and the
+//!   join and release of every lock under the root cost one event each, not two.
+//! - [`Feed::All`], for watch streams, which follow values too: opened by the first watch stream.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,12 +43,6 @@ type Subscribers = BTreeMap<Arc<str>, Vec<(u64, Arc<dyn Sink>)>>;
 pub(crate) trait Sink: Send + Sync {
     /// Takes one message; must not block (the hub never waits for a reader).
     fn deliver(&self, msg: HubMsg);
-    /// Whether this sink takes `event` at all (the hub copies an event only for the sinks that
-    /// do). Every event, unless a sink says otherwise.
-    fn wants(&self, event: &WatchEvent) -> bool {
-        let _ = event;
-        true
-    }
     /// No more messages will come: the hub is gone or its watch failed for good.
     fn close(&self);
 }
@@ -144,14 +143,53 @@ impl fmt::Debug for State {
     }
 }
 
+/// Which of the hub's watches a subscriber takes its events from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Feed {
+    /// Deletes only: what locks wait for.
+    Deletes,
+    /// Puts and deletes: what watch streams follow.
+    All,
+}
+
+/// One of the hub's watches: its subscribers and whether it is up.
+#[derive(Debug)]
+struct FeedState {
+    feed: Feed,
+    state: Arc<Mutex<State>>,
+    /// Whether the watch is established; every event after that reaches subscribers.
+    status: watch::Sender<Status>,
+}
+
+impl FeedState {
+    fn new(feed: Feed) -> Self {
+        FeedState {
+            feed,
+            state: Arc::new(Mutex::new(State::default())),
+            status: watch::channel(Status::Starting).0,
+        }
+    }
+}
+
+impl Drop for FeedState {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = &state.task {
+            task.abort();
+        }
+        let subscribers = std::mem::take(&mut state.subscribers);
+        drop(state);
+        close_all(subscribers);
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Hub {
     backend: Arc<dyn LockBackend>,
     jitter: Arc<Jitter>,
     retry: (Duration, Duration),
-    state: Arc<Mutex<State>>,
-    /// Whether the watch is established; every event after that reaches subscribers.
-    status: watch::Sender<Status>,
+    deletes: FeedState,
+    all: FeedState,
 }
 
 /// A sink's place among the subscribers of one queue. Dropping it unsubscribes.
@@ -221,29 +259,32 @@ impl Hub {
             backend,
             jitter,
             retry,
-            state: Arc::new(Mutex::new(State::default())),
-            status: watch::channel(Status::Starting).0,
+            deletes: FeedState::new(Feed::Deletes),
+            all: FeedState::new(Feed::All),
         }
     }
 
-    /// Subscribes to the events of the queue `key`, through a mailbox. Returns once the hub's
-    /// watch is established (see [`Hub::register`]).
+    /// Subscribes to every event (puts and deletes) of the queue `key`, through a mailbox, on
+    /// the [`Feed::All`] watch. Returns once that watch is established (see [`Hub::register`]).
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: a dropped call leaves no subscription behind.
     pub(crate) async fn subscribe(&self, key: &str) -> Result<Subscription> {
         let mailbox = Arc::new(Mailbox::default());
-        let registration = self.register(Arc::from(key), mailbox.clone()).await?;
+        let registration = self
+            .register_in(&self.all, Arc::from(key), mailbox.clone())
+            .await?;
         Ok(Subscription {
             mailbox,
             _registration: registration,
         })
     }
 
-    /// Delivers the events of the queue `key` to `sink` until the registration is dropped.
-    /// Returns once the hub's watch is established: any read issued afterwards is at a revision
-    /// the watch covers, so every change after that read is delivered.
+    /// Delivers the deletes of the queue `key` to `sink` (a lock), on the [`Feed::Deletes`]
+    /// watch, until the registration is dropped. Returns once that watch is established: any
+    /// read issued afterwards is at a revision the watch covers, so every delete after that read
+    /// is delivered.
     ///
     /// # Cancel safety
     ///
@@ -253,8 +294,17 @@ impl Hub {
         key: Arc<str>,
         sink: Arc<dyn Sink>,
     ) -> Result<Registration> {
+        self.register_in(&self.deletes, key, sink).await
+    }
+
+    async fn register_in(
+        &self,
+        feed: &FeedState,
+        key: Arc<str>,
+        sink: Arc<dyn Sink>,
+    ) -> Result<Registration> {
         let registration = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = feed.state.lock().unwrap_or_else(|e| e.into_inner());
             let id = state.next_id;
             state.next_id += 1;
             state
@@ -266,27 +316,28 @@ impl Hub {
             // Start the watch task on first use, and again if it ended (a permanent error, or
             // the runtime that ran it shut down).
             if state.task.as_ref().is_none_or(|t| t.is_finished()) {
-                self.status.send_replace(Status::Starting);
+                feed.status.send_replace(Status::Starting);
                 let task = tokio::spawn(run(
                     self.backend.clone(),
+                    feed.feed,
                     self.jitter.clone(),
                     self.retry,
-                    Arc::downgrade(&self.state),
-                    self.status.clone(),
+                    Arc::downgrade(&feed.state),
+                    feed.status.clone(),
                 ));
                 state.task = Some(task.abort_handle());
             }
             Registration {
                 id,
                 queue: key,
-                state: Arc::downgrade(&self.state),
+                state: Arc::downgrade(&feed.state),
             }
         };
         // Already up (the common case): no need to wait.
-        let status = if *self.status.borrow() == Status::Up {
+        let status = if *feed.status.borrow() == Status::Up {
             Status::Up
         } else {
-            let mut status = self.status.subscribe();
+            let mut status = feed.status.subscribe();
             // The sender lives in `self`, so this only ends when the watch is up or has failed.
             status
                 .wait_for(|s| *s != Status::Starting)
@@ -301,18 +352,6 @@ impl Hub {
     }
 }
 
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(task) = &state.task {
-            task.abort();
-        }
-        let subscribers = std::mem::take(&mut state.subscribers);
-        drop(state);
-        close_all(subscribers);
-    }
-}
-
 /// Tells every subscriber that no more messages will come. Called with the hub's state
 /// unlocked: a sink may be the last reference to a lock's state, and through it to the hub.
 fn close_all(subscribers: Subscribers) {
@@ -323,6 +362,7 @@ fn close_all(subscribers: Subscribers) {
 
 async fn run(
     backend: Arc<dyn LockBackend>,
+    feed: Feed,
     jitter: Arc<Jitter>,
     (retry_base, retry_max): (Duration, Duration),
     state: Weak<Mutex<State>>,
@@ -332,16 +372,20 @@ async fn run(
     let mut resync = false;
     let mut backoff = jitter.new_backoff(retry_base, retry_max);
     loop {
-        let stream = match backend.watch("", from).await {
+        let opened = match feed {
+            Feed::Deletes => backend.watch_deletes("", from).await,
+            Feed::All => backend.watch("", from).await,
+        };
+        let stream = match opened {
             Ok(stream) => stream,
             Err(Error::Compacted { .. }) => {
-                debug!("hub watch: history compacted; resyncing subscribers");
+                debug!(?feed, "hub watch: history compacted; resyncing subscribers");
                 from = None;
                 resync = true;
                 continue;
             }
             Err(err) if !err.is_retryable() => {
-                warn!(error = %err, "hub watch refused by the store");
+                warn!(?feed, error = %err, "hub watch refused by the store");
                 let permission = matches!(err, Error::PermissionDenied { .. });
                 status.send_replace(Status::Failed {
                     message: err.to_string(),
@@ -358,7 +402,7 @@ async fn run(
             }
             Err(err) => {
                 let delay = backoff.next_delay();
-                debug!(error = %err, ?delay, "hub watch failed; retrying");
+                debug!(?feed, error = %err, ?delay, "hub watch failed; retrying");
                 tokio::time::sleep(delay).await;
                 continue;
             }
@@ -384,12 +428,12 @@ async fn run(
                     }
                 }
                 Err(Error::Compacted { .. }) => {
-                    warn!("hub watch: history compacted; resyncing subscribers");
+                    warn!(?feed, "hub watch: history compacted; resyncing subscribers");
                     resync = true;
                     break;
                 }
                 Err(err) => {
-                    debug!(error = %err, next, "hub watch broke; resuming");
+                    debug!(?feed, error = %err, next, "hub watch broke; resuming");
                     break;
                 }
             }
@@ -412,7 +456,7 @@ fn send_events(state: &Weak<Mutex<State>>, batch: Vec<WatchEvent>) -> bool {
             continue;
         };
         if let Some(list) = state.subscribers.get_mut(queue) {
-            for (_, sink) in list.iter().filter(|(_, sink)| sink.wants(&event)) {
+            for (_, sink) in list.iter() {
                 sink.deliver(HubMsg::Event(event.clone()));
             }
         }

@@ -474,7 +474,20 @@ impl Watcher for EtcdBackend {
     async fn watch(&self, prefix: &str, from_revision: Option<Revision>) -> Result<WatchStream> {
         self.inner
             .watches
-            .watch(self.full(prefix), from_revision)
+            .watch(self.full(prefix), from_revision, false)
+            .await
+    }
+
+    /// The same, with etcd's `NOPUT` filter: etcd leaves the puts out, so they never cross the
+    /// network.
+    async fn watch_deletes(
+        &self,
+        prefix: &str,
+        from_revision: Option<Revision>,
+    ) -> Result<WatchStream> {
+        self.inner
+            .watches
+            .watch(self.full(prefix), from_revision, true)
             .await
     }
 }

@@ -20,7 +20,8 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use etcd_client::{
-    EventType, WatchClient, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
+    EventType, WatchClient, WatchFilterType, WatchOptions, WatchRequestSender, WatchResponse,
+    WatchResponseStream,
 };
 use futures::{Stream, StreamExt};
 use locker_core::backend::{Entry, EventKind, Revision, WatchEvent, WatchStream};
@@ -37,6 +38,7 @@ enum Command {
         id: u64,
         key: Vec<u8>,
         start: Option<Revision>,
+        deletes_only: bool,
         reply: oneshot::Sender<Result<Revision>>,
         events: mpsc::UnboundedSender<Batch>,
     },
@@ -84,8 +86,14 @@ impl WatchMux {
         sender
     }
 
-    /// Starts a watch of everything under `key` (a full etcd key, root included).
-    pub(crate) async fn watch(&self, key: Vec<u8>, start: Option<Revision>) -> Result<WatchStream> {
+    /// Starts a watch of everything under `key` (a full etcd key, root included), or of its
+    /// deletes only (etcd leaves the puts out: `NOPUT`).
+    pub(crate) async fn watch(
+        &self,
+        key: Vec<u8>,
+        start: Option<Revision>,
+        deletes_only: bool,
+    ) -> Result<WatchStream> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let (events, receiver) = mpsc::unbounded_channel();
@@ -93,6 +101,7 @@ impl WatchMux {
             id,
             key,
             start,
+            deletes_only,
             reply,
             events,
         });
@@ -139,6 +148,8 @@ impl Drop for Events {
 /// One watch, as the hub tracks it.
 struct Watch {
     key: Vec<u8>,
+    /// Deletes only (`NOPUT`).
+    deletes_only: bool,
     /// The next revision the watch must deliver: where it (re)starts. `None` until first created
     /// when started "now".
     next: Option<Revision>,
@@ -210,6 +221,9 @@ impl MuxState {
             return;
         };
         let mut options = WatchOptions::new().with_prefix();
+        if watch.deletes_only {
+            options = options.with_filters([WatchFilterType::NoPut]);
+        }
         if let Some(next) = watch.next {
             options = options.with_start_revision(next);
             watch.requested = next;
@@ -265,6 +279,7 @@ impl MuxState {
                 id,
                 key,
                 start,
+                deletes_only,
                 reply,
                 events,
             } => {
@@ -273,6 +288,7 @@ impl MuxState {
                     id,
                     Watch {
                         key,
+                        deletes_only,
                         next: start,
                         requested: start.unwrap_or(0),
                         etcd_id: None,

@@ -57,6 +57,7 @@ pub const CLAUSES: &[&str] = &[
     "watch_misses_nothing_in_a_concurrent_burst",
     "watch_from_now_starts_at_the_next_revision",
     "watch_sees_only_keys_under_its_prefix",
+    "watch_deletes_delivers_every_delete_and_no_put",
     "compacted_history_is_its_own_error",
     "an_unreachable_store_fails_every_call_as_retryable",
     "a_broken_watch_ends_retryable_or_resumes_without_gap",
@@ -934,6 +935,63 @@ pub async fn watch_from_a_revision_delivers_every_change_in_order(h: &dyn Harnes
     let mut after_first = watch(&*w, &prefix, Some(j1.revision + 1)).await;
     let after = events_until_put_of(&mut after_first, &last.entry.key).await;
     assert_eq!(after, events[1..]);
+    revoke(&*b, &[l2]).await;
+}
+
+/// `watch_deletes` from a revision delivers every delete under its prefix from that revision,
+/// in order, and no put: not the joins, not a value update, not a retried join.
+pub async fn watch_deletes_delivers_every_delete_and_no_put(h: &dyn Harness) {
+    h.use_history(HistoryUse::Reads).await;
+    let b = backend(h).await;
+    let w = backend(h).await;
+    let prefix = h.key("d/");
+    let (l1, l2) = (lease(&*b).await, lease(&*b).await);
+    let j1 = join(&*b, &h.key("d/q1"), l1, "1").await;
+    let j2 = join(&*b, &h.key("d/q1"), l2, "2").await;
+    let deep = join(&*b, &h.key("d/q2/deep"), l1, "3").await;
+    let outside = join(&*b, &h.key("x"), l2, "outside").await;
+    let (j2_key, j2_rev) = (&j2.entry.key, j2.entry.create_revision);
+    assert!(b.update_value(j2_key, j2_rev, b"2b").await.expect("update"));
+    let (j1_key, j1_rev) = (&j1.entry.key, j1.entry.create_revision);
+    assert!(b.delete_entry(j1_key, j1_rev).await.expect("delete"));
+    join(&*b, &h.key("d/q1"), l2, "retried").await;
+    let (out_key, out_rev) = (&outside.entry.key, outside.entry.create_revision);
+    assert!(
+        b.delete_entry(out_key, out_rev)
+            .await
+            .expect("delete outside")
+    );
+    revoke(&*b, &[l1]).await; // deletes d/q2/deep/…
+    let last = join(&*b, &h.key("d/q3"), l2, "last").await;
+    let (last_key, last_rev) = (&last.entry.key, last.entry.create_revision);
+    assert!(
+        b.delete_entry(last_key, last_rev)
+            .await
+            .expect("delete last")
+    );
+
+    let mut deletes = w
+        .watch_deletes(&prefix, Some(j1.revision))
+        .await
+        .unwrap_or_else(|err| panic!("watch_deletes {prefix:?}: {err}"));
+    assert_eq!(deletes.start_revision, j1.revision);
+    let events = next_events(&mut deletes, 3).await;
+    assert_eq!(events.len(), 3, "{events:#?}");
+    assert_delete(&events[0], &j1.entry.key);
+    assert_delete(&events[1], &deep.entry.key);
+    assert_delete(&events[2], &last.entry.key);
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0].entry.mod_revision < w[1].entry.mod_revision),
+        "in order: {events:#?}"
+    );
+    // From the revision of the second delete, that delete included: exactly the rest.
+    let mut rest = w
+        .watch_deletes(&prefix, Some(events[1].entry.mod_revision))
+        .await
+        .expect("watch_deletes from the middle");
+    assert_eq!(next_events(&mut rest, 2).await, events[1..]);
     revoke(&*b, &[l2]).await;
 }
 

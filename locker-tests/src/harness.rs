@@ -300,6 +300,15 @@ impl Watcher for RecordingBackend {
         self.counts.bump(Method::Watch);
         self.inner.watch(prefix, from_revision).await
     }
+
+    async fn watch_deletes(
+        &self,
+        prefix: &str,
+        from_revision: Option<Revision>,
+    ) -> Result<WatchStream> {
+        self.counts.bump(Method::Watch);
+        self.inner.watch_deletes(prefix, from_revision).await
+    }
 }
 
 #[async_trait]

@@ -171,6 +171,7 @@ macro_rules! conformance_suite {
                 watch_misses_nothing_in_a_concurrent_burst,
                 watch_from_now_starts_at_the_next_revision,
                 watch_sees_only_keys_under_its_prefix,
+                watch_deletes_delivers_every_delete_and_no_put,
                 compacted_history_is_its_own_error,
                 an_unreachable_store_fails_every_call_as_retryable,
                 a_broken_watch_ends_retryable_or_resumes_without_gap,
