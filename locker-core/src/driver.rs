@@ -76,6 +76,27 @@ struct Core {
     todo: VecDeque<Action>,
 }
 
+/// What [`drive`] decides on, besides the session: the actions waiting for it, whether the
+/// machine waits for an answer, its state (whether it is settled or ended), and its timer.
+#[derive(PartialEq, Eq)]
+struct DriverView {
+    todo: usize,
+    in_flight: bool,
+    state: std::mem::Discriminant<State>,
+    timeout: Option<Instant>,
+}
+
+impl DriverView {
+    fn of(core: &Core) -> Self {
+        DriverView {
+            todo: core.todo.len(),
+            in_flight: core.machine.in_flight(),
+            state: std::mem::discriminant(core.machine.state()),
+            timeout: core.machine.poll_timeout(),
+        }
+    }
+}
+
 impl Core {
     /// Nothing more will happen: the machine ended, its last actions carried out, and nobody is
     /// in the middle of carrying some out.
@@ -143,13 +164,20 @@ impl Shared {
         }
     }
 
-    /// Feeds `input` to the machine now, and wakes whoever drives if there is work.
+    /// Feeds `input` to the machine now, and wakes whoever drives if there is work: something
+    /// to carry out, or a change of what the driver waits for or until. An input that changes
+    /// none of that (the delete of a releasing lock's own entry, seen before the delete's
+    /// answer) wakes nobody.
     pub(crate) fn input(&self, input: Input) {
         let mut core = lock(&self.core);
+        let before = DriverView::of(&core);
         core.machine.handle(input, Instant::now());
         self.apply_local(&mut core);
+        let wake = DriverView::of(&core) != before;
         drop(core);
-        self.doorbell.notify_waiters();
+        if wake {
+            self.doorbell.notify_waiters();
+        }
     }
 
     /// Sends a command whose answer someone waits for.
