@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{Notify, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::{LockBackend, Revision, WatchEvent, queue_of};
 use crate::error::{Error, Result};
@@ -47,21 +49,78 @@ pub(crate) trait Sink: Send + Sync {
     fn close(&self);
 }
 
-/// One subscriber's queue of messages: unbounded (the hub never waits for a reader), and
-/// allocated only when a message arrives.
+/// How many messages a [`Mailbox`] keeps for a reader that does not read. Past it, they are
+/// dropped for one [`HubMsg::Resync`], as after a compaction: the reader re-reads the queue.
+pub(crate) const MAILBOX_MESSAGES: usize = 1024;
+
+/// How many bytes of keys and values a [`Mailbox`] keeps, at most, before it collapses the same
+/// way.
+pub(crate) const MAILBOX_BYTES: usize = 1 << 20;
+
+/// One subscriber's queue of messages (a watch stream's). The hub never waits for a reader, and
+/// a reader that does not read costs bounded memory:
+///
+/// - a [`HubMsg::Resync`] replaces everything before it (the re-read it asks for covers all of
+///   it);
+/// - while a `Resync` waits to be taken, events are dropped: the reader re-reads after taking it,
+///   at a revision at least that of every event the hub has seen by then;
+/// - past [`MAILBOX_MESSAGES`] messages or [`MAILBOX_BYTES`] bytes, the queue collapses into
+///   one `Resync`.
+///
+/// So a stream nobody polls holds at most the bound, and after a collapse one message, however
+/// much changes; when it is polled again it re-reads and yields the state as it is then.
 #[derive(Debug, Default)]
 pub(crate) struct Mailbox {
-    queue: Mutex<VecDeque<HubMsg>>,
+    queue: Mutex<Queued>,
     ready: Notify,
     closed: AtomicBool,
 }
 
+/// The messages of a [`Mailbox`], and the bytes of keys and values they hold.
+#[derive(Debug, Default)]
+struct Queued {
+    messages: VecDeque<HubMsg>,
+    bytes: usize,
+}
+
+impl Queued {
+    /// Drops every message for one `Resync`.
+    fn collapse(&mut self) {
+        self.messages = VecDeque::from([HubMsg::Resync]);
+        self.bytes = 0;
+    }
+}
+
+/// The bytes of keys and values a message holds.
+fn message_bytes(msg: &HubMsg) -> usize {
+    match msg {
+        HubMsg::Event(event) => event.entry.key.len() + event.entry.value.len(),
+        HubMsg::Resync => 0,
+    }
+}
+
 impl Sink for Mailbox {
     fn deliver(&self, msg: HubMsg) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(msg);
+        {
+            let mut queued = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            match msg {
+                HubMsg::Resync => queued.collapse(),
+                // A re-read is due, and covers this event.
+                HubMsg::Event(_) if matches!(queued.messages.front(), Some(HubMsg::Resync)) => {
+                    return;
+                }
+                HubMsg::Event(_)
+                    if queued.messages.len() >= MAILBOX_MESSAGES
+                        || queued.bytes + message_bytes(&msg) > MAILBOX_BYTES =>
+                {
+                    queued.collapse();
+                }
+                event => {
+                    queued.bytes += message_bytes(&event);
+                    queued.messages.push_back(event);
+                }
+            }
+        }
         self.ready.notify_one();
     }
 
@@ -75,11 +134,14 @@ impl Mailbox {
     async fn recv(&self) -> Option<HubMsg> {
         loop {
             // A notification between this check and the wait is kept as a permit by Notify.
-            let next = self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front();
+            let next = {
+                let mut queued = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let next = queued.messages.pop_front();
+                if let Some(msg) = &next {
+                    queued.bytes -= message_bytes(msg);
+                }
+                next
+            };
             if next.is_some() {
                 return next;
             }
@@ -159,6 +221,9 @@ struct FeedState {
     state: Arc<Mutex<State>>,
     /// Whether the watch is established; every event after that reaches subscribers.
     status: watch::Sender<Status>,
+    /// Whether the store may be unreachable (the watch broke, or a probe failed or hung): what
+    /// its subscribers know may be stale.
+    stale: watch::Sender<bool>,
 }
 
 impl FeedState {
@@ -167,6 +232,7 @@ impl FeedState {
             feed,
             state: Arc::new(Mutex::new(State::default())),
             status: watch::channel(Status::Starting).0,
+            stale: watch::channel(false).0,
         }
     }
 }
@@ -188,6 +254,8 @@ pub(crate) struct Hub {
     backend: Arc<dyn LockBackend>,
     jitter: Arc<Jitter>,
     retry: (Duration, Duration),
+    /// How often the [`Feed::All`] watch's store is probed, and how long a probe may take.
+    probe_every: Duration,
     deletes: FeedState,
     all: FeedState,
 }
@@ -235,30 +303,65 @@ impl Drop for Registration {
 #[derive(Debug)]
 pub(crate) struct Subscription {
     mailbox: Arc<Mailbox>,
+    /// The feed's [`FeedState::stale`]; `None` once the hub is gone.
+    stale: Option<watch::Receiver<bool>>,
     _registration: Registration,
 }
 
+/// What a [`Subscription`] hears: a message, or a change of whether the store may be
+/// unreachable.
+#[derive(Debug)]
+pub(crate) enum Heard {
+    Msg(HubMsg),
+    /// `true`: the store may be unreachable (the view may be stale); `false`: reachable again.
+    Stale(bool),
+}
+
 impl Subscription {
-    /// The next message; `None` only if the hub is gone or its watch failed for good.
+    /// Whether the store may be unreachable now (changes after this come from
+    /// [`recv`](Subscription::recv)).
+    pub(crate) fn is_stale(&self) -> bool {
+        self.stale.as_ref().is_some_and(|stale| *stale.borrow())
+    }
+
+    /// The next message or change of reachability; `None` only if the hub is gone or its watch
+    /// failed for good.
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: a message is taken only when it is returned.
-    pub(crate) async fn recv(&mut self) -> Option<HubMsg> {
-        self.mailbox.recv().await
+    /// Cancel safe: a message or a change is taken only when it is returned.
+    pub(crate) async fn recv(&mut self) -> Option<Heard> {
+        loop {
+            let Some(stale) = &mut self.stale else {
+                return self.mailbox.recv().await.map(Heard::Msg);
+            };
+            tokio::select! {
+                biased;
+                changed = stale.changed() => match changed {
+                    Ok(()) => return Some(Heard::Stale(*stale.borrow_and_update())),
+                    // The hub is gone: its mailbox closes.
+                    Err(_) => self.stale = None,
+                },
+                msg = self.mailbox.recv() => return msg.map(Heard::Msg),
+            }
+        }
     }
 }
 
 impl Hub {
+    /// A hub over `backend`; `probe_every`: how often the store is probed while watch streams
+    /// follow it (see [`Feed::All`]).
     pub(crate) fn new(
         backend: Arc<dyn LockBackend>,
         jitter: Arc<Jitter>,
         retry: (Duration, Duration),
+        probe_every: Duration,
     ) -> Self {
         Hub {
             backend,
             jitter,
             retry,
+            probe_every,
             deletes: FeedState::new(Feed::Deletes),
             all: FeedState::new(Feed::All),
         }
@@ -277,6 +380,7 @@ impl Hub {
             .await?;
         Ok(Subscription {
             mailbox,
+            stale: Some(self.all.stale.subscribe()),
             _registration: registration,
         })
     }
@@ -317,14 +421,16 @@ impl Hub {
             // the runtime that ran it shut down).
             if state.task.as_ref().is_none_or(|t| t.is_finished()) {
                 feed.status.send_replace(Status::Starting);
-                let task = tokio::spawn(run(
-                    self.backend.clone(),
-                    feed.feed,
-                    self.jitter.clone(),
-                    self.retry,
-                    Arc::downgrade(&feed.state),
-                    feed.status.clone(),
-                ));
+                let task = tokio::spawn(run(FeedTask {
+                    backend: self.backend.clone(),
+                    feed: feed.feed,
+                    jitter: self.jitter.clone(),
+                    retry: self.retry,
+                    state: Arc::downgrade(&feed.state),
+                    status: feed.status.clone(),
+                    stale: feed.stale.clone(),
+                    probe_every: (feed.feed == Feed::All).then_some(self.probe_every),
+                }));
                 state.task = Some(task.abort_handle());
             }
             Registration {
@@ -360,21 +466,71 @@ fn close_all(subscribers: Subscribers) {
     }
 }
 
-async fn run(
+/// What a feed's task needs.
+struct FeedTask {
     backend: Arc<dyn LockBackend>,
     feed: Feed,
     jitter: Arc<Jitter>,
-    (retry_base, retry_max): (Duration, Duration),
+    retry: (Duration, Duration),
     state: Weak<Mutex<State>>,
     status: watch::Sender<Status>,
-) {
+    stale: watch::Sender<bool>,
+    /// Probe the store this often (the [`Feed::All`] watch only).
+    probe_every: Option<Duration>,
+}
+
+impl FeedTask {
+    fn set_stale(&self, stale: bool) {
+        let changed = self
+            .stale
+            .send_if_modified(|now| std::mem::replace(now, stale) != stale);
+        if changed {
+            let feed = self.feed;
+            if stale {
+                warn!(
+                    ?feed,
+                    "hub watch: the store may be unreachable; views may be stale"
+                );
+            } else {
+                info!(?feed, "hub watch: the store is reachable again");
+            }
+        }
+    }
+}
+
+/// A read of the store after `every`, cut off after `every` again: whether it was answered. A
+/// watch alone says nothing while the store is silent (a hung member, a black-holed network);
+/// this read does. It reads the holder of a queue the feed serves (`true` if it serves none).
+fn probe(
+    backend: Arc<dyn LockBackend>,
+    state: Weak<Mutex<State>>,
+    every: Duration,
+) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+    Box::pin(async move {
+        tokio::time::sleep(every).await;
+        let key = state.upgrade().and_then(|state| {
+            let state = state.lock().unwrap_or_else(|e| e.into_inner());
+            state.subscribers.keys().next().cloned()
+        });
+        let Some(key) = key else {
+            return true;
+        };
+        matches!(
+            tokio::time::timeout(every, backend.holder(&key)).await,
+            Ok(Ok(_))
+        )
+    })
+}
+
+async fn run(t: FeedTask) {
+    let feed = t.feed;
     let mut from: Option<Revision> = None;
     let mut resync = false;
-    let mut backoff = jitter.new_backoff(retry_base, retry_max);
+    let mut backoff = t.jitter.new_backoff(t.retry.0, t.retry.1);
     loop {
         let opened = match feed {
-            Feed::Deletes => backend.watch_deletes("", from).await,
-            Feed::All => backend.watch("", from).await,
+            Feed::Deletes => t.backend.watch_deletes("", from).await,
+            Feed::All => t.backend.watch("", from).await,
         };
         let stream = match opened {
             Ok(stream) => stream,
@@ -387,12 +543,12 @@ async fn run(
             Err(err) if !err.is_retryable() => {
                 warn!(?feed, error = %err, "hub watch refused by the store");
                 let permission = matches!(err, Error::PermissionDenied { .. });
-                status.send_replace(Status::Failed {
+                t.status.send_replace(Status::Failed {
                     message: err.to_string(),
                     permission,
                 });
                 // Subscribers see their mailbox close and subscribe again (starting a new task).
-                if let Some(state) = state.upgrade() {
+                if let Some(state) = t.state.upgrade() {
                     let subscribers = std::mem::take(
                         &mut state.lock().unwrap_or_else(|e| e.into_inner()).subscribers,
                     );
@@ -401,6 +557,7 @@ async fn run(
                 return;
             }
             Err(err) => {
+                t.set_stale(true);
                 let delay = backoff.next_delay();
                 debug!(?feed, error = %err, ?delay, "hub watch failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -411,30 +568,49 @@ async fn run(
         let mut next = stream.start_revision;
         if resync {
             resync = false;
-            if !send_all(&state, HubMsg::Resync) {
+            if !send_all(&t.state, HubMsg::Resync) {
                 return;
             }
         }
-        status.send_replace(Status::Up);
+        t.status.send_replace(Status::Up);
+        // The store answered the watch: it is reachable.
+        t.set_stale(false);
         let mut events = stream.events;
-        while let Some(batch) = events.next().await {
-            match batch {
-                Ok(batch) => {
-                    if let Some(last) = batch.last() {
-                        next = last.entry.mod_revision + 1;
+        let mut probing = t
+            .probe_every
+            .map(|every| probe(t.backend.clone(), t.state.clone(), every));
+        loop {
+            tokio::select! {
+                batch = events.next() => match batch {
+                    Some(Ok(batch)) => {
+                        if let Some(last) = batch.last() {
+                            next = last.entry.mod_revision + 1;
+                        }
+                        if !send_events(&t.state, batch) {
+                            return;
+                        }
                     }
-                    if !send_events(&state, batch) {
-                        return;
+                    Some(Err(Error::Compacted { .. })) => {
+                        warn!(?feed, "hub watch: history compacted; resyncing subscribers");
+                        resync = true;
+                        break;
                     }
-                }
-                Err(Error::Compacted { .. }) => {
-                    warn!(?feed, "hub watch: history compacted; resyncing subscribers");
-                    resync = true;
-                    break;
-                }
-                Err(err) => {
-                    debug!(?feed, error = %err, next, "hub watch broke; resuming");
-                    break;
+                    Some(Err(err)) => {
+                        debug!(?feed, error = %err, next, "hub watch broke; resuming");
+                        t.set_stale(true);
+                        break;
+                    }
+                    None => {
+                        debug!(?feed, next, "hub watch ended; resuming");
+                        t.set_stale(true);
+                        break;
+                    }
+                },
+                answered = async { probing.as_mut().expect("a probe").await }, if probing.is_some() => {
+                    t.set_stale(!answered);
+                    probing = t
+                        .probe_every
+                        .map(|every| probe(t.backend.clone(), t.state.clone(), every));
                 }
             }
         }

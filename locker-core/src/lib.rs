@@ -19,4 +19,4 @@ pub use backend::{LockBackend, Watcher};
 pub use error::{BoxError, Error, FailureKind, LossReason, Result};
 pub use handle::{LockGuard, LockHandle, Tenure};
 pub use locker::{DEFAULT_TTL, LockOptions, Locker, LockerBuilder};
-pub use types::{FencingToken, Holder, Ownership};
+pub use types::{FencingToken, Holder, HolderUpdate, Ownership};

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use crate::backend::{Entry, LockBackend};
@@ -16,7 +17,7 @@ use crate::reaper::{Job, Reaper};
 use crate::retry::Backoff;
 use crate::retry::Jitter;
 use crate::session::{Session, Timing};
-use crate::types::{FencingToken, Holder};
+use crate::types::{FencingToken, Holder, HolderUpdate};
 use crate::watch;
 
 /// The default TTL of a session's lease.
@@ -25,7 +26,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// A client of a lock store: locks, guards, reads and watches, over one backend.
 ///
 /// Cheap to clone; clones share one default session (one lease kept alive for all the locks that
-/// use it) and one watch of the store. Needs a tokio runtime (with the `time` driver).
+/// use it) and the watches of the store (one for all locks, deletes only, and one for all watch
+/// streams). Needs a tokio runtime (with the `time` driver).
 ///
 /// # Example
 ///
@@ -185,6 +187,9 @@ impl LockerBuilder {
                     self.backend.clone(),
                     jitter.clone(),
                     (self.retry_base, self.retry_max),
+                    // Watch streams learn that the store may be unreachable as soon as a lock
+                    // would: within a third of the TTL.
+                    self.ttl / 3,
                 ),
                 reaper: Reaper::new(self.backend.clone(), (self.retry_base, self.retry_max)),
                 backend: self.backend,
@@ -399,15 +404,71 @@ impl Locker {
     /// A stream of the holder of `key`: the current state first, then every change of holder or
     /// of the holder's value; `None` whenever nobody holds it. The seed's `client.Watch(key)`.
     ///
-    /// The stream rides on the locker's one watch of the store (no polling of the store; it does
-    /// its work as it is polled, with no task of its own), resumes by itself
-    /// after a broken connection or a compaction (re-reading the state), and retries transient
-    /// errors. It yields an error only for a permanent failure, and then ends.
+    /// The stream rides on the locker's one watch of the store for all its watch streams, opened
+    /// by the first (no polling of the store; it does its work as it is polled, with no task of
+    /// its own), resumes by itself after a broken connection or a compaction (re-reading the
+    /// state), and retries transient errors. It yields an error only for a permanent failure,
+    /// and then ends. A stream nobody polls holds bounded memory: when it is polled again it
+    /// yields the holder as it is then.
+    ///
+    /// It is [`watch_updates`](Locker::watch_updates) with only the holders: use that one to
+    /// also learn when the view may be stale (the store unreachable) and when changes were
+    /// skipped.
     ///
     /// # Errors
     ///
     /// Bad input, before any I/O.
     pub fn watch(&self, key: &str) -> Result<BoxStream<'static, Result<Option<Holder>>>> {
+        Ok(self
+            .watch_updates(key)?
+            .filter_map(|update| {
+                std::future::ready(match update {
+                    Ok(HolderUpdate::Holder(holder)) => Some(Ok(holder)),
+                    Ok(_) => None,
+                    Err(err) => Some(Err(err)),
+                })
+            })
+            .boxed())
+    }
+
+    /// A stream of the holder of `key` (as [`watch`](Locker::watch)), and of how current it is:
+    /// [`HolderUpdate::Stale`] when the store may be unreachable, so that the last holder
+    /// yielded may be out of date (a resolver should not keep serving a dead leader's address
+    /// through an outage without knowing it), [`HolderUpdate::Current`] when it is reachable
+    /// and read afresh again, and [`HolderUpdate::Skipped`] when changes were skipped
+    /// (compaction, or a reader that fell behind its bounded backlog).
+    ///
+    /// While the stream's watch is up, the locker probes the store with a read every third of
+    /// its TTL: a watch alone says nothing while the store is silent.
+    ///
+    /// # Errors
+    ///
+    /// Bad input, before any I/O.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> locker_core::Result<()> {
+    /// use futures::StreamExt;
+    /// use locker_core::{HolderUpdate, Locker};
+    /// use locker_memory::MemoryBackend;
+    ///
+    /// let locker = Locker::new(MemoryBackend::new());
+    /// let mut updates = locker.watch_updates("www.example.com")?;
+    /// assert_eq!(updates.next().await.transpose()?, Some(HolderUpdate::Holder(None)));
+    /// let guard = locker.acquire("www.example.com", "10.1.1.1").await?;
+    /// match updates.next().await.transpose()? {
+    ///     Some(HolderUpdate::Holder(Some(holder))) => {
+    ///         assert_eq!(holder.value_str(), Some("10.1.1.1"));
+    ///     }
+    ///     other => panic!("expected the new holder, got {other:?}"),
+    /// }
+    /// guard.release().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn watch_updates(&self, key: &str) -> Result<BoxStream<'static, Result<HolderUpdate>>> {
         self.check_key(key)?;
         Ok(watch::holder_stream(self.clone(), key.to_owned()))
     }

@@ -46,6 +46,27 @@ pub struct Holder {
     pub lease: LeaseId,
 }
 
+/// What a stream of [`Locker::watch_updates`](crate::Locker::watch_updates) yields: the holder,
+/// and what the stream knows about how current it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HolderUpdate {
+    /// The holder now (`None`: nobody holds the key). The first item of every stream, then one
+    /// at every change of holder or of the holder's value.
+    Holder(Option<Holder>),
+    /// Changes were skipped: the store's history was compacted, or the reader fell so far
+    /// behind that the stream dropped its backlog (a stream nobody polls holds bounded memory).
+    /// The state is read afresh; a `Holder` follows if it differs from the last one yielded.
+    Skipped,
+    /// The store may be unreachable (the watch broke, or a read of the store failed or went
+    /// unanswered for a third of the locker's TTL): the last holder yielded may be stale, and
+    /// changes may not be reaching this client. Said once per outage.
+    Stale,
+    /// The store is reachable again after a `Stale`, and the state was read afresh: the last
+    /// `Holder` yielded (one comes just before this if it changed) is the store's.
+    Current,
+}
+
 impl Holder {
     /// The value as UTF-8 text, if it is.
     pub fn value_str(&self) -> Option<&str> {

@@ -1,4 +1,5 @@
-//! `Locker::watch`: a stream of the holder of a key, fed by the locker's one watch of the store.
+//! `Locker::watch`: a stream of the holder of a key, fed by the locker's watch of the store
+//! for watch streams (the hub's `Feed::All`).
 
 use std::collections::BTreeMap;
 
@@ -8,10 +9,10 @@ use tracing::debug;
 
 use crate::backend::{Entry, EventKind, Revision};
 use crate::error::Result;
-use crate::hub::{HubMsg, Subscription};
+use crate::hub::{Heard, HubMsg, Subscription};
 use crate::locker::Locker;
 use crate::retry::Backoff;
-use crate::types::Holder;
+use crate::types::{Holder, HolderUpdate};
 
 /// The queue of one key as this client knows it, oldest entry first.
 #[derive(Debug, Default)]
@@ -52,7 +53,7 @@ impl Queue {
 pub(crate) fn holder_stream(
     locker: Locker,
     key: String,
-) -> BoxStream<'static, Result<Option<Holder>>> {
+) -> BoxStream<'static, Result<HolderUpdate>> {
     let backoff = locker.backoff();
     let feed = Feed {
         locker,
@@ -62,6 +63,9 @@ pub(crate) fn holder_stream(
         last: None,
         backoff,
         done: false,
+        said_stale: false,
+        current_after_read: false,
+        then: None,
     };
     futures::stream::unfold(feed, |mut feed| async move {
         let item = feed.next().await?;
@@ -80,13 +84,22 @@ struct Feed {
     last: Option<Option<Holder>>,
     backoff: Backoff,
     done: bool,
+    /// `Stale` was yielded, and `Current` not since.
+    said_stale: bool,
+    /// The store is reachable again: yield `Current` after the next read.
+    current_after_read: bool,
+    /// An update to yield before anything else (`Current`, after the `Holder` it follows).
+    then: Option<HolderUpdate>,
 }
 
 impl Feed {
-    /// The next change of holder; `None` once the stream has ended (after a permanent error).
-    async fn next(&mut self) -> Option<Result<Option<Holder>>> {
+    /// The next update; `None` once the stream has ended (after a permanent error).
+    async fn next(&mut self) -> Option<Result<HolderUpdate>> {
         if self.done {
             return None;
+        }
+        if let Some(update) = self.then.take() {
+            return Some(Ok(update));
         }
         let inner = &self.locker.inner;
         // Each round: subscribe (again after the hub's watch failed), read the queue (again
@@ -95,8 +108,13 @@ impl Feed {
             let Some(sub) = &mut self.sub else {
                 match inner.hub.subscribe(&self.key).await {
                     Ok(sub) => {
+                        let stale = sub.is_stale() && !self.said_stale;
                         self.sub = Some(sub);
                         self.view = None;
+                        if stale {
+                            self.said_stale = true;
+                            return Some(Ok(HolderUpdate::Stale));
+                        }
                     }
                     Err(err) if !err.is_retryable() => return self.fail(err),
                     Err(err) => {
@@ -114,8 +132,15 @@ impl Feed {
                         let queue = Queue::from_entries(snapshot.entries);
                         let holder = queue.holder();
                         self.view = Some((queue, snapshot.revision));
-                        if let Some(item) = changed(&mut self.last, holder) {
-                            return Some(Ok(item));
+                        let current = std::mem::take(&mut self.current_after_read)
+                            .then_some(HolderUpdate::Current);
+                        match (changed(&mut self.last, holder), current) {
+                            (Some(item), current) => {
+                                self.then = current;
+                                return Some(Ok(HolderUpdate::Holder(item)));
+                            }
+                            (None, Some(current)) => return Some(Ok(current)),
+                            (None, None) => {}
                         }
                     }
                     Err(err) if err.is_retryable() => {
@@ -128,25 +153,41 @@ impl Feed {
                 continue;
             };
             match sub.recv().await {
-                Some(HubMsg::Event(event)) => {
+                Some(Heard::Msg(HubMsg::Event(event))) => {
                     if event.entry.mod_revision <= *read_at {
                         continue;
                     }
                     queue.apply(event.kind, event.entry);
                     let holder = queue.holder();
                     if let Some(item) = changed(&mut self.last, holder) {
-                        return Some(Ok(item));
+                        return Some(Ok(HolderUpdate::Holder(item)));
                     }
                 }
-                // History was lost: read the queue again.
-                Some(HubMsg::Resync) => self.view = None,
+                // History was lost, or the backlog dropped: read the queue again.
+                Some(Heard::Msg(HubMsg::Resync)) => {
+                    self.view = None;
+                    return Some(Ok(HolderUpdate::Skipped));
+                }
+                Some(Heard::Stale(true)) => {
+                    if !self.said_stale {
+                        self.said_stale = true;
+                        return Some(Ok(HolderUpdate::Stale));
+                    }
+                }
+                // Reachable again: read the queue afresh, then say so.
+                Some(Heard::Stale(false)) => {
+                    if std::mem::take(&mut self.said_stale) {
+                        self.view = None;
+                        self.current_after_read = true;
+                    }
+                }
                 // The hub's watch failed: subscribe again.
                 None => self.sub = None,
             }
         }
     }
 
-    fn fail(&mut self, err: crate::error::Error) -> Option<Result<Option<Holder>>> {
+    fn fail(&mut self, err: crate::error::Error) -> Option<Result<HolderUpdate>> {
         self.done = true;
         self.sub = None;
         Some(Err(err))

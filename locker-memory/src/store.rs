@@ -579,6 +579,11 @@ impl State {
             .history
             .partition_point(|(history_revision, _)| *history_revision < revision);
         self.history.drain(..keep_from);
+        // Give back the room of the history compacted away (a long run would otherwise keep the
+        // peak for good).
+        if self.history.capacity() > 4 * self.history.len().max(16) {
+            self.history.shrink_to_fit();
+        }
         debug!(revision, "memory store: compacted");
         Ok(())
     }

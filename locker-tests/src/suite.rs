@@ -12,8 +12,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use locker_core::backend::LeaseId;
 use locker_core::{
-    Error, FencingToken, Holder, LockGuard, LockHandle, LockOptions, Locker, LossReason, Ownership,
-    Result,
+    Error, FencingToken, Holder, HolderUpdate, LockGuard, LockHandle, LockOptions, Locker,
+    LossReason, Ownership, Result,
 };
 use tokio::time::{Instant, sleep, timeout};
 
@@ -39,6 +39,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "watch_starts_with_current_holder",
     "watch_starts_with_none_when_free",
     "watch_sees_put_change_and_delete",
+    "a_watch_stream_says_stale_then_current_around_an_outage",
     "watch_misses_no_change_in_a_burst_of_handoffs",
     "watch_resumes_after_compaction",
     "release_hands_off_at_once",
@@ -105,6 +106,7 @@ macro_rules! conformance_suite {
             watch_starts_with_current_holder,
             watch_starts_with_none_when_free,
             watch_sees_put_change_and_delete,
+            a_watch_stream_says_stale_then_current_around_an_outage,
             watch_misses_no_change_in_a_burst_of_handoffs,
             watch_resumes_after_compaction,
             release_hands_off_at_once,
@@ -252,6 +254,15 @@ pub async fn next_holder(
         .expect("watch yielded nothing in time")
         .expect("watch stream ended")
         .expect("watch stream failed")
+}
+
+/// The next item of a stream of holder updates, bounded.
+pub async fn next_update(stream: &mut BoxStream<'static, Result<HolderUpdate>>) -> HolderUpdate {
+    timeout(PATIENCE, stream.next())
+        .await
+        .expect("watch_updates yielded nothing in time")
+        .expect("watch_updates stream ended")
+        .expect("watch_updates stream failed")
 }
 
 fn value_of(holder: &Option<Holder>) -> Option<String> {
@@ -476,6 +487,54 @@ pub async fn watch_starts_with_current_holder(h: &dyn Harness) {
     assert_eq!(first.value_str(), Some("here"));
     assert_eq!(first.token, guard.token());
     guard.release().await.expect("release");
+}
+
+/// A watch stream says when the store may be unreachable (its view may be stale) while the
+/// holder changes behind its back, and, once the store is reachable again, yields the holder as
+/// it is now and says that it is current.
+pub async fn a_watch_stream_says_stale_then_current_around_an_outage(h: &dyn Harness) {
+    // The watcher's probe runs every third of its TTL: long enough that a loaded store is not
+    // taken for an unreachable one before the cut.
+    const WATCHER_TTL: Duration = Duration::from_secs(6);
+    let key = h.key("stale");
+    let watcher_client = h.client().await;
+    let watcher = watcher_client.locker(WATCHER_TTL);
+    let mut updates = watcher.watch_updates(&key).expect("watch_updates");
+    assert_eq!(next_update(&mut updates).await, HolderUpdate::Holder(None));
+    let a = h.client().await.locker(TTL);
+    let first = a.acquire(key.clone(), "a").await.expect("acquire");
+    match next_update(&mut updates).await {
+        HolderUpdate::Holder(Some(holder)) => assert_eq!(holder.token, first.token()),
+        other => panic!("expected the first holder, got {other:?}"),
+    }
+
+    watcher_client.faults.cut(Cut::Hang).await;
+    first.release().await.expect("release");
+    let second = a.acquire(key.clone(), "b").await.expect("acquire again");
+    assert_eq!(
+        next_update(&mut updates).await,
+        HolderUpdate::Stale,
+        "the watcher is cut off: its view may be stale"
+    );
+
+    watcher_client.faults.heal().await;
+    // Holders may come first (the changes the watch missed, delivered on healing); the last one
+    // before `Current` is the holder now.
+    let mut last = None;
+    loop {
+        match next_update(&mut updates).await {
+            HolderUpdate::Holder(holder) => last = Some(holder),
+            HolderUpdate::Current => break,
+            other => panic!("expected holders, then Current; got {other:?}"),
+        }
+    }
+    let now = last.flatten().expect("a holder before Current");
+    assert_eq!(
+        (now.token, now.value_str()),
+        (second.token(), Some("b")),
+        "current again: the holder now"
+    );
+    second.release().await.expect("release");
 }
 
 /// A watch of a free key yields `None` first.
