@@ -9,7 +9,8 @@
 //! - [`Feed::Deletes`], for locks: a lock moves on deletes only (its predecessor's, its own), so
 //!   its watch leaves the puts out ([`Watcher::watch_deletes`](crate::backend::Watcher)), and the
 //!   join and release of every lock under the root cost one event each, not two.
-//! - [`Feed::All`], for watch streams, which follow values too: opened by the first watch stream.
+//! - [`Feed::All`], for watch streams, which follow values too: opened by the first watch stream,
+//!   stopped with the last; while it runs it probes the store (see [`FeedTask`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -64,8 +65,8 @@ pub(crate) const MAILBOX_BYTES: usize = 1 << 20;
 ///   it);
 /// - while a `Resync` waits to be taken, events are dropped: the reader re-reads after taking it,
 ///   at a revision at least that of every event the hub has seen by then;
-/// - past [`MAILBOX_MESSAGES`] messages or [`MAILBOX_BYTES`] bytes, the queue collapses into
-///   one `Resync`.
+/// - past [`MAILBOX_MESSAGES`] messages or [`MAILBOX_BYTES`] bytes (one event alone may be
+///   larger), the queue collapses into one `Resync`.
 ///
 /// So a stream nobody polls holds at most the bound, and after a collapse one message, however
 /// much changes; when it is polled again it re-reads and yields the state as it is then.
@@ -109,9 +110,12 @@ impl Sink for Mailbox {
                 HubMsg::Event(_) if matches!(queued.messages.front(), Some(HubMsg::Resync)) => {
                     return;
                 }
+                // One event over the byte bound alone is kept: a reader that keeps up with large
+                // values is not made to re-read at every change.
                 HubMsg::Event(_)
                     if queued.messages.len() >= MAILBOX_MESSAGES
-                        || queued.bytes + message_bytes(&msg) > MAILBOX_BYTES =>
+                        || (!queued.messages.is_empty()
+                            && queued.bytes + message_bytes(&msg) > MAILBOX_BYTES) =>
                 {
                     queued.collapse();
                 }
@@ -265,6 +269,9 @@ pub(crate) struct Registration {
     id: u64,
     queue: Arc<str>,
     state: Weak<Mutex<State>>,
+    /// The feed's watch stops when its last subscriber goes (the [`Feed::All`] watch: the puts
+    /// of every lock under the root need not cross the network for nobody).
+    stop_when_empty: bool,
 }
 
 impl fmt::Debug for Registration {
@@ -291,6 +298,12 @@ impl Drop for Registration {
         let sink = list.swap_remove(at);
         if list.is_empty() {
             state.subscribers.remove(&self.queue);
+        }
+        if self.stop_when_empty
+            && state.subscribers.is_empty()
+            && let Some(task) = state.task.take()
+        {
+            task.abort();
         }
         // The sink may be the last reference to a lock's state, and through it to the locker
         // and this hub: drop it only once the hub's state is unlocked.
@@ -437,6 +450,7 @@ impl Hub {
                 id,
                 queue: key,
                 state: Arc::downgrade(&feed.state),
+                stop_when_empty: feed.feed == Feed::All,
             }
         };
         // Already up (the common case): no need to wait.
@@ -480,7 +494,12 @@ struct FeedTask {
 }
 
 impl FeedTask {
+    /// Sets whether the store may be unreachable. Only watch streams read it: the locks' feed
+    /// leaves it alone (a lock learns of an outage from its session).
     fn set_stale(&self, stale: bool) {
+        if self.feed != Feed::All {
+            return;
+        }
         let changed = self
             .stale
             .send_if_modified(|now| std::mem::replace(now, stale) != stale);
@@ -500,25 +519,24 @@ impl FeedTask {
 
 /// A read of the store after `every`, cut off after `every` again: whether it was answered. A
 /// watch alone says nothing while the store is silent (a hung member, a black-holed network);
-/// this read does. It reads the holder of a queue the feed serves (`true` if it serves none).
+/// this read does. It reads the holder of a queue the feed serves (`None`, no opinion, if it
+/// serves none).
 fn probe(
     backend: Arc<dyn LockBackend>,
     state: Weak<Mutex<State>>,
     every: Duration,
-) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+) -> Pin<Box<dyn Future<Output = Option<bool>> + Send>> {
     Box::pin(async move {
         tokio::time::sleep(every).await;
         let key = state.upgrade().and_then(|state| {
             let state = state.lock().unwrap_or_else(|e| e.into_inner());
             state.subscribers.keys().next().cloned()
         });
-        let Some(key) = key else {
-            return true;
-        };
-        matches!(
+        let key = key?;
+        Some(matches!(
             tokio::time::timeout(every, backend.holder(&key)).await,
             Ok(Ok(_))
-        )
+        ))
     })
 }
 
@@ -572,9 +590,10 @@ async fn run(t: FeedTask) {
                 return;
             }
         }
-        t.status.send_replace(Status::Up);
-        // The store answered the watch: it is reachable.
+        // The store answered the watch: it is reachable (said before Up, so that a subscriber
+        // woken by Up does not see a stale flag about to clear).
         t.set_stale(false);
+        t.status.send_replace(Status::Up);
         let mut events = stream.events;
         let mut probing = t
             .probe_every
@@ -607,7 +626,9 @@ async fn run(t: FeedTask) {
                     }
                 },
                 answered = async { probing.as_mut().expect("a probe").await }, if probing.is_some() => {
-                    t.set_stale(!answered);
+                    if let Some(answered) = answered {
+                        t.set_stale(!answered);
+                    }
                     probing = t
                         .probe_every
                         .map(|every| probe(t.backend.clone(), t.state.clone(), every));

@@ -187,8 +187,8 @@ impl LockerBuilder {
                     self.backend.clone(),
                     jitter.clone(),
                     (self.retry_base, self.retry_max),
-                    // Watch streams learn that the store may be unreachable as soon as a lock
-                    // would: within a third of the TTL.
+                    // Watch streams learn that the store may be unreachable within two thirds
+                    // of the TTL: a probe every third, answered within a third.
                     self.ttl / 3,
                 ),
                 reaper: Reaper::new(self.backend.clone(), (self.retry_base, self.retry_max)),
@@ -438,8 +438,9 @@ impl Locker {
     /// and read afresh again, and [`HolderUpdate::Skipped`] when changes were skipped
     /// (compaction, or a reader that fell behind its bounded backlog).
     ///
-    /// While the stream's watch is up, the locker probes the store with a read every third of
-    /// its TTL: a watch alone says nothing while the store is silent.
+    /// While any of its watch streams lives, the locker probes the store with a read every third
+    /// of its TTL, cut off after another third: a watch alone says nothing while the store is
+    /// silent. A stream says `Stale` within about two thirds of the TTL of an outage.
     ///
     /// # Errors
     ///

@@ -51,8 +51,9 @@ pub struct Holder {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HolderUpdate {
-    /// The holder now (`None`: nobody holds the key). The first item of every stream, then one
-    /// at every change of holder or of the holder's value.
+    /// The holder now (`None`: nobody holds the key). The first item of a stream (after a
+    /// `Stale` if the store may be unreachable as it starts), then one at every change of holder
+    /// or of the holder's value.
     Holder(Option<Holder>),
     /// Changes were skipped: the store's history was compacted, or the reader fell so far
     /// behind that the stream dropped its backlog (a stream nobody polls holds bounded memory).
@@ -60,7 +61,8 @@ pub enum HolderUpdate {
     Skipped,
     /// The store may be unreachable (the watch broke, or a read of the store failed or went
     /// unanswered for a third of the locker's TTL): the last holder yielded may be stale, and
-    /// changes may not be reaching this client. Said once per outage.
+    /// changes may not be reaching this client. Said once per outage the stream notices (one
+    /// shorter than a probe may go unnoticed).
     Stale,
     /// The store is reachable again after a `Stale`, and the state was read afresh: the last
     /// `Holder` yielded (one comes just before this if it changed) is the store's.

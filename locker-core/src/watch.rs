@@ -108,12 +108,18 @@ impl Feed {
             let Some(sub) = &mut self.sub else {
                 match inner.hub.subscribe(&self.key).await {
                     Ok(sub) => {
-                        let stale = sub.is_stale() && !self.said_stale;
+                        let stale = sub.is_stale();
                         self.sub = Some(sub);
                         self.view = None;
-                        if stale {
+                        if stale && !self.said_stale {
                             self.said_stale = true;
                             return Some(Ok(HolderUpdate::Stale));
+                        }
+                        if !stale && self.said_stale {
+                            // Reachable again by the time of this subscription: say so once
+                            // the queue is read.
+                            self.said_stale = false;
+                            self.current_after_read = true;
                         }
                     }
                     Err(err) if !err.is_retryable() => return self.fail(err),
@@ -146,6 +152,10 @@ impl Feed {
                     Err(err) if err.is_retryable() => {
                         let delay = self.backoff.next_delay();
                         debug!(key = %self.key, error = %err, ?delay, "watch: read failed; retrying");
+                        if sub.is_stale() && !self.said_stale {
+                            self.said_stale = true;
+                            return Some(Ok(HolderUpdate::Stale));
+                        }
                         tokio::time::sleep(delay).await;
                     }
                     Err(err) => return self.fail(err),
