@@ -138,7 +138,12 @@ impl EtcdBackend {
         // Reads of a whole queue and watch batches may be larger than tonic's default 4 MiB.
         let kv = client.kv_client().max_decoding_message_size(usize::MAX);
         let watch = client.watch_client().max_decoding_message_size(usize::MAX);
-        let watches = WatchMux::new(watch, settings.prefix.as_bytes(), settings.request_timeout);
+        let watches = WatchMux::new(
+            watch,
+            client.clone(),
+            settings.prefix.as_bytes(),
+            settings.request_timeout,
+        );
         EtcdBackend {
             inner: Arc::new(Inner {
                 kv,

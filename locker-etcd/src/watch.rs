@@ -20,8 +20,8 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use etcd_client::{
-    EventType, WatchClient, WatchFilterType, WatchOptions, WatchRequestSender, WatchResponse,
-    WatchResponseStream,
+    Client, EventType, WatchClient, WatchFilterType, WatchOptions, WatchRequestSender,
+    WatchResponse, WatchResponseStream,
 };
 use futures::{Stream, StreamExt};
 use locker_core::backend::{Entry, EventKind, Revision, WatchEvent, WatchStream};
@@ -50,6 +50,9 @@ enum Command {
 /// The handle a backend keeps on its hub.
 pub(crate) struct WatchMux {
     client: WatchClient,
+    /// The client the watch client comes from, to authenticate again with (its credentials,
+    /// if it has any).
+    auth: Client,
     root: Arc<[u8]>,
     request_timeout: Duration,
     commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
@@ -57,9 +60,15 @@ pub(crate) struct WatchMux {
 }
 
 impl WatchMux {
-    pub(crate) fn new(client: WatchClient, root: &[u8], request_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        client: WatchClient,
+        auth: Client,
+        root: &[u8],
+        request_timeout: Duration,
+    ) -> Self {
         WatchMux {
             client,
+            auth,
             root: root.into(),
             request_timeout,
             commands: Mutex::new(None),
@@ -78,7 +87,12 @@ impl WatchMux {
             }
         }
         let (sender, receiver) = mpsc::unbounded_channel();
-        let hub = MuxState::new(self.client.clone(), self.root.clone(), self.request_timeout);
+        let hub = MuxState::new(
+            self.client.clone(),
+            self.auth.clone(),
+            self.root.clone(),
+            self.request_timeout,
+        );
         tokio::spawn(hub.run(receiver));
         // The receiver is alive (just made), so this send cannot fail.
         let _ = sender.send(command);
@@ -162,6 +176,7 @@ struct Watch {
 
 struct MuxState {
     client: WatchClient,
+    auth: Client,
     root: Arc<[u8]>,
     request_timeout: Duration,
     watches: HashMap<u64, Watch>,
@@ -175,9 +190,10 @@ struct MuxState {
 }
 
 impl MuxState {
-    fn new(client: WatchClient, root: Arc<[u8]>, request_timeout: Duration) -> Self {
+    fn new(client: WatchClient, auth: Client, root: Arc<[u8]>, request_timeout: Duration) -> Self {
         MuxState {
             client,
+            auth,
             root,
             request_timeout,
             watches: HashMap::new(),
@@ -349,6 +365,9 @@ impl MuxState {
             if let Some(watch) = self.watches.get_mut(&id) {
                 watch.etcd_id = None;
             }
+            if is_token_refused(response.cancel_reason()) {
+                return self.authenticate_again(id).await;
+            }
             let err = self.cancel_error(id, &response);
             return self.fail(id, err);
         }
@@ -377,6 +396,9 @@ impl MuxState {
         };
         let etcd_id = response.watch_id();
         if response.canceled() {
+            if is_token_refused(response.cancel_reason()) {
+                return self.authenticate_again(id).await;
+            }
             let err = self.cancel_error(id, response);
             return self.fail(id, err);
         }
@@ -425,6 +447,32 @@ impl MuxState {
 
     /// The stream broke: every watch on it (or waiting for it) ends with a retryable error; the
     /// caller resumes from the revision after the last one it saw.
+    /// etcd refused the token the stream was opened with: it expired (`--auth-token-ttl`), or
+    /// it was issued before a restart or by another member. A stream keeps the token it was
+    /// opened with, so: authenticate again, then end every watch on the stream as broken
+    /// (retryable; their callers resume), and the next stream opens with the new token. Only a
+    /// refusal of the credentials themselves (a changed password, a removed user) ends the
+    /// watch for good.
+    async fn authenticate_again(&mut self, id: u64) {
+        match tokio::time::timeout(self.request_timeout, self.auth.refresh_token()).await {
+            Ok(Err(err)) => {
+                let err = map_error(err, Context::op("authenticate"));
+                if !err.is_retryable() {
+                    tracing::warn!(error = %err, "etcd refused the credentials");
+                    return self.fail(id, err);
+                }
+                self.broken(&format!(
+                    "the auth token was refused; authenticating failed: {err}"
+                ));
+            }
+            Err(_) => self.broken("the auth token was refused; authenticating timed out"),
+            Ok(Ok(())) => {
+                tracing::info!("etcd refused the watch stream's auth token; authenticated again");
+                self.broken("the auth token was refused; authenticated again");
+            }
+        }
+    }
+
     fn broken(&mut self, why: &str) {
         tracing::debug!(
             reason = why,
@@ -484,6 +532,11 @@ fn convert(root: &[u8], event: &etcd_client::Event) -> Option<WatchEvent> {
             })
         }
     }
+}
+
+/// Whether etcd cancelled a watch because it refused the token (not the rights) it came with.
+fn is_token_refused(reason: &str) -> bool {
+    reason.contains("invalid auth token") || reason.contains("auth token is expired")
 }
 
 /// Whether a failure means the store refuses the watch for good (credentials, permissions,

@@ -501,3 +501,139 @@ async fn waiter_cancelled_at_each_step_leaves_nothing() {
     a.close().await;
     bed.assert_clean().await;
 }
+
+/// How the authenticated cluster is restarted.
+#[derive(Debug, Clone, Copy)]
+enum Restart {
+    OneMember,
+    AllMembers,
+    Rolling,
+}
+
+const SVC_PASSWORD: &str = "svc-pw-71f0c2a9";
+
+/// A restart of an authenticated three-node cluster, with tokens that expire after 2 s
+/// (`--auth-token-ttl`), while a lock is held, waited for and watched: the holder keeps its
+/// lock, the waiter's `acquire` does not fail and owns once the holder releases, and the watch
+/// follows without ending.
+async fn restart_under_auth(how: Restart) {
+    // Long enough that the whole cluster can be down and up again within it.
+    const LOCK_TTL: Duration = Duration::from_secs(20);
+    locker_tests::init_logging();
+    let mut cluster = EtcdCluster::start_with_args(3, &["--auth-token-ttl", "2"])
+        .await
+        .expect("a three-node cluster");
+    let endpoints = cluster.endpoints();
+    let mut admin = cluster.client().await.expect("a client");
+    admin.user_add("root", "root-pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.role_add("locker-svc").await.unwrap();
+    admin
+        .role_grant_permission(
+            "locker-svc",
+            etcd_client::Permission::read_write("locker/").with_prefix(),
+        )
+        .await
+        .unwrap();
+    admin.user_add("svc", SVC_PASSWORD, None).await.unwrap();
+    admin.user_grant_role("svc", "locker-svc").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let locker = || async {
+        let backend = EtcdBackend::builder()
+            .endpoints(endpoints.clone())
+            .prefix("locker/")
+            .user("svc", SVC_PASSWORD)
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .expect("connect as svc");
+        Locker::builder(backend).ttl(LOCK_TTL).build().unwrap()
+    };
+    let (holder, waiter, watcher) = (locker().await, locker().await, locker().await);
+    let mut watch = watcher.watch("ar").unwrap();
+    assert_eq!(next_holder(&mut watch).await, None);
+    let guard = holder.acquire("ar", "holder").await.unwrap();
+    assert_eq!(
+        next_holder(&mut watch).await.map(|h| h.token),
+        Some(guard.token())
+    );
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { waiter.acquire("ar", "waiter").await }
+    });
+    eventually("the waiter is queued", || async {
+        let mut root = etcd_client::Client::connect(
+            endpoints.clone(),
+            Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
+        )
+        .await
+        .unwrap();
+        let queue = root
+            .get(
+                "locker/ar/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .map(|r| r.kvs().len());
+        queue.ok() == Some(2)
+    })
+    .await;
+
+    match how {
+        Restart::OneMember => {
+            cluster.stop(0).unwrap();
+            cluster.restart(0).await.unwrap();
+        }
+        Restart::AllMembers => {
+            cluster.stop_all().unwrap();
+            cluster.restart_all().await.unwrap();
+        }
+        Restart::Rolling => {
+            for i in 0..cluster.len() {
+                cluster.stop(i).unwrap();
+                cluster.restart(i).await.unwrap();
+                cluster
+                    .wait_for_leader(Duration::from_secs(30))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    // Past the restart and past the tokens' TTL: the old tokens are all gone.
+    sleep(Duration::from_secs(3)).await;
+    assert!(guard.is_owned(), "{how:?}: the holder kept its lock");
+    assert!(!waiting.is_finished(), "{how:?}: the waiter still waits");
+    let first = guard.token();
+    guard.release().await.expect("release after the restart");
+    let second = timeout(PATIENCE, waiting)
+        .await
+        .expect("the waiter owns in time")
+        .expect("the waiter's task")
+        .unwrap_or_else(|err| panic!("{how:?}: the waiter's acquire failed: {err}"));
+    assert!(second.token() > first);
+    // The watch did not end: it sees the waiter hold, then nobody.
+    let mut last = None;
+    while last != Some(second.token()) {
+        last = next_holder(&mut watch).await.map(|h| h.token);
+    }
+    second.release().await.unwrap();
+    assert_eq!(next_holder(&mut watch).await, None);
+    for locker in [holder, waiter, watcher] {
+        locker.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_one_member_restart_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    restart_under_auth(Restart::OneMember).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_whole_cluster_restart_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    restart_under_auth(Restart::AllMembers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_rolling_restart_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    restart_under_auth(Restart::Rolling).await;
+}

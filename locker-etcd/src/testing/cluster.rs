@@ -28,6 +28,19 @@ impl EtcdCluster {
     ///
     /// If there is no etcd binary, or the cluster does not come up within 30 s.
     pub async fn start(size: usize) -> std::io::Result<EtcdCluster> {
+        Self::start_with_args(size, &[] as &[&str]).await
+    }
+
+    /// Starts a new cluster of `size` members, each with `extra` arguments too (say
+    /// `["--auth-token-ttl", "2"]`), and waits until it has a leader.
+    ///
+    /// # Errors
+    ///
+    /// If there is no etcd binary, or the cluster does not come up within 30 s.
+    pub async fn start_with_args<S: AsRef<str>>(
+        size: usize,
+        extra: &[S],
+    ) -> std::io::Result<EtcdCluster> {
         let binary = etcd_binary()?;
         let mut ports = Vec::new();
         while ports.len() < size * 2 {
@@ -66,6 +79,7 @@ impl EtcdCluster {
                 "--election-timeout".to_owned(),
                 "500".to_owned(),
             ]);
+            args.extend(extra.iter().map(|arg| arg.as_ref().to_owned()));
             let process = spawn_member(&binary, dir, client_url.clone(), &args)?;
             members.push(Member {
                 process,

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Permission};
+use futures::StreamExt;
 use locker_core::{Error, FailureKind, Locker, Ownership};
 use locker_etcd::testing::{EtcdProcess, TestPki};
 use locker_etcd::{EtcdBackend, EtcdBackendBuilder, Identity};
@@ -334,5 +335,160 @@ async fn auth_limits_a_user_to_its_prefix_and_hides_passwords() {
     for shown in [log, chain(&err), format!("{err:?}")] {
         assert!(!shown.contains(WRONG_PASSWORD), "{shown}");
         assert!(!shown.contains(SVC_PASSWORD), "{shown}");
+    }
+}
+
+/// An etcd with authentication on: `root`, and `svc` limited to `locker/`.
+async fn etcd_with_auth(extra: &[&str]) -> EtcdProcess {
+    let etcd = EtcdProcess::start_with_args(extra)
+        .await
+        .expect("a dedicated etcd (this test needs an etcd binary)");
+    let mut admin = Client::connect(etcd.endpoints(), None).await.unwrap();
+    admin.user_add("root", "root-pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.role_add("locker-svc").await.unwrap();
+    admin
+        .role_grant_permission(
+            "locker-svc",
+            Permission::read_write("locker/").with_prefix(),
+        )
+        .await
+        .unwrap();
+    admin.user_add("svc", SVC_PASSWORD, None).await.unwrap();
+    admin.user_grant_role("svc", "locker-svc").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    etcd
+}
+
+/// A restart of an etcd with authentication invalidates every token it issued: the holder keeps
+/// its lock, the waiter's `acquire` does not fail and owns once the holder releases, and the
+/// watch stream follows both without ending.
+#[tokio::test]
+async fn a_restart_under_auth_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    let mut etcd = etcd_with_auth(&[]).await;
+    let endpoints = etcd.endpoints();
+    let svc = || builder(endpoints.clone()).user("svc", SVC_PASSWORD);
+    let holder = Locker::new(svc().connect().await.unwrap());
+    let waiter = Locker::new(svc().connect().await.unwrap());
+    let watcher = Locker::new(svc().connect().await.unwrap());
+
+    let mut watch = watcher.watch("ar").unwrap();
+    assert_eq!(next_holder(&mut watch).await, None);
+    let guard = holder.acquire("ar", "holder").await.unwrap();
+    let seen = next_holder(&mut watch).await.expect("held");
+    assert_eq!(seen.token, guard.token());
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { waiter.acquire("ar", "waiter").await }
+    });
+    // The waiter is queued before the restart.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut admin = Client::connect(
+            etcd.endpoints(),
+            Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
+        )
+        .await
+        .unwrap();
+        let queued = admin
+            .get(
+                "locker/ar/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap()
+            .kvs()
+            .len();
+        if queued == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    etcd.stop().expect("stop etcd");
+    etcd.restart().await.expect("start etcd again");
+    // Past the restart, on new tokens: a keep-alive round and more.
+    tokio::time::sleep(locker_core::DEFAULT_TTL / 2).await;
+    assert!(
+        guard.is_owned(),
+        "the holder kept its lock through the restart"
+    );
+    assert!(!waiting.is_finished(), "the waiter still waits");
+    let token = guard.token();
+    guard.release().await.expect("release after the restart");
+    let second = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter owns in time")
+        .expect("the waiter's task")
+        .expect("the waiter's acquire does not fail");
+    assert!(second.token() > token);
+    // The watch followed: the holder went, the waiter came, and it did not end.
+    let mut last = None;
+    while last.as_ref().map(|h: &locker_core::Holder| h.token) != Some(second.token()) {
+        last = next_holder(&mut watch).await;
+    }
+    second.release().await.unwrap();
+    assert_eq!(next_holder(&mut watch).await, None);
+    for locker in [holder, waiter, watcher] {
+        locker.close().await;
+    }
+}
+
+/// A real change of rights is not a token to renew: after `svc`'s password changed and etcd
+/// restarted, authenticating again is refused, and a waiter's `acquire` and a watch stream end
+/// with a permission error instead of retrying forever.
+#[tokio::test]
+async fn a_changed_password_under_auth_is_a_permanent_error() {
+    let mut etcd = etcd_with_auth(&[]).await;
+    let endpoints = etcd.endpoints();
+    let svc = || builder(endpoints.clone()).user("svc", SVC_PASSWORD);
+    let holder = Locker::new(svc().connect().await.unwrap());
+    let waiter = Locker::new(svc().connect().await.unwrap());
+    let watcher = Locker::new(svc().connect().await.unwrap());
+    let mut watch = watcher.watch("ar").unwrap();
+    assert_eq!(next_holder(&mut watch).await, None);
+    let guard = holder.acquire("ar", "holder").await.unwrap();
+    assert!(next_holder(&mut watch).await.is_some());
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { waiter.acquire("ar", "waiter").await.map(|_| ()) }
+    });
+
+    let mut root = Client::connect(
+        etcd.endpoints(),
+        Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
+    )
+    .await
+    .unwrap();
+    root.user_change_password("svc", "another-pw-5d2e")
+        .await
+        .unwrap();
+    etcd.stop().expect("stop etcd");
+    etcd.restart().await.expect("start etcd again");
+
+    let err = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter gives up in time")
+        .expect("the waiter's task")
+        .expect_err("the waiter cannot own without rights");
+    assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match watch.next().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends in time");
+    match ended {
+        Some(Err(err)) => assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}"),
+        other => panic!("expected the watch to end with a permission error, got {other:?}"),
+    }
+    drop(guard);
+    for locker in [holder, waiter, watcher] {
+        locker.close().await;
     }
 }
