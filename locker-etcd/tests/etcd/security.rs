@@ -338,12 +338,18 @@ async fn auth_limits_a_user_to_its_prefix_and_hides_passwords() {
     }
 }
 
-/// An etcd with authentication on: `root`, and `svc` limited to `locker/`.
-async fn etcd_with_auth(extra: &[&str]) -> EtcdProcess {
-    let etcd = EtcdProcess::start_with_args(extra)
+/// An etcd with authentication on: `root`, and `svc` limited to `locker/`; with `tls`, it serves
+/// clients over TLS only and asks for client certificates (mTLS), with passwords on top.
+async fn etcd_with_auth(tls: Option<&TestPki>) -> EtcdProcess {
+    let etcd = match tls {
+        Some(pki) => tls_etcd(pki, true).await,
+        None => EtcdProcess::start()
+            .await
+            .expect("a dedicated etcd (this test needs an etcd binary)"),
+    };
+    let mut admin = Client::connect(etcd.endpoints(), connect_options(tls))
         .await
-        .expect("a dedicated etcd (this test needs an etcd binary)");
-    let mut admin = Client::connect(etcd.endpoints(), None).await.unwrap();
+        .unwrap();
     admin.user_add("root", "root-pw", None).await.unwrap();
     admin.user_grant_role("root", "root").await.unwrap();
     admin.role_add("locker-svc").await.unwrap();
@@ -360,17 +366,38 @@ async fn etcd_with_auth(extra: &[&str]) -> EtcdProcess {
     etcd
 }
 
-/// A restart of an etcd with authentication invalidates every token it issued: the holder keeps
-/// its lock, the waiter's `acquire` does not fail and owns once the holder releases, and the
+/// A plain client's options: the client certificate with `tls`.
+fn connect_options(tls: Option<&TestPki>) -> Option<etcd_client::ConnectOptions> {
+    tls.map(|pki| etcd_client::ConnectOptions::new().with_tls(pki.client_tls()))
+}
+
+/// `root`'s client.
+async fn root_client(etcd: &EtcdProcess, tls: Option<&TestPki>) -> Client {
+    let options = connect_options(tls)
+        .unwrap_or_default()
+        .with_user("root", "root-pw");
+    Client::connect(etcd.endpoints(), Some(options))
+        .await
+        .unwrap()
+}
+
+/// `svc`'s backends.
+fn svc_builder(etcd: &EtcdProcess, tls: Option<&TestPki>) -> EtcdBackendBuilder {
+    let builder = builder(etcd.endpoints()).user("svc", SVC_PASSWORD);
+    match tls {
+        Some(pki) => builder.tls(pki.client_tls()),
+        None => builder,
+    }
+}
+
+/// A restart of an etcd with authentication on invalidates every token it issued: the holder
+/// keeps its lock, the waiter's `acquire` does not fail and owns once the holder releases, and the
 /// watch stream follows both without ending.
-#[tokio::test]
-async fn a_restart_under_auth_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
-    let mut etcd = etcd_with_auth(&[]).await;
-    let endpoints = etcd.endpoints();
-    let svc = || builder(endpoints.clone()).user("svc", SVC_PASSWORD);
-    let holder = Locker::new(svc().connect().await.unwrap());
-    let waiter = Locker::new(svc().connect().await.unwrap());
-    let watcher = Locker::new(svc().connect().await.unwrap());
+async fn restart_under_auth(tls: Option<&TestPki>) {
+    let mut etcd = etcd_with_auth(tls).await;
+    let holder = Locker::new(svc_builder(&etcd, tls).connect().await.unwrap());
+    let waiter = Locker::new(svc_builder(&etcd, tls).connect().await.unwrap());
+    let watcher = Locker::new(svc_builder(&etcd, tls).connect().await.unwrap());
 
     let mut watch = watcher.watch("ar").unwrap();
     assert_eq!(next_holder(&mut watch).await, None);
@@ -382,15 +409,10 @@ async fn a_restart_under_auth_loses_no_lock_fails_no_waiter_and_ends_no_watch() 
         async move { waiter.acquire("ar", "waiter").await }
     });
     // The waiter is queued before the restart.
+    let mut root = root_client(&etcd, tls).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut admin = Client::connect(
-            etcd.endpoints(),
-            Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
-        )
-        .await
-        .unwrap();
-        let queued = admin
+        let queued = root
             .get(
                 "locker/ar/",
                 Some(etcd_client::GetOptions::new().with_prefix()),
@@ -435,17 +457,26 @@ async fn a_restart_under_auth_loses_no_lock_fails_no_waiter_and_ends_no_watch() 
     }
 }
 
+#[tokio::test]
+async fn a_restart_under_auth_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    restart_under_auth(None).await;
+}
+
+#[tokio::test]
+async fn a_restart_under_auth_and_mtls_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    let pki = TestPki::new().expect("test certificates");
+    restart_under_auth(Some(&pki)).await;
+}
+
 /// A real change of rights is not a token to renew: after `svc`'s password changed and etcd
 /// restarted, authenticating again is refused, and a waiter's `acquire` and a watch stream end
 /// with a permission error instead of retrying forever.
 #[tokio::test]
 async fn a_changed_password_under_auth_is_a_permanent_error() {
-    let mut etcd = etcd_with_auth(&[]).await;
-    let endpoints = etcd.endpoints();
-    let svc = || builder(endpoints.clone()).user("svc", SVC_PASSWORD);
-    let holder = Locker::new(svc().connect().await.unwrap());
-    let waiter = Locker::new(svc().connect().await.unwrap());
-    let watcher = Locker::new(svc().connect().await.unwrap());
+    let mut etcd = etcd_with_auth(None).await;
+    let holder = Locker::new(svc_builder(&etcd, None).connect().await.unwrap());
+    let waiter = Locker::new(svc_builder(&etcd, None).connect().await.unwrap());
+    let watcher = Locker::new(svc_builder(&etcd, None).connect().await.unwrap());
     let mut watch = watcher.watch("ar").unwrap();
     assert_eq!(next_holder(&mut watch).await, None);
     let guard = holder.acquire("ar", "holder").await.unwrap();
@@ -455,12 +486,7 @@ async fn a_changed_password_under_auth_is_a_permanent_error() {
         async move { waiter.acquire("ar", "waiter").await.map(|_| ()) }
     });
 
-    let mut root = Client::connect(
-        etcd.endpoints(),
-        Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
-    )
-    .await
-    .unwrap();
+    let mut root = root_client(&etcd, None).await;
     root.user_change_password("svc", "another-pw-5d2e")
         .await
         .unwrap();
