@@ -41,7 +41,7 @@ pub(crate) type BenchError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type BenchResult<T> = Result<T, BenchError>;
 
 /// Every scenario, in the order of the issue's table.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "acquire_release",
     "lock_rpc",
     "handoff_1",
@@ -53,6 +53,7 @@ const SCENARIOS: [&str; 11] = [
     "many_locks",
     "watchers",
     "memory_backend",
+    "fleet",
 ];
 
 const USAGE: &str = "\
@@ -106,6 +107,8 @@ fn parse_args() -> Result<Args, String> {
 /// What every scenario needs: where etcd is, how long to run, a unique key root for this run.
 pub(crate) struct Env {
     endpoints: Vec<String>,
+    /// The PID of the etcd the bench started (`None` for `LOCKER_ETCD_ENDPOINTS`).
+    pub(crate) etcd_pid: Option<u32>,
     quick: bool,
     run: String,
 }
@@ -183,6 +186,7 @@ async fn run_one(env: &Env, name: &str) -> BenchResult<Outcome> {
         "many_locks" => scenarios::many_locks(env).await,
         "watchers" => scenarios::watchers(env).await,
         "memory_backend" => scenarios::memory_backend(env).await,
+        "fleet" => scenarios::fleet(env).await,
         other => Err(format!("unknown scenario {other}").into()),
     }
 }
@@ -227,6 +231,7 @@ fn herd_ratio(outcomes: &mut [Outcome]) {
 
 async fn run(args: Args) -> BenchResult<bool> {
     let process;
+    let mut etcd_pid = None;
     let (endpoints, fsync) = match std::env::var("LOCKER_ETCD_ENDPOINTS") {
         Ok(list) => {
             let endpoints: Vec<String> = list
@@ -254,6 +259,7 @@ async fn run(args: Args) -> BenchResult<bool> {
                      LOCKER_ETCD_BIN, or point LOCKER_ETCD_ENDPOINTS at a running etcd"
                 )
             })?;
+            etcd_pid = process.pid();
             (process.endpoints(), "on (--unsafe-no-fsync=false)")
         }
     };
@@ -264,6 +270,7 @@ async fn run(args: Args) -> BenchResult<bool> {
         .map_or(0, |d| d.as_nanos() % 1_000_000_000_000);
     let env = Env {
         endpoints,
+        etcd_pid,
         quick: args.quick,
         run: format!("{}-{nanos:x}", std::process::id()),
     };

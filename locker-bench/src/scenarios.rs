@@ -1434,3 +1434,155 @@ pub(crate) async fn memory_backend(env: &Env) -> BenchResult<Outcome> {
     outcome.target = "report".to_owned();
     Ok(outcome)
 }
+
+/// How often each service of the fleet takes and gives back a key of its own.
+const FLEET_CHURN_EVERY: Duration = Duration::from_secs(1);
+
+/// The CPU etcd (the one the bench started) has used so far, from `/proc/<pid>/stat` (utime +
+/// stime, in clock ticks of 10 ms).
+fn etcd_cpu(pid: Option<u32>) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// One fleet's numbers.
+struct FleetRun {
+    handoffs: Samples,
+    events_per_client_per_s: f64,
+    etcd_cpu_share: Option<f64>,
+    seconds: f64,
+}
+
+/// `fleet`: many services, each with its own `Locker` (its own connection and session) on one
+/// etcd, under one root, as the seed's health mesh at scale. Each service holds two keys of its
+/// own and watches them, and takes and gives back a third of its own every second; two more
+/// services hand a key to each other meanwhile, timed. Reported for 50 and 200 services: the watch
+/// events each client received per second, etcd's CPU, and the hand-off latency.
+pub(crate) async fn fleet(env: &Env) -> BenchResult<Outcome> {
+    let sizes = [50, 200];
+    let mut runs = Vec::new();
+    for n in sizes {
+        runs.push(fleet_of(env, n).await?);
+        crate::compact(&mut env.raw().await?).await?;
+    }
+    let last = runs.last_mut().ok_or("no fleet ran")?;
+    let mut outcome = Outcome::new("fleet", last.handoffs.measure());
+    for (n, run) in sizes.iter().zip(runs.iter_mut()) {
+        let p50 = run.handoffs.quantile(0.5).map_or(f64::NAN, us);
+        let p99 = run.handoffs.quantile(0.99).map_or(f64::NAN, us);
+        outcome.extra(
+            &format!("events_per_client_per_s_{n}"),
+            run.events_per_client_per_s,
+        );
+        outcome.extra(&format!("handoff_p50_us_{n}"), p50);
+        outcome.extra(&format!("handoff_p99_us_{n}"), p99);
+        if let Some(share) = run.etcd_cpu_share {
+            outcome.extra(&format!("etcd_cpu_share_{n}"), share);
+        }
+        outcome.note(format!(
+            "{n} services, {:.1} s: {:.0} watch events per client per s; etcd CPU {}; hand-off \
+             p50 {p50:.0} us, p99 {p99:.0} us ({} samples)",
+            run.seconds,
+            run.events_per_client_per_s,
+            run.etcd_cpu_share.map_or_else(
+                || "unknown".to_owned(),
+                |s| format!("{:.0} % of a core", s * 100.0)
+            ),
+            run.handoffs.len(),
+        ));
+    }
+    Ok(outcome)
+}
+
+async fn fleet_of(env: &Env, n: usize) -> BenchResult<FleetRun> {
+    let rounds = env.pick(200, 20);
+    let prefix = env.prefix("fleet", &format!("n{n}"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut services = Vec::new();
+    let mut background = JoinSet::new();
+    for i in 0..n {
+        let (backend, counts) = env.ours(&prefix).await?;
+        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let mut held = Vec::new();
+        for j in 0..2 {
+            let key = format!("svc{i}/k{j}");
+            let handle = locker.lock(key.clone(), "up").await?;
+            handle.wait_owned().await?;
+            held.push(handle);
+            let mut stream = locker.watch(&key)?;
+            background.spawn(async move { while stream.next().await.is_some() {} });
+        }
+        // Each service's churn starts at its own offset, so the fleet's writes are spread.
+        let (churner, stop) = (locker.clone(), stop.clone());
+        let offset = FLEET_CHURN_EVERY * i as u32 / n as u32;
+        background.spawn(async move {
+            tokio::time::sleep(offset).await;
+            let mut tick = tokio::time::interval(FLEET_CHURN_EVERY);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if let Ok(guard) = churner.acquire(format!("svc{i}/churn"), "x").await {
+                    let _ = guard.release().await;
+                }
+            }
+        });
+        services.push((locker, counts, held));
+    }
+    // Two more services hand a key to each other, timed, while the fleet churns.
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let mut gos = Vec::new();
+    let mut tasks = JoinSet::new();
+    for id in 0..2 {
+        let (backend, _) = env.ours(&prefix).await?;
+        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let (go_tx, go_rx) = mpsc::unbounded_channel();
+        gos.push(go_tx);
+        tasks.spawn(ours_contender(locker, id, events_tx.clone(), go_rx));
+    }
+    drop(events_tx);
+    let mut ring = Ring {
+        queue: format!("{prefix}k/").into_bytes(),
+        waiters: 1,
+        events,
+        gos,
+        tasks,
+        holder: None,
+    };
+    let mut counter = env.raw().await?;
+    // Let every service's churn run once before measuring.
+    tokio::time::sleep(FLEET_CHURN_EVERY).await;
+    let events_before: u64 = services.iter().map(|(_, c, _)| c.events()).sum();
+    let cpu_before = etcd_cpu(env.etcd_pid);
+    let started = Instant::now();
+    let handoffs = ring
+        .run(&mut counter, 5, rounds, Duration::from_millis(5))
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let events: u64 = services
+        .iter()
+        .map(|(_, c, _)| c.events())
+        .sum::<u64>()
+        .saturating_sub(events_before);
+    let cpu = etcd_cpu(env.etcd_pid)
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before).as_secs_f64() / seconds);
+
+    ring.stop().await;
+    stop.store(true, Ordering::Relaxed);
+    for (locker, _, held) in services {
+        for handle in held {
+            let _ = handle.release().await;
+        }
+        locker.close().await;
+    }
+    background.abort_all();
+    while background.join_next().await.is_some() {}
+    Ok(FleetRun {
+        handoffs,
+        events_per_client_per_s: events as f64 / n as f64 / seconds,
+        etcd_cpu_share: cpu,
+        seconds,
+    })
+}

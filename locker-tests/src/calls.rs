@@ -44,10 +44,11 @@ pub const METHODS: [&str; 10] = [
     "watch",
 ];
 
-/// Call counters, one per method of [`METHODS`].
+/// Call counters, one per method of [`METHODS`], and the watch events delivered.
 #[derive(Debug, Default)]
 pub struct Counts {
     calls: [AtomicU64; 10],
+    events: AtomicU64,
 }
 
 /// A snapshot of [`Counts`].
@@ -57,6 +58,15 @@ pub struct Calls(pub [u64; 10]);
 impl Counts {
     pub(crate) fn bump(&self, method: Method) {
         self.calls[method as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_events(&self, events: usize) {
+        self.events.fetch_add(events as u64, Ordering::Relaxed);
+    }
+
+    /// The watch events the backend's watch streams have delivered so far, over all of them.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
     }
 
     /// The counts now.

@@ -294,11 +294,28 @@ impl RecordingBackend {
     }
 }
 
+/// `stream`, counting the events it delivers in `counts`.
+fn count_events(stream: WatchStream, counts: Arc<Counts>) -> WatchStream {
+    use futures::StreamExt;
+    WatchStream {
+        start_revision: stream.start_revision,
+        events: stream
+            .events
+            .inspect(move |batch| {
+                if let Ok(batch) = batch {
+                    counts.add_events(batch.len());
+                }
+            })
+            .boxed(),
+    }
+}
+
 #[async_trait]
 impl Watcher for RecordingBackend {
     async fn watch(&self, prefix: &str, from_revision: Option<Revision>) -> Result<WatchStream> {
         self.counts.bump(Method::Watch);
-        self.inner.watch(prefix, from_revision).await
+        let stream = self.inner.watch(prefix, from_revision).await?;
+        Ok(count_events(stream, self.counts.clone()))
     }
 
     async fn watch_deletes(
@@ -307,7 +324,8 @@ impl Watcher for RecordingBackend {
         from_revision: Option<Revision>,
     ) -> Result<WatchStream> {
         self.counts.bump(Method::Watch);
-        self.inner.watch_deletes(prefix, from_revision).await
+        let stream = self.inner.watch_deletes(prefix, from_revision).await?;
+        Ok(count_events(stream, self.counts.clone()))
     }
 }
 
