@@ -101,7 +101,8 @@ impl Feed {
         if let Some(update) = self.then.take() {
             return Some(Ok(update));
         }
-        let inner = &self.locker.inner;
+        let locker = self.locker.clone();
+        let inner = &locker.inner;
         // Each round: subscribe (again after the hub's watch failed), read the queue (again
         // after a gap), follow events.
         loop {
@@ -111,15 +112,8 @@ impl Feed {
                         let stale = sub.is_stale();
                         self.sub = Some(sub);
                         self.view = None;
-                        if stale && !self.said_stale {
-                            self.said_stale = true;
-                            return Some(Ok(HolderUpdate::Stale));
-                        }
-                        if !stale && self.said_stale {
-                            // Reachable again by the time of this subscription: say so once
-                            // the queue is read.
-                            self.said_stale = false;
-                            self.current_after_read = true;
+                        if let Some(update) = self.reachability(stale) {
+                            return Some(Ok(update));
                         }
                     }
                     Err(err) if !err.is_retryable() => return self.fail(err),
@@ -152,9 +146,10 @@ impl Feed {
                     Err(err) if err.is_retryable() => {
                         let delay = self.backoff.next_delay();
                         debug!(key = %self.key, error = %err, ?delay, "watch: read failed; retrying");
-                        if sub.is_stale() && !self.said_stale {
-                            self.said_stale = true;
-                            return Some(Ok(HolderUpdate::Stale));
+                        if sub.is_stale()
+                            && let Some(update) = self.reachability(true)
+                        {
+                            return Some(Ok(update));
                         }
                         tokio::time::sleep(delay).await;
                     }
@@ -178,23 +173,29 @@ impl Feed {
                     self.view = None;
                     return Some(Ok(HolderUpdate::Skipped));
                 }
-                Some(Heard::Stale(true)) => {
-                    if !self.said_stale {
-                        self.said_stale = true;
-                        return Some(Ok(HolderUpdate::Stale));
-                    }
-                }
-                // Reachable again: read the queue afresh, then say so.
-                Some(Heard::Stale(false)) => {
-                    if std::mem::take(&mut self.said_stale) {
-                        self.view = None;
-                        self.current_after_read = true;
+                Some(Heard::Stale(stale)) => {
+                    if let Some(update) = self.reachability(stale) {
+                        return Some(Ok(update));
                     }
                 }
                 // The hub's watch failed: subscribe again.
                 None => self.sub = None,
             }
         }
+    }
+
+    /// Whether the store may be unreachable now: `Stale` to yield, once per outage; once it is
+    /// reachable again, the queue is read afresh and `Current` follows the read.
+    fn reachability(&mut self, stale: bool) -> Option<HolderUpdate> {
+        if stale && !self.said_stale {
+            self.said_stale = true;
+            return Some(HolderUpdate::Stale);
+        }
+        if !stale && std::mem::take(&mut self.said_stale) {
+            self.view = None;
+            self.current_after_read = true;
+        }
+        None
     }
 
     fn fail(&mut self, err: crate::error::Error) -> Option<Result<HolderUpdate>> {

@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use locker_core::{LockBackend, Locker, Ownership};
 use locker_etcd::EtcdBackend;
-use locker_etcd::testing::{EtcdCluster, EtcdProcess, LinkState, Proxy, unique_prefix};
+use locker_etcd::testing::{
+    EtcdCluster, EtcdProcess, LinkState, Proxy, enable_auth, unique_prefix,
+};
 use locker_tests::record::{self, TenureLog};
 use locker_tests::suite::{PATIENCE, eventually, next_holder, owned};
 use tokio::time::{Instant, sleep, timeout};
@@ -525,19 +527,9 @@ async fn restart_under_auth(how: Restart) {
         .expect("a three-node cluster");
     let endpoints = cluster.endpoints();
     let mut admin = cluster.client().await.expect("a client");
-    admin.user_add("root", "root-pw", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.role_add("locker-svc").await.unwrap();
-    admin
-        .role_grant_permission(
-            "locker-svc",
-            etcd_client::Permission::read_write("locker/").with_prefix(),
-        )
+    enable_auth(&mut admin, "root-pw", "svc", SVC_PASSWORD, "locker/")
         .await
         .unwrap();
-    admin.user_add("svc", SVC_PASSWORD, None).await.unwrap();
-    admin.user_grant_role("svc", "locker-svc").await.unwrap();
-    admin.auth_enable().await.unwrap();
     let locker = || async {
         let backend = EtcdBackend::builder()
             .endpoints(endpoints.clone())

@@ -14,6 +14,7 @@
 //!   serves TLS; [`EtcdServer::start_docker`] runs one in a container of a given image.
 //! - [`EtcdCluster`] is a cluster of such processes on loopback, for failover tests.
 //! - [`Proxy`] sits between one client and etcd, to cut, black-hole, heal or slow that link.
+//! - [`enable_auth`] turns authentication on, with a user limited to one prefix.
 //!
 //! Started servers stop when dropped, and in any case when the test process ends (even if it is
 //! killed): each etcd runs under a small supervisor that notices the end of the process.
@@ -48,3 +49,33 @@ pub use cluster::EtcdCluster;
 pub use pki::TestPki;
 pub use proxy::{LinkState, Proxy};
 pub use server::{EtcdProcess, EtcdServer, etcd_binary, unique_prefix};
+
+/// Turns authentication on, through `admin` (a client of an etcd that does not have it on yet):
+/// a `root` user with `root_password`, and `user` with `password`, who may read and write the
+/// keys under `prefix` only (through a role named after the user).
+///
+/// # Errors
+///
+/// The first request etcd refuses.
+pub async fn enable_auth(
+    admin: &mut etcd_client::Client,
+    root_password: &str,
+    user: &str,
+    password: &str,
+    prefix: &str,
+) -> Result<(), etcd_client::Error> {
+    let role = format!("{user}-role");
+    admin.user_add("root", root_password, None).await?;
+    admin.user_grant_role("root", "root").await?;
+    admin.role_add(role.as_str()).await?;
+    admin
+        .role_grant_permission(
+            role.as_str(),
+            etcd_client::Permission::read_write(prefix).with_prefix(),
+        )
+        .await?;
+    admin.user_add(user, password, None).await?;
+    admin.user_grant_role(user, role.as_str()).await?;
+    admin.auth_enable().await?;
+    Ok(())
+}

@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, LockOptions, Permission, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, LockOptions, PutOptions, Txn, TxnOp};
 use futures::StreamExt;
 use locker_core::backend::{EventKind, entry_key};
 use locker_core::{Error, LockBackend, Watcher};
 use locker_etcd::EtcdBackend;
-use locker_etcd::testing::{EtcdProcess, EtcdServer, unique_prefix};
+use locker_etcd::testing::{EtcdProcess, EtcdServer, enable_auth, unique_prefix};
 use locker_tests::contract::next_events;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -258,16 +258,9 @@ async fn credentials_and_permissions_are_checked() {
         .await
         .expect("a dedicated etcd (this test needs an etcd binary)");
     let mut admin = Client::connect(etcd.endpoints(), None).await.unwrap();
-    admin.user_add("root", "root-pw", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.role_add("lockers").await.unwrap();
-    admin
-        .role_grant_permission("lockers", Permission::read_write("app/").with_prefix())
+    enable_auth(&mut admin, "root-pw", "alice", "alice-pw", "app/")
         .await
         .unwrap();
-    admin.user_add("alice", "alice-pw", None).await.unwrap();
-    admin.user_grant_role("alice", "lockers").await.unwrap();
-    admin.auth_enable().await.unwrap();
 
     let builder = || {
         EtcdBackend::builder()

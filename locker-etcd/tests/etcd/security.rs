@@ -5,10 +5,10 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Permission};
+use etcd_client::Client;
 use futures::StreamExt;
 use locker_core::{Error, FailureKind, Locker, Ownership};
-use locker_etcd::testing::{EtcdProcess, TestPki};
+use locker_etcd::testing::{EtcdProcess, TestPki, enable_auth};
 use locker_etcd::{EtcdBackend, EtcdBackendBuilder, Identity};
 use locker_tests::suite::next_holder;
 
@@ -242,19 +242,9 @@ async fn auth_limits_a_user_to_its_prefix_and_hides_passwords() {
         .expect("a dedicated etcd (this test needs an etcd binary)");
     let endpoints = etcd.endpoints();
     let mut admin = Client::connect(&endpoints, None).await.unwrap();
-    admin.user_add("root", "root-pw", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.role_add("locker-svc").await.unwrap();
-    admin
-        .role_grant_permission(
-            "locker-svc",
-            Permission::read_write("locker/").with_prefix(),
-        )
+    enable_auth(&mut admin, "root-pw", "svc", SVC_PASSWORD, "locker/")
         .await
         .unwrap();
-    admin.user_add("svc", SVC_PASSWORD, None).await.unwrap();
-    admin.user_grant_role("svc", "locker-svc").await.unwrap();
-    admin.auth_enable().await.unwrap();
 
     let svc = || builder(endpoints.clone()).user("svc", SVC_PASSWORD);
     let shown = format!("{:?} {:#?}", svc(), svc());
@@ -350,19 +340,9 @@ async fn etcd_with_auth(tls: Option<&TestPki>) -> EtcdProcess {
     let mut admin = Client::connect(etcd.endpoints(), connect_options(tls))
         .await
         .unwrap();
-    admin.user_add("root", "root-pw", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.role_add("locker-svc").await.unwrap();
-    admin
-        .role_grant_permission(
-            "locker-svc",
-            Permission::read_write("locker/").with_prefix(),
-        )
+    enable_auth(&mut admin, "root-pw", "svc", SVC_PASSWORD, "locker/")
         .await
         .unwrap();
-    admin.user_add("svc", SVC_PASSWORD, None).await.unwrap();
-    admin.user_grant_role("svc", "locker-svc").await.unwrap();
-    admin.auth_enable().await.unwrap();
     etcd
 }
 
