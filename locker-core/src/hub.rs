@@ -1,34 +1,42 @@
-//! Long-lived watches per locker, with every wait and watch stream multiplexed over them.
+//! Watches per locker, with every wait and watch stream multiplexed over them.
 //!
 //! Opening a fresh watch at a past revision for each wait is what makes etcd's own Go `Mutex` slow
-//! under contention (etcd serves such watches from a catch-up loop every 100 ms). The hub keeps
-//! one watch per [`Feed`] over the whole backend root, each for the life of the
-//! [`Locker`](crate::Locker), resumes it from the last revision seen when it breaks, and hands
-//! each event to the subscribers of the event's queue:
+//! under contention (etcd serves such watches from a catch-up loop every 100 ms). The hub opens a
+//! queue's watch from the store's current revision when the queue gets its first subscriber,
+//! *before* that subscriber reads the queue, so the store serves it from its synced set and
+//! nothing after the read is missed. It resumes a broken watch from the revision after the last
+//! one it delivered, and hands each event to the subscribers of the event's queue. Two feeds:
 //!
 //! - [`Feed::Deletes`], for locks: a lock moves on deletes only (its predecessor's, its own), so
-//!   its watch leaves the puts out ([`Watcher::watch_deletes`](crate::backend::Watcher)), and the
-//!   join and release of every lock under the root cost one event each, not two.
-//! - [`Feed::All`], for watch streams, which follow values too: opened by the first watch stream,
-//!   stopped with the last; while it runs it probes the store (see [`FeedTask`]).
+//!   its watches leave the puts out ([`Watcher::watch_deletes`](crate::backend::Watcher)).
+//! - [`Feed::All`], for watch streams, which follow values too; while it serves any queue it
+//!   probes the store (see [`probe`]).
+//!
+//! Each queue has a watch of its own (a range of the one gRPC stream, on etcd), so a client's
+//! watch traffic follows the keys it uses, not every lock under the root: a fleet of services
+//! on one etcd does not send each of them every other service's changes. A queue left by its
+//! last subscriber keeps its watch for a while ([`IDLE_WATCHES`]), for the next use of the key.
+//! A client that uses many keys at once (past [`LockerBuilder::key_watches`](crate::LockerBuilder::key_watches), 128 by default) is
+//! served by one watch over the whole root instead, as many watchers would cost the store more
+//! than one stream; it takes watches per queue again at a quarter of that. The watch taking over starts at or
+//! before the revisions the other had delivered, and each queue drops the events it had
+//! already: a switch loses nothing and delivers nothing twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use tokio::sync::{Notify, watch};
+use futures::future::BoxFuture;
+use futures::stream::{AbortHandle, Abortable, BoxStream, FuturesUnordered, SelectAll};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::backend::{LockBackend, Revision, WatchEvent, queue_of};
+use crate::backend::{LockBackend, Revision, WatchEvent, WatchStream, queue_of};
 use crate::error::{Error, Result};
-use crate::retry::Jitter;
+use crate::retry::{Backoff, Jitter};
 
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
@@ -38,8 +46,6 @@ pub(crate) enum HubMsg {
     /// History was lost (compaction): re-read the queue; events after that read follow.
     Resync,
 }
-
-type Subscribers = BTreeMap<Arc<str>, Vec<(u64, Arc<dyn Sink>)>>;
 
 /// Where the hub delivers a queue's messages: a watch stream's [`Mailbox`], or a lock's own
 /// state (one allocation per lock).
@@ -157,59 +163,261 @@ impl Mailbox {
     }
 }
 
-/// Whether the hub's watch is up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Status {
-    /// Being established (or re-established after a compaction).
-    Starting,
-    /// Established: every event after this reaches subscribers.
-    Up,
-    /// The store refused the watch for good (permission denied, ...): the message and whether
-    /// it was a permission error. The task has ended; the next subscriber starts a new one.
-    Failed { message: String, permission: bool },
+/// How many queues with subscribers a feed watches one by one by default, each on a watch of its
+/// own (see [`LockerBuilder::key_watches`](crate::LockerBuilder::key_watches)).
+pub(crate) const KEY_WATCHES: usize = 128;
+
+/// How many queues left by their last subscriber keep their own watch, for a next use of the
+/// key: a lock taken again and again opens its watch once.
+pub(crate) const IDLE_WATCHES: usize = 16;
+
+/// Why the store refused a queue's watch for good.
+#[derive(Debug, Clone)]
+struct Failure {
+    message: String,
+    permission: bool,
 }
 
-impl Status {
-    fn error(&self) -> Option<Error> {
-        match self {
-            Status::Failed {
-                message,
-                permission: true,
-            } => Some(Error::PermissionDenied {
-                message: message.clone(),
+impl Failure {
+    fn new(err: &Error) -> Self {
+        Failure {
+            message: err.to_string(),
+            permission: matches!(err, Error::PermissionDenied { .. }),
+        }
+    }
+
+    fn error(&self) -> Error {
+        if self.permission {
+            Error::PermissionDenied {
+                message: self.message.clone(),
                 source: None,
-            }),
-            Status::Failed {
-                message,
-                permission: false,
-            } => Some(Error::Backend {
-                message: message.clone(),
+            }
+        } else {
+            Error::Backend {
+                message: self.message.clone(),
                 retryable: false,
                 source: None,
-            }),
-            _ => None,
+            }
         }
     }
 }
 
-#[derive(Default)]
+/// One watch of a feed: a queue's own, or the shared one over the whole root.
+#[derive(Debug)]
+struct WatchState {
+    /// Which attempt is current: answers and events of older ones are ignored.
+    attempt: u64,
+    /// Established at least once: every change after a read issued now is delivered (a broken
+    /// watch resumes from the revision after the last one delivered).
+    ready: bool,
+    /// Broken, and being opened again.
+    broken: bool,
+    /// History was lost: the subscribers re-read once it is open again.
+    resync: bool,
+    backoff: Backoff,
+    /// Ends the stream, and with it the watch on the store.
+    abort: Option<AbortHandle>,
+}
+
+impl WatchState {
+    fn new(attempt: u64, backoff: Backoff) -> Self {
+        WatchState {
+            attempt,
+            ready: false,
+            broken: false,
+            resync: false,
+            backoff,
+            abort: None,
+        }
+    }
+
+    /// Stops the stream (if open); its watch on the store is cancelled.
+    fn stop(&mut self) {
+        if let Some(abort) = self.abort.take() {
+            abort.abort();
+        }
+    }
+}
+
+impl Drop for WatchState {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One queue of a feed.
+struct Queue {
+    subscribers: Vec<(u64, Arc<dyn Sink>)>,
+    /// The next revision to deliver: every event below it was delivered, or came before every
+    /// subscriber. Events are taken from one watch at a time, and this drops those a watch
+    /// replays after another served them.
+    next: Revision,
+    /// The queue's own watch; `None` while the shared watch serves it. A ready own watch serves
+    /// the queue; until it is ready, the shared watch does.
+    own: Option<Box<WatchState>>,
+    /// The store refused the queue's watch for good.
+    failed: Option<Box<Failure>>,
+    /// Set while the queue has no subscriber and keeps its own watch for a next use: its place
+    /// in the idle order.
+    idle: Option<u64>,
+}
+
+impl Queue {
+    /// Whether the queue's own watch serves it (and not the shared one).
+    fn served_by_own(&self) -> bool {
+        self.own.as_ref().is_some_and(|own| own.ready)
+    }
+
+    /// Whether the queue needs the shared watch: nothing else serves it.
+    fn needs_shared(&self) -> bool {
+        self.failed.is_none() && !self.served_by_own()
+    }
+
+    fn deliver(&mut self, event: &WatchEvent) {
+        let revision = event.entry.mod_revision;
+        if revision < self.next {
+            return;
+        }
+        self.next = revision + 1;
+        for (_, sink) in &self.subscribers {
+            sink.deliver(HubMsg::Event(event.clone()));
+        }
+    }
+
+    fn resync(&self) {
+        for (_, sink) in &self.subscribers {
+            sink.deliver(HubMsg::Resync);
+        }
+    }
+}
+
+/// A feed's queues and watches, shared by its subscribers and its task.
 struct State {
-    subscribers: Subscribers,
-    next_id: u64,
-    task: Option<tokio::task::AbortHandle>,
+    queues: BTreeMap<Arc<str>, Queue>,
+    /// How many queues have subscribers.
+    active: usize,
+    /// How many queues with subscribers have watches of their own, at most.
+    up_to: usize,
+    /// Whether the shared watch serves new queues (past `up_to`, until a quarter of it).
+    shared_mode: bool,
+    /// The watch over the whole root, while it is wanted.
+    shared: Option<WatchState>,
+    /// The revision after the last event the shared watch delivered.
+    shared_next: Revision,
+    /// Idle queues in the order they went idle (entries whose queue was taken again are
+    /// skipped), and how many are idle.
+    idle: VecDeque<(Arc<str>, u64)>,
+    idle_count: usize,
+    /// Subscriber ids, watch generations and idle places.
+    counter: u64,
+    /// The feed's task and how to reach it.
+    task: Option<(tokio::task::AbortHandle, mpsc::UnboundedSender<Cmd>)>,
+}
+
+impl State {
+    fn new(up_to: usize) -> Self {
+        State {
+            queues: BTreeMap::new(),
+            active: 0,
+            up_to,
+            shared_mode: false,
+            shared: None,
+            shared_next: 0,
+            idle: VecDeque::new(),
+            idle_count: 0,
+            counter: 0,
+            task: None,
+        }
+    }
+
+    fn bump(&mut self) -> u64 {
+        self.counter += 1;
+        self.counter
+    }
+
+    fn send(&self, cmd: Cmd) {
+        if let Some((_, cmds)) = &self.task {
+            // The task is gone only with the hub, or with its runtime (then restarted on the
+            // next registration).
+            let _ = cmds.send(cmd);
+        }
+    }
+
+    /// Whether a registration of `key` may return: `Some(Ok)` once a watch serves it.
+    fn readiness(&self, key: &str) -> Option<Result<()>> {
+        let Some(queue) = self.queues.get(key) else {
+            return Some(Err(Error::unavailable("the locker's watch is gone")));
+        };
+        if let Some(failure) = &queue.failed {
+            return Some(Err(failure.error()));
+        }
+        let shared_ready = self.shared.as_ref().is_some_and(|shared| shared.ready);
+        (queue.served_by_own() || shared_ready).then_some(Ok(()))
+    }
+
+    /// Whether some watch of the feed is broken.
+    fn any_broken(&self) -> bool {
+        self.shared.as_ref().is_some_and(|shared| shared.broken)
+            || self
+                .queues
+                .values()
+                .any(|queue| queue.own.as_ref().is_some_and(|own| own.broken))
+    }
+
+    /// The queue `key` lost its last subscriber: it keeps its own watch, idle, or goes.
+    fn left(&mut self, key: &Arc<str>) {
+        self.active -= 1;
+        let Some(queue) = self.queues.get_mut(key) else {
+            return;
+        };
+        if self.shared_mode || !queue.served_by_own() {
+            self.queues.remove(key);
+            return;
+        }
+        self.counter += 1;
+        queue.idle = Some(self.counter);
+        self.idle.push_back((key.clone(), self.counter));
+        self.idle_count += 1;
+        while self.idle_count > IDLE_WATCHES {
+            let Some((key, place)) = self.idle.pop_front() else {
+                break;
+            };
+            if self.queues.get(&key).is_some_and(|q| q.idle == Some(place)) {
+                self.queues.remove(&key);
+                self.idle_count -= 1;
+            }
+        }
+        // Entries of queues taken again are left behind: drop them once they outnumber the rest.
+        if self.idle.len() > 4 * IDLE_WATCHES {
+            let queues = &self.queues;
+            self.idle
+                .retain(|(key, place)| queues.get(key).is_some_and(|q| q.idle == Some(*place)));
+        }
+    }
 }
 
 impl fmt::Debug for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("State")
-            .field("queues", &self.subscribers.len())
-            .field("next_id", &self.next_id)
-            .field("task", &self.task)
+            .field("queues", &self.queues.len())
+            .field("active", &self.active)
+            .field("shared_mode", &self.shared_mode)
+            .field("idle", &self.idle_count)
             .finish()
     }
 }
 
-/// Which of the hub's watches a subscriber takes its events from.
+/// What a feed's task is asked to do.
+#[derive(Debug)]
+enum Cmd {
+    /// Open the own watch of a queue (of this generation).
+    Open(Arc<str>, u64),
+    /// The number of queues with subscribers changed: maybe switch between own watches and the
+    /// shared one.
+    Rebalance,
+}
+
+/// Which of the hub's feeds a subscriber takes its events from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Feed {
     /// Deletes only: what locks wait for.
@@ -218,24 +426,38 @@ pub(crate) enum Feed {
     All,
 }
 
-/// One of the hub's watches: its subscribers and whether it is up.
+/// What a feed's subscribers and its task share.
+#[derive(Debug)]
+struct FeedShared {
+    state: Mutex<State>,
+    /// Rung when a queue's watch becomes ready or fails: registrations wait for it.
+    changed: Notify,
+}
+
+impl FeedShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One of the hub's feeds: its queues, and whether the store may be unreachable.
 #[derive(Debug)]
 struct FeedState {
     feed: Feed,
-    state: Arc<Mutex<State>>,
-    /// Whether the watch is established; every event after that reaches subscribers.
-    status: watch::Sender<Status>,
-    /// Whether the store may be unreachable (the watch broke, or a probe failed or hung): what
+    shared: Arc<FeedShared>,
+    /// Whether the store may be unreachable (a watch broke, or a probe failed or hung): what
     /// its subscribers know may be stale.
     stale: watch::Sender<bool>,
 }
 
 impl FeedState {
-    fn new(feed: Feed) -> Self {
+    fn new(feed: Feed, up_to: usize) -> Self {
         FeedState {
             feed,
-            state: Arc::new(Mutex::new(State::default())),
-            status: watch::channel(Status::Starting).0,
+            shared: Arc::new(FeedShared {
+                state: Mutex::new(State::new(up_to)),
+                changed: Notify::new(),
+            }),
             stale: watch::channel(false).0,
         }
     }
@@ -243,13 +465,16 @@ impl FeedState {
 
 impl Drop for FeedState {
     fn drop(&mut self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(task) = &state.task {
+        let mut state = self.shared.lock();
+        if let Some((task, _)) = state.task.take() {
             task.abort();
         }
-        let subscribers = std::mem::take(&mut state.subscribers);
+        let queues = std::mem::take(&mut state.queues);
+        state.shared = None;
         drop(state);
-        close_all(subscribers);
+        for queue in queues.into_values() {
+            close_all(queue.subscribers);
+        }
     }
 }
 
@@ -268,9 +493,9 @@ pub(crate) struct Hub {
 pub(crate) struct Registration {
     id: u64,
     queue: Arc<str>,
-    state: Weak<Mutex<State>>,
-    /// The feed's watch stops when its last subscriber goes (the [`Feed::All`] watch: the puts
-    /// of every lock under the root need not cross the network for nobody).
+    shared: Weak<FeedShared>,
+    /// The feed's task stops when its last subscriber goes (the [`Feed::All`] feed: the puts of
+    /// the keys it watches need not cross the network for nobody).
     stop_when_empty: bool,
 }
 
@@ -285,30 +510,45 @@ impl fmt::Debug for Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let Some(state) = self.state.upgrade() else {
+        let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(list) = state.subscribers.get_mut(&self.queue) else {
+        let mut state = shared.lock();
+        let Some(queue) = state.queues.get_mut(&self.queue) else {
             return;
         };
-        let Some(at) = list.iter().position(|(id, _)| *id == self.id) else {
+        let Some(at) = queue.subscribers.iter().position(|(id, _)| *id == self.id) else {
+            // The store refused the queue's watch, and its subscribers were told: forget it.
+            if queue.failed.is_some() && queue.subscribers.is_empty() {
+                state.queues.remove(&self.queue);
+            }
             return;
         };
-        let sink = list.swap_remove(at);
-        if list.is_empty() {
-            state.subscribers.remove(&self.queue);
-        }
-        if self.stop_when_empty
-            && state.subscribers.is_empty()
-            && let Some(task) = state.task.take()
-        {
-            task.abort();
+        let sink = queue.subscribers.swap_remove(at);
+        let mut gone = Vec::new();
+        if queue.subscribers.is_empty() {
+            state.left(&self.queue);
+            if self.stop_when_empty && state.active == 0 {
+                // Every queue left is idle: its watch ends with the task.
+                if let Some((task, _)) = state.task.take() {
+                    task.abort();
+                }
+                gone.extend(std::mem::take(&mut state.queues).into_values());
+                state.shared = None;
+                state.shared_mode = false;
+                state.idle.clear();
+                state.idle_count = 0;
+            } else if state.shared_mode {
+                state.send(Cmd::Rebalance);
+            } else {
+                retire_shared(&mut state);
+            }
         }
         // The sink may be the last reference to a lock's state, and through it to the locker
         // and this hub: drop it only once the hub's state is unlocked.
         drop(state);
         drop(sink);
+        drop(gone);
     }
 }
 
@@ -337,8 +577,8 @@ impl Subscription {
         self.stale.as_ref().is_some_and(|stale| *stale.borrow())
     }
 
-    /// The next message or change of reachability; `None` only if the hub is gone or its watch
-    /// failed for good.
+    /// The next message or change of reachability; `None` only if the hub is gone or the
+    /// queue's watch failed for good.
     ///
     /// # Cancel safety
     ///
@@ -363,25 +603,27 @@ impl Subscription {
 
 impl Hub {
     /// A hub over `backend`; `probe_every`: how often the store is probed while watch streams
-    /// follow it (see [`Feed::All`]).
+    /// follow it (see [`Feed::All`]); `key_watches`: how many queues have watches of their own,
+    /// at most.
     pub(crate) fn new(
         backend: Arc<dyn LockBackend>,
         jitter: Arc<Jitter>,
         retry: (Duration, Duration),
         probe_every: Duration,
+        key_watches: usize,
     ) -> Self {
         Hub {
             backend,
             jitter,
             retry,
             probe_every,
-            deletes: FeedState::new(Feed::Deletes),
-            all: FeedState::new(Feed::All),
+            deletes: FeedState::new(Feed::Deletes, key_watches),
+            all: FeedState::new(Feed::All, key_watches),
         }
     }
 
     /// Subscribes to every event (puts and deletes) of the queue `key`, through a mailbox, on
-    /// the [`Feed::All`] watch. Returns once that watch is established (see [`Hub::register`]).
+    /// the [`Feed::All`] feed. Returns once a watch serves the queue (see [`Hub::register`]).
     ///
     /// # Cancel safety
     ///
@@ -399,9 +641,9 @@ impl Hub {
     }
 
     /// Delivers the deletes of the queue `key` to `sink` (a lock), on the [`Feed::Deletes`]
-    /// watch, until the registration is dropped. Returns once that watch is established: any
-    /// read issued afterwards is at a revision the watch covers, so every delete after that read
-    /// is delivered.
+    /// feed, until the registration is dropped. Returns once a watch serves the queue: any read
+    /// issued afterwards is at a revision the watch covers, so every delete after that read is
+    /// delivered.
     ///
     /// # Cancel safety
     ///
@@ -421,76 +663,151 @@ impl Hub {
         sink: Arc<dyn Sink>,
     ) -> Result<Registration> {
         let registration = {
-            let mut state = feed.state.lock().unwrap_or_else(|e| e.into_inner());
-            let id = state.next_id;
-            state.next_id += 1;
-            state
-                .subscribers
-                .entry(key.clone())
+            let mut state = feed.shared.lock();
+            self.start_task(feed, &mut state);
+            let id = state.bump();
+            let attempt = state.bump();
+            let becomes_active = state
+                .queues
+                .get(&key)
+                .is_none_or(|queue| queue.subscribers.is_empty());
+            if becomes_active && !state.shared_mode && state.active >= state.up_to {
+                // One queue more than own watches may serve: the shared watch takes them all.
+                state.shared_mode = true;
+                state.send(Cmd::Rebalance);
+            }
+            let shared_mode = state.shared_mode;
+            if shared_mode && state.shared.is_none() {
+                // The shared watch is not open (a refusal ended it): open it again.
+                state.send(Cmd::Rebalance);
+            }
+            let backoff = self.jitter.new_backoff(self.retry.0, self.retry.1);
+            let queue = state.queues.entry(key.clone()).or_insert_with(|| Queue {
                 // Most queues have one subscriber in a locker: no room for more up front.
-                .or_insert_with(|| Vec::with_capacity(1))
-                .push((id, sink));
-            // Start the watch task on first use, and again if it ended (a permanent error, or
-            // the runtime that ran it shut down).
-            if state.task.as_ref().is_none_or(|t| t.is_finished()) {
-                feed.status.send_replace(Status::Starting);
-                let task = tokio::spawn(run(FeedTask {
-                    backend: self.backend.clone(),
-                    feed: feed.feed,
-                    jitter: self.jitter.clone(),
-                    retry: self.retry,
-                    state: Arc::downgrade(&feed.state),
-                    status: feed.status.clone(),
-                    stale: feed.stale.clone(),
-                    probe_every: (feed.feed == Feed::All).then_some(self.probe_every),
-                }));
-                state.task = Some(task.abort_handle());
+                subscribers: Vec::with_capacity(1),
+                next: 0,
+                own: None,
+                failed: None,
+                idle: None,
+            });
+            // A queue whose watch the store refused is tried afresh by a new subscriber.
+            if queue.failed.is_some() && queue.subscribers.is_empty() {
+                queue.failed = None;
+            }
+            let mut open = None;
+            if !shared_mode && queue.own.is_none() && queue.failed.is_none() {
+                queue.own = Some(Box::new(WatchState::new(attempt, backoff)));
+                open = Some(attempt);
+            }
+            let was_idle = queue.idle.take().is_some();
+            queue.subscribers.push((id, sink));
+            let first = queue.subscribers.len() == 1;
+            if was_idle {
+                state.idle_count -= 1;
+            }
+            if first {
+                state.active += 1;
+            }
+            if let Some(attempt) = open {
+                state.send(Cmd::Open(key.clone(), attempt));
             }
             Registration {
                 id,
-                queue: key,
-                state: Arc::downgrade(&feed.state),
+                queue: key.clone(),
+                shared: Arc::downgrade(&feed.shared),
                 stop_when_empty: feed.feed == Feed::All,
             }
         };
-        // Already up (the common case): no need to wait.
-        let status = if *feed.status.borrow() == Status::Up {
-            Status::Up
-        } else {
-            let mut status = feed.status.subscribe();
-            // The sender lives in `self`, so this only ends when the watch is up or has failed.
-            status
-                .wait_for(|s| *s != Status::Starting)
-                .await
-                .map(|s| s.clone())
-                .unwrap_or(Status::Up)
-        };
-        match status.error() {
-            Some(err) => Err(err),
-            None => Ok(registration),
+        loop {
+            let changed = feed.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            // Not in the `if let`: its temporaries (the lock) would live through the block, and
+            // dropping the registration locks again.
+            let ready = feed.shared.lock().readiness(&key);
+            if let Some(ready) = ready {
+                return ready.map(|()| registration);
+            }
+            changed.await;
+        }
+    }
+
+    /// Starts the feed's task on first use, and again if it ended (the runtime that ran it shut
+    /// down): every queue's watch opens again, from where it was.
+    fn start_task(&self, feed: &FeedState, state: &mut State) {
+        if state
+            .task
+            .as_ref()
+            .is_some_and(|(task, _)| !task.is_finished())
+        {
+            return;
+        }
+        let (cmds, receiver) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(
+            FeedTask {
+                backend: self.backend.clone(),
+                feed: feed.feed,
+                jitter: self.jitter.clone(),
+                retry: self.retry,
+                shared: Arc::downgrade(&feed.shared),
+                stale: feed.stale.clone(),
+                probe_every: (feed.feed == Feed::All).then_some(self.probe_every),
+                streams: SelectAll::new(),
+                opening: FuturesUnordered::new(),
+            },
+            receiver,
+        ));
+        state.task = Some((task.abort_handle(), cmds));
+        state.shared = None;
+        state.shared_mode = false;
+        let keys: Vec<Arc<str>> = state.queues.keys().cloned().collect();
+        for key in keys {
+            let attempt = state.bump();
+            let backoff = self.jitter.new_backoff(self.retry.0, self.retry.1);
+            let Some(queue) = state.queues.get_mut(&key) else {
+                continue;
+            };
+            let ready = queue.next > 0;
+            let mut own = WatchState::new(attempt, backoff);
+            own.ready = ready;
+            queue.own = Some(Box::new(own));
+            state.send(Cmd::Open(key, attempt));
         }
     }
 }
 
 /// Tells every subscriber that no more messages will come. Called with the hub's state
 /// unlocked: a sink may be the last reference to a lock's state, and through it to the hub.
-fn close_all(subscribers: Subscribers) {
-    for (_, sink) in subscribers.values().flatten() {
+fn close_all(subscribers: Vec<(u64, Arc<dyn Sink>)>) {
+    for (_, sink) in subscribers {
         sink.close();
     }
 }
 
-/// What a feed's task needs.
+/// Which watch an answer or an event comes from.
+#[derive(Debug, Clone)]
+enum Tag {
+    /// A queue's own watch, of one generation.
+    Own(Arc<str>, u64),
+    /// The shared watch, of one generation.
+    Shared(u64),
+}
+
+/// A watch's batches, tagged, and then `None` when it ends.
+type Tagged = Abortable<BoxStream<'static, (Tag, Option<Result<Vec<WatchEvent>>>)>>;
+
+/// What a feed's task owns: the streams of its watches and the watches being opened.
 struct FeedTask {
     backend: Arc<dyn LockBackend>,
     feed: Feed,
     jitter: Arc<Jitter>,
     retry: (Duration, Duration),
-    state: Weak<Mutex<State>>,
-    status: watch::Sender<Status>,
+    shared: Weak<FeedShared>,
     stale: watch::Sender<bool>,
-    /// Probe the store this often (the [`Feed::All`] watch only).
+    /// Probe the store this often (the [`Feed::All`] feed only).
     probe_every: Option<Duration>,
+    streams: SelectAll<Tagged>,
+    opening: FuturesUnordered<BoxFuture<'static, (Tag, Result<WatchStream>)>>,
 }
 
 impl FeedTask {
@@ -515,6 +832,369 @@ impl FeedTask {
             }
         }
     }
+
+    /// Opens a watch (after `delay`): the queue's own (`prefix` is `queue/`), or the shared one.
+    fn open(&mut self, tag: Tag, from: Option<Revision>, delay: Duration) {
+        let (backend, feed) = (self.backend.clone(), self.feed);
+        let prefix = match &tag {
+            Tag::Own(key, _) => format!("{key}/"),
+            Tag::Shared(_) => String::new(),
+        };
+        self.opening.push(Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let opened = match feed {
+                Feed::Deletes => backend.watch_deletes(&prefix, from).await,
+                Feed::All => backend.watch(&prefix, from).await,
+            };
+            (tag, opened)
+        }));
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        match cmd {
+            Cmd::Open(key, attempt) => {
+                let from = {
+                    let state = shared.lock();
+                    let Some(queue) = state.queues.get(&key) else {
+                        return;
+                    };
+                    if queue.own.as_ref().is_none_or(|own| own.attempt != attempt) {
+                        return;
+                    }
+                    (queue.next > 0).then_some(queue.next)
+                };
+                self.open(Tag::Own(key, attempt), from, Duration::ZERO);
+            }
+            Cmd::Rebalance => self.rebalance(&shared),
+        }
+    }
+
+    /// Opens the shared watch once the feed serves more queues than own watches may, and goes
+    /// back to own watches at a quarter of that.
+    fn rebalance(&mut self, shared: &FeedShared) {
+        let mut state = shared.lock();
+        if !state.shared_mode {
+            return;
+        }
+        if state.active > state.up_to / 4 {
+            if state.shared.is_some() {
+                return;
+            }
+            // The shared watch starts where the queue furthest behind is, so that nothing is
+            // missed when it takes over (each queue drops what it already had).
+            let from = state
+                .queues
+                .values()
+                .map(|queue| queue.next)
+                .filter(|next| *next > 0)
+                .min();
+            let attempt = state.bump();
+            debug!(feed = ?self.feed, queues = state.active, "hub: one watch for every queue");
+            state.shared_next = from.unwrap_or(0);
+            state.shared = Some(WatchState::new(
+                attempt,
+                self.jitter.new_backoff(self.retry.0, self.retry.1),
+            ));
+            drop(state);
+            self.open(Tag::Shared(attempt), from, Duration::ZERO);
+        } else {
+            debug!(feed = ?self.feed, queues = state.active, "hub: a watch per queue again");
+            state.shared_mode = false;
+            let shared_next = state.shared_next;
+            let keys: Vec<Arc<str>> = state.queues.keys().cloned().collect();
+            let mut opens = Vec::new();
+            for key in keys {
+                let attempt = state.bump();
+                let backoff = self.jitter.new_backoff(self.retry.0, self.retry.1);
+                let Some(queue) = state.queues.get_mut(&key) else {
+                    continue;
+                };
+                if queue.own.is_some() || queue.failed.is_some() {
+                    continue;
+                }
+                // Every event below the shared watch's next was delivered to every queue.
+                queue.next = queue.next.max(shared_next);
+                queue.own = Some(Box::new(WatchState::new(attempt, backoff)));
+                opens.push((key, attempt, (queue.next > 0).then_some(queue.next)));
+            }
+            retire_shared(&mut state);
+            drop(state);
+            for (key, attempt, from) in opens {
+                self.open(Tag::Own(key, attempt), from, Duration::ZERO);
+            }
+        }
+    }
+
+    /// A watch answered its opening.
+    fn opened(&mut self, tag: Tag, opened: Result<WatchStream>) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut state = shared.lock();
+        let (watch, next) = match &tag {
+            Tag::Own(key, attempt) => match state.queues.get_mut(key) {
+                Some(queue)
+                    if queue
+                        .own
+                        .as_ref()
+                        .is_some_and(|own| own.attempt == *attempt) =>
+                {
+                    let Queue { own, next, .. } = queue;
+                    (own.as_deref_mut().expect("checked"), next)
+                }
+                _ => return,
+            },
+            Tag::Shared(attempt) => {
+                let State {
+                    shared,
+                    shared_next,
+                    ..
+                } = &mut *state;
+                match shared {
+                    Some(watch) if watch.attempt == *attempt => (watch, shared_next),
+                    _ => return,
+                }
+            }
+        };
+        let feed = self.feed;
+        let stream = match opened {
+            Ok(stream) => stream,
+            Err(Error::Compacted { .. }) => {
+                debug!(
+                    ?feed,
+                    ?tag,
+                    "hub watch: history compacted; resyncing subscribers"
+                );
+                watch.resync = true;
+                drop(state);
+                return self.open(tag, None, Duration::ZERO);
+            }
+            Err(err) if !err.is_retryable() => {
+                warn!(?feed, ?tag, error = %err, "hub watch refused by the store");
+                return self.refused(state, &tag, &err);
+            }
+            Err(err) => {
+                watch.broken = true;
+                let delay = watch.backoff.next_delay();
+                let from = (*next > 0).then_some(*next);
+                debug!(?feed, ?tag, error = %err, ?delay, "hub watch failed; retrying");
+                drop(state);
+                self.set_stale(true);
+                return self.open(tag, from, delay);
+            }
+        };
+        watch.backoff.reset();
+        watch.ready = true;
+        watch.broken = false;
+        let resync = std::mem::take(&mut watch.resync);
+        let end = tag.clone();
+        let events: BoxStream<'static, _> = {
+            let tag = tag.clone();
+            stream
+                .events
+                .map(move |batch| (tag.clone(), Some(batch)))
+                .chain(futures::stream::once(async move { (end, None) }))
+                .boxed()
+        };
+        let (events, abort) = futures::stream::abortable(events);
+        watch.abort = Some(abort);
+        let start = stream.start_revision;
+        *next = (*next).max(start);
+        self.streams.push(events);
+        match &tag {
+            Tag::Own(key, _) => {
+                let queue = state.queues.get(key).expect("checked");
+                if resync {
+                    queue.resync();
+                }
+                retire_shared(&mut state);
+            }
+            Tag::Shared(_) => {
+                // The shared watch takes over from own watches (its start is at or before
+                // their next, unless history was lost: then they re-read).
+                let shared_mode = state.shared_mode;
+                for queue in state.queues.values_mut() {
+                    let switching = shared_mode && queue.own.take().is_some();
+                    if (switching && start > queue.next) || (resync && !queue.served_by_own()) {
+                        queue.resync();
+                    }
+                }
+            }
+        }
+        let broken = state.any_broken();
+        drop(state);
+        shared.changed.notify_waiters();
+        // The store answered a watch: it is reachable (said before registrations return, so
+        // that a subscriber does not see a stale flag about to clear).
+        if !broken {
+            self.set_stale(false);
+        }
+    }
+
+    /// The store refused a watch for good: its queues' subscribers are told, and registrations
+    /// waiting for it fail.
+    fn refused(&mut self, mut state: std::sync::MutexGuard<'_, State>, tag: &Tag, err: &Error) {
+        let failure = Failure::new(err);
+        let mut closed = Vec::new();
+        let keys: Vec<Arc<str>> = match tag {
+            Tag::Own(key, _) => vec![key.clone()],
+            Tag::Shared(_) => {
+                state.shared = None;
+                state
+                    .queues
+                    .iter()
+                    .filter(|(_, queue)| !queue.served_by_own())
+                    .map(|(key, _)| key.clone())
+                    .collect()
+            }
+        };
+        for key in keys {
+            let Some(queue) = state.queues.get_mut(&key) else {
+                continue;
+            };
+            queue.own = None;
+            queue.failed = Some(Box::new(failure.clone()));
+            let subscribers = std::mem::take(&mut queue.subscribers);
+            let was_idle = queue.idle.take().is_some();
+            if !subscribers.is_empty() {
+                state.active -= 1;
+            }
+            if was_idle {
+                state.idle_count -= 1;
+            }
+            if subscribers.is_empty() {
+                // Nobody waits to hear of the refusal.
+                state.queues.remove(&key);
+            }
+            closed.push(subscribers);
+        }
+        let shared = self.shared.upgrade();
+        drop(state);
+        if let Some(shared) = shared {
+            shared.changed.notify_waiters();
+        }
+        // Subscribers see their mailbox close and subscribe again (trying afresh).
+        for subscribers in closed {
+            close_all(subscribers);
+        }
+    }
+
+    /// A batch of a watch, or its end (`None`).
+    fn item(&mut self, tag: Tag, item: Option<Result<Vec<WatchEvent>>>) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut state = shared.lock();
+        let feed = self.feed;
+        match item {
+            Some(Ok(batch)) => match &tag {
+                Tag::Own(key, attempt) => {
+                    let Some(queue) = state.queues.get_mut(key) else {
+                        return;
+                    };
+                    if queue.own.as_ref().is_none_or(|own| own.attempt != *attempt) {
+                        return;
+                    }
+                    for event in &batch {
+                        // A queue's prefix also holds the entries of the queues below it.
+                        if queue_of(&event.entry.key) == Some(key) {
+                            queue.deliver(event);
+                        }
+                    }
+                }
+                Tag::Shared(attempt) => {
+                    if state
+                        .shared
+                        .as_ref()
+                        .is_none_or(|shared| shared.attempt != *attempt)
+                    {
+                        return;
+                    }
+                    for event in &batch {
+                        state.shared_next = event.entry.mod_revision + 1;
+                        let Some(queue) = queue_of(&event.entry.key)
+                            .and_then(|queue| state.queues.get_mut(queue))
+                        else {
+                            continue;
+                        };
+                        if !queue.served_by_own() {
+                            queue.deliver(event);
+                        }
+                    }
+                }
+            },
+            ended => {
+                let compacted = matches!(ended, Some(Err(Error::Compacted { .. })));
+                // A new generation: whatever the old stream still holds is ignored.
+                let attempt = state.bump();
+                let shared_next = state.shared_next;
+                let (watch, next, reopen) = match &tag {
+                    Tag::Own(key, old) => match state.queues.get_mut(key) {
+                        Some(queue)
+                            if queue.own.as_ref().is_some_and(|own| own.attempt == *old) =>
+                        {
+                            (
+                                queue.own.as_deref_mut().expect("checked"),
+                                queue.next,
+                                Tag::Own(key.clone(), attempt),
+                            )
+                        }
+                        _ => return,
+                    },
+                    Tag::Shared(old) => match state.shared.as_mut() {
+                        Some(watch) if watch.attempt == *old => {
+                            (watch, shared_next, Tag::Shared(attempt))
+                        }
+                        _ => return,
+                    },
+                };
+                watch.attempt = attempt;
+                watch.abort = None;
+                let (from, delay) = if compacted {
+                    warn!(
+                        ?feed,
+                        ?tag,
+                        "hub watch: history compacted; resyncing subscribers"
+                    );
+                    watch.resync = true;
+                    (None, Duration::ZERO)
+                } else {
+                    watch.broken = true;
+                    let delay = watch.backoff.next_delay();
+                    debug!(
+                        ?feed,
+                        ?tag,
+                        next,
+                        ?ended,
+                        ?delay,
+                        "hub watch broke; resuming"
+                    );
+                    ((next > 0).then_some(next), delay)
+                };
+                drop(state);
+                if !compacted {
+                    self.set_stale(true);
+                }
+                self.open(reopen, from, delay);
+            }
+        }
+    }
+}
+
+/// Ends the shared watch once no queue needs it (every queue has its own watch again).
+fn retire_shared(state: &mut State) {
+    if !state.shared_mode
+        && state.shared.is_some()
+        && !state.queues.values().any(Queue::needs_shared)
+    {
+        debug!("hub: the shared watch ends");
+        state.shared = None;
+    }
 }
 
 /// A read of the store after `every`, cut off after `every` again: whether it was answered. A
@@ -523,15 +1203,14 @@ impl FeedTask {
 /// serves none).
 fn probe(
     backend: Arc<dyn LockBackend>,
-    state: Weak<Mutex<State>>,
+    shared: Weak<FeedShared>,
     every: Duration,
-) -> Pin<Box<dyn Future<Output = Option<bool>> + Send>> {
+) -> BoxFuture<'static, Option<bool>> {
     Box::pin(async move {
         tokio::time::sleep(every).await;
-        let key = state.upgrade().and_then(|state| {
-            let state = state.lock().unwrap_or_else(|e| e.into_inner());
-            state.subscribers.keys().next().cloned()
-        });
+        let key = shared
+            .upgrade()
+            .and_then(|shared| shared.lock().queues.keys().next().cloned());
         let key = key?;
         Some(matches!(
             tokio::time::timeout(every, backend.holder(&key)).await,
@@ -540,137 +1219,27 @@ fn probe(
     })
 }
 
-async fn run(t: FeedTask) {
-    let feed = t.feed;
-    let mut from: Option<Revision> = None;
-    let mut resync = false;
-    let mut backoff = t.jitter.new_backoff(t.retry.0, t.retry.1);
+async fn run(mut t: FeedTask, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+    let mut probing = t
+        .probe_every
+        .map(|every| probe(t.backend.clone(), t.shared.clone(), every));
     loop {
-        let opened = match feed {
-            Feed::Deletes => t.backend.watch_deletes("", from).await,
-            Feed::All => t.backend.watch("", from).await,
-        };
-        let stream = match opened {
-            Ok(stream) => stream,
-            Err(Error::Compacted { .. }) => {
-                debug!(?feed, "hub watch: history compacted; resyncing subscribers");
-                from = None;
-                resync = true;
-                continue;
-            }
-            Err(err) if !err.is_retryable() => {
-                warn!(?feed, error = %err, "hub watch refused by the store");
-                let permission = matches!(err, Error::PermissionDenied { .. });
-                t.status.send_replace(Status::Failed {
-                    message: err.to_string(),
-                    permission,
-                });
-                // Subscribers see their mailbox close and subscribe again (starting a new task).
-                if let Some(state) = t.state.upgrade() {
-                    let subscribers = std::mem::take(
-                        &mut state.lock().unwrap_or_else(|e| e.into_inner()).subscribers,
-                    );
-                    close_all(subscribers);
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                Some(cmd) => t.command(cmd),
+                None => return,
+            },
+            Some((tag, opened)) = t.opening.next(), if !t.opening.is_empty() => t.opened(tag, opened),
+            Some((tag, item)) = t.streams.next(), if !t.streams.is_empty() => t.item(tag, item),
+            answered = async { probing.as_mut().expect("a probe").await }, if probing.is_some() => {
+                if let Some(answered) = answered {
+                    let broken = t.shared.upgrade().is_some_and(|shared| shared.lock().any_broken());
+                    t.set_stale(!answered || broken);
                 }
-                return;
-            }
-            Err(err) => {
-                t.set_stale(true);
-                let delay = backoff.next_delay();
-                debug!(?feed, error = %err, ?delay, "hub watch failed; retrying");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-        };
-        backoff.reset();
-        let mut next = stream.start_revision;
-        if resync {
-            resync = false;
-            if !send_all(&t.state, HubMsg::Resync) {
-                return;
-            }
-        }
-        // The store answered the watch: it is reachable (said before Up, so that a subscriber
-        // woken by Up does not see a stale flag about to clear).
-        t.set_stale(false);
-        t.status.send_replace(Status::Up);
-        let mut events = stream.events;
-        let mut probing = t
-            .probe_every
-            .map(|every| probe(t.backend.clone(), t.state.clone(), every));
-        loop {
-            tokio::select! {
-                batch = events.next() => match batch {
-                    Some(Ok(batch)) => {
-                        if let Some(last) = batch.last() {
-                            next = last.entry.mod_revision + 1;
-                        }
-                        if !send_events(&t.state, batch) {
-                            return;
-                        }
-                    }
-                    Some(Err(Error::Compacted { .. })) => {
-                        warn!(?feed, "hub watch: history compacted; resyncing subscribers");
-                        resync = true;
-                        break;
-                    }
-                    Some(Err(err)) => {
-                        debug!(?feed, error = %err, next, "hub watch broke; resuming");
-                        t.set_stale(true);
-                        break;
-                    }
-                    None => {
-                        debug!(?feed, next, "hub watch ended; resuming");
-                        t.set_stale(true);
-                        break;
-                    }
-                },
-                answered = async { probing.as_mut().expect("a probe").await }, if probing.is_some() => {
-                    if let Some(answered) = answered {
-                        t.set_stale(!answered);
-                    }
-                    probing = t
-                        .probe_every
-                        .map(|every| probe(t.backend.clone(), t.state.clone(), every));
-                }
-            }
-        }
-        from = if resync { None } else { Some(next) };
-        if !resync {
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
-    }
-}
-
-/// Sends each event to the subscribers of its queue. `false` once the hub is gone.
-fn send_events(state: &Weak<Mutex<State>>, batch: Vec<WatchEvent>) -> bool {
-    let Some(state) = state.upgrade() else {
-        return false;
-    };
-    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-    for event in batch {
-        let Some(queue) = queue_of(&event.entry.key) else {
-            continue;
-        };
-        if let Some(list) = state.subscribers.get_mut(queue) {
-            for (_, sink) in list.iter() {
-                sink.deliver(HubMsg::Event(event.clone()));
+                probing = t
+                    .probe_every
+                    .map(|every| probe(t.backend.clone(), t.shared.clone(), every));
             }
         }
     }
-    true
-}
-
-/// Sends `msg` to every subscriber. `false` once the hub is gone.
-fn send_all(state: &Weak<Mutex<State>>, msg: HubMsg) -> bool {
-    let Some(state) = state.upgrade() else {
-        return false;
-    };
-    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-    for list in state.subscribers.values_mut() {
-        for (_, sink) in list.iter() {
-            sink.deliver(msg.clone());
-        }
-    }
-    true
 }

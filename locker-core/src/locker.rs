@@ -124,6 +124,7 @@ pub struct LockerBuilder {
     retry_base: Duration,
     retry_max: Duration,
     jitter_seed: Option<u64>,
+    key_watches: usize,
 }
 
 impl LockerBuilder {
@@ -152,6 +153,20 @@ impl LockerBuilder {
     /// Seeds the jitter of retry delays, so that a run can be replayed (default: random).
     pub fn jitter_seed(mut self, seed: u64) -> Self {
         self.jitter_seed = Some(seed);
+        self
+    }
+
+    /// How many keys this locker watches one by one, at most (default 128).
+    ///
+    /// Each key a locker uses (a lock, a watch stream) gets a watch of its own on the store, a
+    /// range of the one gRPC stream on etcd, opened from the current revision before the key is
+    /// first read. So a client hears of the keys it uses only, however many other clients share
+    /// the store. A locker that uses more keys than this at once watches the whole backend root
+    /// with one watch instead (every change under the root then reaches it), and takes a watch
+    /// per key again once it uses a quarter of this number or fewer. Neither switch loses or
+    /// repeats a change. `0`: always the one watch over the root.
+    pub fn key_watches(mut self, max: usize) -> Self {
+        self.key_watches = max;
         self
     }
 
@@ -190,6 +205,7 @@ impl LockerBuilder {
                     // Watch streams learn that the store may be unreachable within two thirds
                     // of the TTL: a probe every third, answered within a third.
                     self.ttl / 3,
+                    self.key_watches,
                 ),
                 reaper: Reaper::new(self.backend.clone(), (self.retry_base, self.retry_max)),
                 backend: self.backend,
@@ -275,6 +291,7 @@ impl Locker {
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(1),
             jitter_seed: None,
+            key_watches: crate::hub::KEY_WATCHES,
         }
     }
 

@@ -17,7 +17,7 @@ use locker_core::{
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::harness::{Cut, Harness, HistoryUse};
+use crate::harness::{Cut, Harness, HistoryUse, LeaseLog, RecordingBackend};
 use crate::record;
 
 /// The TTL of most tests: etcd's minimum.
@@ -40,6 +40,8 @@ pub const BEHAVIOURS: &[&str] = &[
     "watch_starts_with_none_when_free",
     "watch_sees_put_change_and_delete",
     "a_watch_stream_says_stale_then_current_around_an_outage",
+    "a_locker_hears_only_the_keys_it_uses",
+    "a_locker_past_its_key_watches_shares_one_watch_and_misses_nothing",
     "watch_misses_no_change_in_a_burst_of_handoffs",
     "watch_resumes_after_compaction",
     "release_hands_off_at_once",
@@ -107,6 +109,8 @@ macro_rules! conformance_suite {
             watch_starts_with_none_when_free,
             watch_sees_put_change_and_delete,
             a_watch_stream_says_stale_then_current_around_an_outage,
+            a_locker_hears_only_the_keys_it_uses,
+            a_locker_past_its_key_watches_shares_one_watch_and_misses_nothing,
             watch_misses_no_change_in_a_burst_of_handoffs,
             watch_resumes_after_compaction,
             release_hands_off_at_once,
@@ -563,6 +567,134 @@ pub async fn watch_sees_put_change_and_delete(h: &dyn Harness) {
     );
     guard.release().await.expect("release");
     assert_eq!(next_holder(&mut stream).await, None);
+}
+
+/// A locker's watches follow the keys it uses: another client's changes to other keys (a
+/// sibling, a key whose name starts with this one's, a key elsewhere) send it no event, and the
+/// changes of its own key still reach it.
+pub async fn a_locker_hears_only_the_keys_it_uses(h: &dyn Harness) {
+    let key = h.key("own-keys");
+    let recording = Arc::new(RecordingBackend::new(
+        h.client().await.backend,
+        LeaseLog::default(),
+    ));
+    let counts = recording.counts();
+    let a = Locker::builder_arc(recording)
+        .ttl(TTL)
+        .build()
+        .expect("locker");
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let mut stream = a.watch(&key).expect("watch");
+    assert_eq!(
+        value_of(&next_holder(&mut stream).await).as_deref(),
+        Some("a")
+    );
+    let before = counts.events();
+    let b = h.client().await.locker(TTL);
+    let others = [
+        format!("{key}-sibling"),
+        format!("{key}x"),
+        h.key("elsewhere"),
+    ];
+    for other in &others {
+        for i in 0..5 {
+            let g = b.acquire(other.clone(), "b").await.expect("acquire");
+            g.set_value(format!("b{i}")).await.expect("set_value");
+            g.release().await.expect("release");
+        }
+    }
+    // A change of its own key, seen by the stream: every event sent before it has arrived.
+    guard.set_value("a2").await.expect("set_value");
+    assert_eq!(
+        value_of(&next_holder(&mut stream).await).as_deref(),
+        Some("a2")
+    );
+    let heard = counts.events() - before;
+    assert_eq!(
+        heard, 1,
+        "a heard {heard} events while another client made 45 changes to other keys and a \
+         changed its own value once"
+    );
+    // Its own key's hand-off reaches it.
+    let waiter = b.lock(key.clone(), "b").await.expect("lock");
+    queue_len(h, &key, 2).await;
+    guard.release().await.expect("release");
+    owned(&waiter).await;
+    loop {
+        if value_of(&next_holder(&mut stream).await).as_deref() == Some("b") {
+            break;
+        }
+    }
+    assert!(counts.events() - before > heard);
+    waiter.release().await.expect("release");
+}
+
+/// A locker that uses more keys at once than it watches one by one (here 8) watches the whole
+/// root with one watch, and takes a watch per key again as it lets keys go (here at 2). Through
+/// both switches, a waiter owns when its predecessor releases, and a holder sees an operator
+/// delete its entry.
+pub async fn a_locker_past_its_key_watches_shares_one_watch_and_misses_nothing(h: &dyn Harness) {
+    let a = h
+        .client()
+        .await
+        .builder(TTL)
+        .key_watches(8)
+        .build()
+        .expect("locker");
+    let b = h.client().await.locker(TTL);
+    // Watches of its own: a holds one key and waits for two that b holds.
+    let first = h.key("switch-held");
+    let guard = a.acquire(first.clone(), "a").await.expect("acquire");
+    let mut waits = Vec::new();
+    let mut held_by_b = Vec::new();
+    for i in 0..2 {
+        let key = h.key(&format!("switch-wait{i}"));
+        held_by_b.push(b.acquire(key.clone(), "b").await.expect("acquire"));
+        waits.push(a.lock(key.clone(), "a").await.expect("lock"));
+        queue_len(h, &key, 2).await;
+    }
+    // Seven keys more: ten in use, past eight, so one watch serves them all.
+    let mut many = Vec::new();
+    for i in 0..7 {
+        let key = h.key(&format!("switch-many{i}"));
+        many.push(a.acquire(key, "a").await.expect("acquire"));
+    }
+    let mut held_by_b = held_by_b.into_iter();
+    held_by_b
+        .next()
+        .expect("two")
+        .release()
+        .await
+        .expect("release");
+    owned(&waits[0]).await;
+    let entry = h.entries(&first).await.remove(0);
+    h.delete_key(&entry.key).await;
+    let reason = timeout(PATIENCE, guard.lost()).await.expect("loss seen");
+    assert_eq!(reason, LossReason::EntryDeleted);
+    // Down to two keys in use (the waits): a watch per key again.
+    for g in many {
+        g.release().await.expect("release");
+    }
+    drop(guard);
+    held_by_b
+        .next()
+        .expect("two")
+        .release()
+        .await
+        .expect("release");
+    owned(&waits[1]).await;
+    let mut changes = waits[0].owned_changes();
+    assert_eq!(changes.next().await, Some(true));
+    let entry = h.entries(&h.key("switch-wait0")).await.remove(0);
+    h.delete_key(&entry.key).await;
+    assert_eq!(
+        timeout(PATIENCE, changes.next()).await.expect("in time"),
+        Some(false),
+        "the holder saw its entry deleted"
+    );
+    for handle in waits {
+        let _ = handle.release().await;
+    }
 }
 
 /// Six holders in quick succession: the watch yields every one of them, in order, then `None`.
