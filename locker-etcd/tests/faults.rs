@@ -1,7 +1,8 @@
 //! Fault behaviours on a real three-node etcd cluster (one cluster per test, three processes on
 //! loopback): leader killed or frozen, the whole cluster down past the TTL, restarts, a client cut
-//! off, compaction, a holder that dies, cancelled waiters; and on a single etcd of the test's own,
-//! frozen whole.
+//! off, compaction, a holder that dies, cancelled waiters, restarts (one member, all, rolling) of
+//! an authenticated cluster in plain HTTP and over mutual TLS; and on a single etcd of the test's
+//! own, frozen whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -512,33 +513,51 @@ enum Restart {
     Rolling,
 }
 
+/// How clients reach the authenticated cluster.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    /// Plain HTTP.
+    Plain,
+    /// Mutual TLS: every client shows a certificate, on top of its password.
+    Mtls,
+}
+
 const SVC_PASSWORD: &str = "svc-pw-71f0c2a9";
 
 /// A restart of an authenticated three-node cluster, with tokens that expire after 2 s
-/// (`--auth-token-ttl`), while a lock is held, waited for and watched: the holder keeps its
-/// lock, the waiter's `acquire` does not fail and owns once the holder releases, and the watch
-/// follows without ending.
-async fn restart_under_auth(how: Restart) {
+/// (`--auth-token-ttl`), reached over `transport`, while a lock is held, waited for and watched:
+/// the holder keeps its lock, the waiter's `acquire` does not fail and owns once the holder
+/// releases, and the watch follows without ending.
+async fn restart_under_auth(how: Restart, transport: Transport) {
     // Long enough that the whole cluster can be down and up again within it.
     const LOCK_TTL: Duration = Duration::from_secs(20);
+    const ARGS: &[&str] = &["--auth-token-ttl", "2"];
     locker_tests::init_logging();
-    let mut cluster = EtcdCluster::start_with_args(3, &["--auth-token-ttl", "2"])
-        .await
-        .expect("a three-node cluster");
+    let mut cluster = match transport {
+        Transport::Plain => EtcdCluster::start_with_args(3, ARGS).await,
+        Transport::Mtls => EtcdCluster::start_mtls(3, ARGS).await,
+    }
+    .expect("a three-node cluster");
     let endpoints = cluster.endpoints();
+    let tls = cluster.client_tls();
+    if let Transport::Mtls = transport {
+        assert_mtls_only(&cluster).await;
+    }
     let mut admin = cluster.client().await.expect("a client");
     enable_auth(&mut admin, "root-pw", "svc", SVC_PASSWORD, "locker/")
         .await
         .unwrap();
+    let root_options = cluster.connect_options().with_user("root", "root-pw");
     let locker = || async {
-        let backend = EtcdBackend::builder()
+        let mut builder = EtcdBackend::builder()
             .endpoints(endpoints.clone())
             .prefix("locker/")
             .user("svc", SVC_PASSWORD)
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .expect("connect as svc");
+            .connect_timeout(Duration::from_secs(2));
+        if let Some(tls) = tls.clone() {
+            builder = builder.tls(tls);
+        }
+        let backend = builder.connect().await.expect("connect as svc");
         Locker::builder(backend).ttl(LOCK_TTL).build().unwrap()
     };
     let (holder, waiter, watcher) = (locker().await, locker().await, locker().await);
@@ -554,12 +573,9 @@ async fn restart_under_auth(how: Restart) {
         async move { waiter.acquire("ar", "waiter").await }
     });
     eventually("the waiter is queued", || async {
-        let mut root = etcd_client::Client::connect(
-            endpoints.clone(),
-            Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
-        )
-        .await
-        .unwrap();
+        let mut root = etcd_client::Client::connect(endpoints.clone(), Some(root_options.clone()))
+            .await
+            .unwrap();
         let queue = root
             .get(
                 "locker/ar/",
@@ -615,17 +631,54 @@ async fn restart_under_auth(how: Restart) {
     }
 }
 
+/// Every member of a cluster started by [`EtcdCluster::start_mtls`] serves TLS only, and refuses
+/// a client that trusts its CA but shows no certificate.
+async fn assert_mtls_only(cluster: &EtcdCluster) {
+    let pki = cluster.pki().expect("a TLS cluster has its certificates");
+    for endpoint in cluster.endpoints() {
+        assert!(endpoint.starts_with("https://"), "{endpoint}");
+        let options = etcd_client::ConnectOptions::new()
+            .with_tls(pki.ca_only())
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(2));
+        let status = async {
+            let mut client = etcd_client::Client::connect([&endpoint], Some(options)).await?;
+            client.status().await
+        };
+        let refused = timeout(PATIENCE, status).await.expect("refused in time");
+        assert!(
+            refused.is_err(),
+            "{endpoint} answered a client without a certificate"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_one_member_restart_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
-    restart_under_auth(Restart::OneMember).await;
+    restart_under_auth(Restart::OneMember, Transport::Plain).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_whole_cluster_restart_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
-    restart_under_auth(Restart::AllMembers).await;
+    restart_under_auth(Restart::AllMembers, Transport::Plain).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_rolling_restart_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
-    restart_under_auth(Restart::Rolling).await;
+    restart_under_auth(Restart::Rolling, Transport::Plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_one_member_restart_over_mtls_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    restart_under_auth(Restart::OneMember, Transport::Mtls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_whole_cluster_restart_over_mtls_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    restart_under_auth(Restart::AllMembers, Transport::Mtls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_rolling_restart_over_mtls_loses_no_lock_fails_no_waiter_and_ends_no_watch() {
+    restart_under_auth(Restart::Rolling, Transport::Mtls).await;
 }

@@ -12,7 +12,8 @@
 //! - [`EtcdProcess::start`] and its variants start a dedicated etcd that a test can stop, kill,
 //!   freeze ([`EtcdProcess::pause`]) and restart; [`EtcdProcess::start_tls`] with a [`TestPki`]
 //!   serves TLS; [`EtcdServer::start_docker`] runs one in a container of a given image.
-//! - [`EtcdCluster`] is a cluster of such processes on loopback, for failover tests.
+//! - [`EtcdCluster`] is a cluster of such processes on loopback, for failover tests; with
+//!   [`EtcdCluster::start_mtls`] it speaks mutual TLS, to clients and between members.
 //! - [`Proxy`] sits between one client and etcd, to cut, black-hole, heal or slow that link.
 //! - [`enable_auth`] turns authentication on, with a user limited to one prefix.
 //!

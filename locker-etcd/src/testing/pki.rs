@@ -55,7 +55,8 @@ impl TestPki {
         server
             .distinguished_name
             .push(DnType::CommonName, "etcd test server");
-        // etcd's gRPC gateway dials the server with the server's own certificate.
+        // etcd's gRPC gateway dials the server with the server's own certificate, and cluster
+        // members dial each other with it (`peer_flags`).
         server.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -126,6 +127,25 @@ impl TestPki {
             ]);
         }
         flags
+    }
+
+    /// etcd's flags for mutual TLS between the members of a cluster ([`EtcdCluster`]'s peer
+    /// URLs must then be `https`): each member shows the server certificate to its peers (it is
+    /// valid for `127.0.0.1` as a server and as a client) and accepts only peers whose certificate
+    /// the CA signed.
+    ///
+    /// [`EtcdCluster`]: super::EtcdCluster
+    pub fn peer_flags(&self) -> Vec<String> {
+        let path = |name: &str| self.file(name).display().to_string();
+        vec![
+            "--peer-cert-file".to_owned(),
+            path("server.pem"),
+            "--peer-key-file".to_owned(),
+            path("server-key.pem"),
+            "--peer-client-cert-auth".to_owned(),
+            "--peer-trusted-ca-file".to_owned(),
+            path("ca.pem"),
+        ]
     }
 
     /// The CA's certificate, PEM.

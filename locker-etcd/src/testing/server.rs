@@ -297,9 +297,7 @@ async fn start_dedicated(
 ) -> std::io::Result<EtcdProcess> {
     let mut last = None;
     for _ in 0..3 {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut process = spawn_single(binary, scheme, extra)?;
-        process.probe = tls.clone();
+        let process = spawn_single(binary, tls.clone(), extra)?;
         // On failure `process` is dropped here, which stops etcd and removes its directory.
         match process.wait_ready().await {
             Ok(()) => return Ok(process),
@@ -315,13 +313,20 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// The scheme of a client or peer URL: `https` with TLS, else `http`.
+pub(crate) fn url_scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
+
 /// Starts one member of a cluster under a supervisor, without waiting for it to answer (the
-/// members of a new cluster wait for each other). `args` are the member's own flags.
+/// members of a new cluster wait for each other). `args` are the member's own flags; for a member
+/// serving clients over TLS, `probe` is what a client needs to tell that it answers.
 pub(crate) fn spawn_member(
     binary: &Path,
     dir: PathBuf,
     client_url: String,
     args: &[String],
+    probe: Option<crate::TlsOptions>,
 ) -> std::io::Result<EtcdProcess> {
     let mut command = Command::new("sh");
     command
@@ -351,7 +356,7 @@ pub(crate) fn spawn_member(
         pid: None,
         client_url,
         dir,
-        probe: None,
+        probe,
     };
     process.pid = Some(process.read_started()?);
     Ok(process)
@@ -390,9 +395,14 @@ pub(crate) fn free_loopback_port() -> std::io::Result<u16> {
     free_port()
 }
 
-/// Starts a single-node etcd under a supervisor on free loopback ports (`scheme` for clients:
-/// `http` or `https`), with `--unsafe-no-fsync` and the `extra` flags, without waiting for it.
-fn spawn_single(binary: &Path, scheme: &str, extra: &[String]) -> std::io::Result<EtcdProcess> {
+/// Starts a single-node etcd under a supervisor on free loopback ports (serving clients over TLS
+/// with `tls`: the server's TLS flags are among `extra`), with `--unsafe-no-fsync` and the `extra`
+/// flags, without waiting for it.
+fn spawn_single(
+    binary: &Path,
+    tls: Option<crate::TlsOptions>,
+    extra: &[String],
+) -> std::io::Result<EtcdProcess> {
     let dir = tempfile::Builder::new()
         .prefix("locker-etcd-")
         .tempdir()?
@@ -402,6 +412,7 @@ fn spawn_single(binary: &Path, scheme: &str, extra: &[String]) -> std::io::Resul
     while peer_port == client_port {
         peer_port = free_port()?;
     }
+    let scheme = url_scheme(tls.is_some());
     let client_url = format!("{scheme}://127.0.0.1:{client_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
     let mut args = member_args(
@@ -412,7 +423,7 @@ fn spawn_single(binary: &Path, scheme: &str, extra: &[String]) -> std::io::Resul
         &format!("locker-test={peer_url}"),
     );
     args.extend(extra.iter().cloned());
-    spawn_member(binary, dir, client_url, &args)
+    spawn_member(binary, dir, client_url, &args, tls)
 }
 
 impl EtcdProcess {
@@ -457,7 +468,7 @@ impl EtcdProcess {
         start_dedicated(&etcd_binary()?, &flags, Some(probe)).await
     }
 
-    /// The client endpoint, `http://127.0.0.1:<port>`.
+    /// The client endpoint, `http://127.0.0.1:<port>` (`https://` for a TLS server).
     pub fn endpoints(&self) -> Vec<String> {
         vec![self.client_url.clone()]
     }
@@ -550,11 +561,7 @@ impl EtcdProcess {
     pub(crate) async fn wait_ready(&self) -> std::io::Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
-            let up = match &self.probe {
-                None => answers(&self.client_url).await,
-                Some(tls) => answers_tls(&self.client_url, tls).await,
-            };
-            if up {
+            if answers(&self.client_url, self.probe.as_ref()).await {
                 return Ok(());
             }
             if let Some(pid) = self.pid
@@ -663,17 +670,35 @@ fn has_exited(pid: u32) -> bool {
     }
 }
 
-/// Whether etcd answers a status request at `endpoint` within a second.
-async fn answers(endpoint: &str) -> bool {
+/// Whether etcd answers a status request at `endpoint` (over TLS with `tls`) within a second.
+async fn answers(endpoint: &str, tls: Option<&crate::TlsOptions>) -> bool {
+    status_at(endpoint, tls, Duration::from_secs(1))
+        .await
+        .is_some()
+}
+
+/// Options for a plain etcd client: TLS with `tls`.
+pub(crate) fn connect_options(tls: Option<&crate::TlsOptions>) -> ConnectOptions {
+    let options = ConnectOptions::new();
+    match tls {
+        Some(tls) => options.with_tls(tls.clone()),
+        None => options,
+    }
+}
+
+/// etcd's answer to a status request at `endpoint` (over TLS with `tls`), if it comes within
+/// `within` (connecting may take half of it).
+pub(crate) async fn status_at(
+    endpoint: &str,
+    tls: Option<&crate::TlsOptions>,
+    within: Duration,
+) -> Option<etcd_client::StatusResponse> {
     let attempt = async {
-        let options = ConnectOptions::new().with_connect_timeout(Duration::from_millis(500));
+        let options = connect_options(tls).with_connect_timeout(within / 2);
         let mut client = Client::connect([endpoint], Some(options)).await?;
         client.status().await
     };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Ok(_))
-    )
+    tokio::time::timeout(within, attempt).await.ok()?.ok()
 }
 
 const DEFAULT_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
@@ -828,7 +853,7 @@ async fn start_docker(image: &str) -> Result<EtcdServer, String> {
         endpoint.map_err(|err| format!("reading the port of container {}: {err}", docker.id))?;
     let deadline = Instant::now() + DOCKER_READY_WITHIN;
     let mut checked = Instant::now();
-    while !answers(&endpoint).await {
+    while !answers(&endpoint, None).await {
         let now = Instant::now();
         if now >= checked + Duration::from_millis(500) {
             checked = now;
@@ -863,21 +888,6 @@ fn container_runs(id: &str) -> bool {
         .args(["inspect", "--format", "{{.State.Running}}", id])
         .output()
         .is_ok_and(|output| output.status.success() && output.stdout.starts_with(b"true"))
-}
-
-/// Whether etcd answers a status request over TLS at `endpoint` within a second.
-async fn answers_tls(endpoint: &str, tls: &crate::TlsOptions) -> bool {
-    let attempt = async {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_tls(tls.clone());
-        let mut client = Client::connect([endpoint], Some(options)).await?;
-        client.status().await
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Ok(_))
-    )
 }
 
 #[cfg(test)]
