@@ -533,6 +533,7 @@ pub async fn run(world: Arc<dyn World>, plan: &Plan) -> Report {
                 key: k,
                 resource: resource.clone(),
                 beliefs: beliefs.clone(),
+                ttl: plan.ttl,
             };
             let stream = (((c as u64) << 32) | k as u64).wrapping_add(1);
             let rng = Rng::new(plan.seed ^ stream.wrapping_mul(0x2545_F491_4F6C_DD1D));
@@ -637,11 +638,12 @@ struct Contender {
     key: usize,
     resource: Arc<FencedResource>,
     beliefs: Arc<Beliefs>,
+    ttl: Duration,
 }
 
 impl Contender {
-    /// Until `end`: lock, wait to own, write to the resource now and then while owning (for a
-    /// random while), stop believing, release; again.
+    /// Until `end`: lock, wait to own, write to the resource every few milliseconds while owning
+    /// (for a random while), stop believing, release; again.
     async fn run(self, mut rng: Rng, end: Instant) {
         let name = key_name(self.key);
         while Instant::now() < end {
@@ -668,8 +670,14 @@ impl Contender {
                 from: Stamp::now(),
                 until: None,
             });
-            let hold_until = Instant::now()
-                + rng.between(Duration::from_millis(150), Duration::from_millis(600));
+            // Mostly short tenures (many hand-offs); one in ten outlasts the TTL, so that a
+            // holder cut off from the store must stop at its local deadline.
+            let hold = if rng.below(10) == 0 {
+                rng.between(self.ttl, self.ttl * 3)
+            } else {
+                rng.between(Duration::from_millis(150), Duration::from_millis(600))
+            };
+            let hold_until = Instant::now() + hold;
             let mut changes = handle.subscribe();
             loop {
                 let wrote = self
