@@ -982,4 +982,190 @@ mod tests {
             );
         }
     }
+
+    /// A tiny history on one key, stamped in the order given: `ms` from a common start.
+    struct Story {
+        start: Instant,
+        seq: u64,
+        tenures: Vec<Belief>,
+        writes: Vec<Write>,
+        revocations: Vec<Revocation>,
+    }
+
+    impl Story {
+        fn new() -> Story {
+            Story {
+                start: Instant::now(),
+                seq: 0,
+                tenures: Vec::new(),
+                writes: Vec::new(),
+                revocations: Vec::new(),
+            }
+        }
+
+        fn at(&mut self, ms: u64) -> Stamp {
+            self.seq += 1;
+            Stamp {
+                seq: self.seq,
+                at: self.start + Duration::from_millis(ms),
+            }
+        }
+
+        fn tenure(&mut self, client: usize, token: i64, from: u64) -> usize {
+            let from = self.at(from);
+            self.tenures.push(Belief {
+                client,
+                key: 0,
+                token: FencingToken::from_i64(token),
+                from,
+                until: None,
+            });
+            self.tenures.len() - 1
+        }
+
+        fn end(&mut self, tenure: usize, ms: u64) {
+            self.tenures[tenure].until = Some(self.at(ms));
+        }
+
+        fn write(&mut self, client: usize, token: i64, ms: u64, accepted: bool) {
+            let at = self.at(ms);
+            self.writes.push(Write {
+                client,
+                key: 0,
+                token: FencingToken::from_i64(token),
+                at,
+                accepted,
+            });
+        }
+
+        fn revoke(&mut self, client: usize, ms: u64) {
+            let (issued, done) = (self.at(ms), self.at(ms));
+            self.revocations.push(Revocation {
+                client,
+                isolated: true,
+                issued,
+                done,
+            });
+        }
+
+        fn check(&self) -> Checked {
+            let mut tenures = self.tenures.clone();
+            tenures.sort_by_key(|t| t.from);
+            check_key(
+                "k",
+                self.start,
+                &tenures,
+                &self.writes,
+                &self.revocations,
+                Duration::from_secs(2),
+            )
+        }
+    }
+
+    #[test]
+    fn hand_offs_without_overlap_pass() {
+        let mut story = Story::new();
+        let a = story.tenure(0, 10, 0);
+        story.write(0, 10, 5, true);
+        story.end(a, 10);
+        let b = story.tenure(1, 12, 10);
+        story.write(1, 12, 10, true);
+        story.end(b, 20);
+        let checked = story.check();
+        assert!(checked.violations.is_empty(), "{:?}", checked.violations);
+        assert_eq!(checked.excused, 0);
+    }
+
+    #[test]
+    fn an_overlap_no_revocation_explains_is_a_violation() {
+        let mut story = Story::new();
+        let a = story.tenure(0, 10, 0);
+        let b = story.tenure(1, 12, 100);
+        story.write(1, 12, 110, true);
+        story.write(0, 10, 120, false);
+        story.end(a, 130);
+        story.end(b, 200);
+        let violations = story.check().violations;
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.contains("no ExpireLease explains it")),
+            "{violations:?}"
+        );
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.contains("a stale holder that no ExpireLease explains")),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
+    fn a_revoked_holder_may_overlap_its_successor_while_fencing_refuses_it() {
+        let mut story = Story::new();
+        let a = story.tenure(0, 10, 0);
+        story.write(0, 10, 10, true);
+        story.revoke(0, 50);
+        let b = story.tenure(1, 12, 60);
+        // Before the successor wrote, the victim's write cannot be refused; after, it must be.
+        story.write(0, 10, 65, true);
+        story.write(1, 12, 70, true);
+        story.write(0, 10, 80, false);
+        story.end(a, 1500);
+        story.end(b, 2000);
+        let checked = story.check();
+        assert!(checked.violations.is_empty(), "{:?}", checked.violations);
+        assert_eq!(checked.excused, 1);
+    }
+
+    #[test]
+    fn a_revoked_holder_that_believes_past_a_ttl_is_a_violation() {
+        let mut story = Story::new();
+        let a = story.tenure(0, 10, 0);
+        story.revoke(0, 50);
+        let b = story.tenure(1, 12, 60);
+        story.end(a, 50 + 2001);
+        story.end(b, 3000);
+        let violations = story.check().violations;
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.contains("no ExpireLease explains it")),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
+    fn a_resource_that_accepts_a_stale_token_is_caught() {
+        let mut story = Story::new();
+        let a = story.tenure(0, 10, 0);
+        story.revoke(0, 50);
+        let b = story.tenure(1, 12, 60);
+        story.write(1, 12, 70, true);
+        story.write(0, 10, 80, true);
+        story.end(a, 100);
+        story.end(b, 200);
+        let violations = story.check().violations;
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.contains("the resource accepted stale token 10")),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_outside_the_writers_tenure_is_caught() {
+        let mut story = Story::new();
+        let a = story.tenure(0, 10, 0);
+        story.end(a, 10);
+        story.write(0, 10, 20, true);
+        let violations = story.check().violations;
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.contains("was made outside its believed tenure")),
+            "{violations:?}"
+        );
+    }
 }
