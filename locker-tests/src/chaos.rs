@@ -6,19 +6,25 @@
 //!
 //! # What is recorded
 //!
-//! Everything is stamped on the process's one monotonic clock (tokio's, so paused time works).
+//! Everything is stamped ([`Stamp`]) on the process's one monotonic clock (tokio's, so paused
+//! time works) and ordered by one counter (two stamps on paused time often share an instant).
 //!
 //! - **Believed tenures**, by the contending task itself, never by a task of its own: a tenure
 //!   begins when `wait_owned` returned the token to the client (stamped right after), and ends
 //!   when the client stopped believing: stamped just before it calls `release`, or as soon as it
 //!   saw its handle answer anything but that token (a published change it was waiting on, or the
-//!   check before a write).
+//!   check before a write). So a begin is stamped a little after the handle published ownership
+//!   (no write can happen in between), and an end caused by the local deadline a little after the
+//!   deadline (at most one pause between writes): the safety margin between a client's deadline
+//!   and the store's expiry of its lease covers that.
 //! - **Writes**: the resource, under its lock, asks the writer's handle whether it still owns the
 //!   key with the write's token ([`LockHandle::ownership`](locker_core::LockHandle::ownership),
 //!   which never claims ownership past the local deadline). If not, no write is made. If so, it
 //!   stamps the write, then accepts it (token at least the highest accepted) or refuses it.
-//! - **Revocations**: the world stamps an `ExpireLease` just before it asks the store to revoke,
-//!   and again once the store answered.
+//! - **Revocations**: for an `ExpireLease`, the world waits for the key's next holder
+//!   ([`fresh_holder`], so that the victim is still at work when its successor takes over), with
+//!   `isolate` black-holes the victim's client, then stamps just before it asks the store to revoke
+//!   the victim's lease, and again once the store answered.
 //!
 //! # What the checker asserts
 //!
@@ -40,8 +46,10 @@
 //! 5. A refused write must come from an excused victim (its writer's tenure overlaps, excused, a
 //!    later tenure that began before the write): fencing stopped a stale holder. A refusal that
 //!    no revocation explains means the lock let two clients believe at once.
-//! 6. If an `ExpireLease` revoked a holder's lease, at least one write was refused; otherwise the
-//!    run never tested fencing.
+//! 6. If an isolated `ExpireLease` revoked a holder's lease, at least one write was refused;
+//!    otherwise the run never tested fencing. (Every schedule opens with one. A victim that is not
+//!    cut off usually hears of the revocation before its successor writes, so it proves nothing
+//!    either way.) If the schedule has an `ExpireLease`, at least one found a holder to revoke.
 //! 7. After the faults heal, every key gets an owner again within the TTL and a few round trips;
 //!    nothing is left in the store (checked by the caller's world).
 //!
