@@ -175,6 +175,7 @@ impl EtcdWorld {
         let issued = Stamp::now();
         if let Err(err) = self.operator.revoke_lease(holder.lease).await {
             tracing::warn!(key, %err, "chaos: the revocation failed");
+            self.set_link(client, LinkState::Up, Duration::ZERO);
             return Injected::Missed;
         }
         Injected::Revoked(Revocation {

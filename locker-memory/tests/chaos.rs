@@ -40,6 +40,7 @@ async fn memory_run(plan: &Plan) -> Report {
 
 #[test]
 fn chaos_on_memory_is_safe_and_replays() {
+    locker_tests::init_logging();
     let plan = Plan::from_env(SEED, 60);
     let once = || {
         let mut runtime = tokio::runtime::Builder::new_current_thread();
@@ -119,6 +120,7 @@ impl MemoryWorld {
             return Injected::Missed;
         };
         let Some(client) = self.client_of(holder.lease) else {
+            tracing::warn!(key, ?holder, "chaos: the holder is no client's");
             return Injected::Missed;
         };
         if isolate && let Some((backend, _)) = self.client(client) {
@@ -126,6 +128,10 @@ impl MemoryWorld {
         }
         let issued = Stamp::now();
         if !self.store.expire_lease(holder.lease) {
+            tracing::warn!(key, ?holder, "chaos: the holder's lease was gone already");
+            if let Some((backend, _)) = self.client(client) {
+                backend.faults().heal();
+            }
             return Injected::Missed;
         }
         Injected::Revoked(Revocation {

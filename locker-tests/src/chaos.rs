@@ -899,14 +899,15 @@ fn check_key(
 /// backend on the run's prefix that no fault touches): the first holder to take the key after
 /// this call, so that the victim has just begun its tenure and is still working when a later
 /// holder takes over (an isolated victim then certainly writes as a stale holder). If no
-/// hand-off happens within two TTLs, the holder of the moment; `None` if there is none.
+/// hand-off happens within half a TTL, the holder of the moment (one that has held that long is
+/// at a long tenure's work); `None` if there is none.
 pub async fn fresh_holder(
     operator: &dyn locker_core::LockBackend,
     key: &str,
     ttl: Duration,
 ) -> Option<locker_core::backend::Entry> {
     let first = operator.holder(key).await.ok().and_then(|(h, _)| h);
-    let give_up = Instant::now() + ttl * 2;
+    let give_up = Instant::now() + ttl / 2;
     let mut last = first.clone();
     while Instant::now() < give_up {
         sleep(Duration::from_millis(5)).await;
