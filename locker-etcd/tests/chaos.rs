@@ -178,11 +178,23 @@ impl EtcdWorld {
             self.set_link(client, LinkState::Up, Duration::ZERO);
             return Injected::Missed;
         }
+        let done = Stamp::now();
+        // The store's revision now (any read answers it): the lease's entries are older.
+        let mut revision = None;
+        for _ in 0..100 {
+            revision = self.operator.holder(key).await.ok().map(|(_, r)| r);
+            if revision.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Injected::Revoked(Revocation {
             client,
             isolated: isolate,
             issued,
-            done: Stamp::now(),
+            done,
+            // Failing that, at least the revoked entry of this key is older.
+            revision: revision.unwrap_or(holder.create_revision + 1),
         })
     }
 }

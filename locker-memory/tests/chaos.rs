@@ -139,6 +139,7 @@ impl MemoryWorld {
             isolated: isolate,
             issued,
             done: Stamp::now(),
+            revision: self.store.current_revision(),
         })
     }
 }

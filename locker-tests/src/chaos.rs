@@ -33,10 +33,12 @@
 //! 1. Tokens increase in the order tenures began.
 //! 2. Two clients' believed tenures never overlap, **except** the overlap that early revocation
 //!    makes unavoidable: tenure `A` may overlap a later tenure `B` of another client only if an
-//!    `ExpireLease` revoked `A`'s client's lease while `A` lasted (`A` began before the store
-//!    answered the revocation), `B` began after the revocation was issued, and `A` ended at most
-//!    one TTL after the store answered (the design's bound: `A`'s local deadline is the last
-//!    keep-alive sent before the revocation plus the TTL minus the safety margin). Such an overlap
+//!    `ExpireLease` revoked the lease of `A`'s client that carried `A`'s entry (`A`'s token, the
+//!    entry's create revision, is below the store's revision read after the revocation), `B`
+//!    began after the revocation was issued, and `A` ended at most one TTL after the store
+//!    answered (the design's bound: `A`'s local deadline is the last keep-alive sent before the
+//!    revocation plus the TTL minus the safety margin). `A` may even begin after the revocation:
+//!    the read that made it the holder was answered before and reached it after. Such an overlap
 //!    is *excused*.
 //! 3. Every write (accepted or refused) was made inside its writer's believed tenure with the
 //!    write's token, and no other client's tenure on that key covered the write's instant unless
@@ -203,6 +205,9 @@ pub struct Revocation {
     pub issued: Stamp,
     /// Stamped once the store answered that it revoked it.
     pub done: Stamp,
+    /// The store's revision read after that answer: every entry the lease carried was created
+    /// before it.
+    pub revision: i64,
 }
 
 /// Where a chaos run happens.
@@ -443,6 +448,8 @@ pub struct Report {
     pub violations: Vec<String>,
     /// The fault schedule.
     pub schedule: Vec<Step>,
+    /// Every revocation, described with its stamps as offsets from the start of the run.
+    pub revocation_log: Vec<String>,
     /// The history: per key, the tenures as (client, token, start offset, end offset) in
     /// microseconds from the start of the run. On virtual time it is the same for the same seed.
     pub history: History,
@@ -488,9 +495,10 @@ impl Report {
         );
         let steps: Vec<String> = self.schedule.iter().map(|s| format!("{s:?}")).collect();
         let explain = format!(
-            "{}\n{replay}\nschedule:\n{}",
+            "{}\n{replay}\nschedule:\n{}\nrevocations:\n{}",
             self.summary(),
-            steps.join("\n")
+            steps.join("\n"),
+            self.revocation_log.join("\n")
         );
         assert!(
             self.violations.is_empty(),
@@ -601,6 +609,19 @@ pub async fn run(world: Arc<dyn World>, plan: &Plan) -> Report {
         revocations: revocations.len(),
         isolated_revocations: revocations.iter().filter(|r| r.isolated).count(),
         schedule: steps,
+        revocation_log: revocations
+            .iter()
+            .map(|r| {
+                format!(
+                    "client {}{} issued +{:?} done +{:?} revision {}",
+                    r.client,
+                    if r.isolated { " (isolated)" } else { "" },
+                    r.issued.at.duration_since(start),
+                    r.done.at.duration_since(start),
+                    r.revision
+                )
+            })
+            .collect(),
         ..Report::default()
     };
     let all = beliefs.all();
@@ -742,15 +763,19 @@ struct Checked {
 }
 
 /// Whether `victim`'s tenure may overlap `later` (another client's, begun after it): a
-/// revocation of the victim's client's lease while it lasted, issued before `later` began, and
-/// the victim's belief over within a TTL of the store's answer.
+/// revocation of the victim's client's lease, which carried the victim's entry (the entry, whose
+/// create revision is the victim's token, was there before the revocation), issued before `later`
+/// began, and the victim's belief over within a TTL of the store's answer.
+///
+/// The victim's tenure may even *begin* after the revocation: the read that told it that it held
+/// the key was answered before the revocation and reached it after.
 fn excused(victim: &Belief, later: &Belief, revocations: &[Revocation], ttl: Duration) -> bool {
     let Some(until) = victim.until else {
         return false;
     };
     revocations.iter().any(|r| {
         r.client == victim.client
-            && victim.from <= r.done
+            && victim.token.as_i64() < r.revision
             && r.issued <= later.from
             && until.at <= r.done.at + ttl
     })
@@ -1047,13 +1072,14 @@ mod tests {
             });
         }
 
-        fn revoke(&mut self, client: usize, ms: u64) {
+        fn revoke(&mut self, client: usize, ms: u64, revision: i64) {
             let (issued, done) = (self.at(ms), self.at(ms));
             self.revocations.push(Revocation {
                 client,
                 isolated: true,
                 issued,
                 done,
+                revision,
             });
         }
 
@@ -1114,7 +1140,7 @@ mod tests {
         let mut story = Story::new();
         let a = story.tenure(0, 10, 0);
         story.write(0, 10, 10, true);
-        story.revoke(0, 50);
+        story.revoke(0, 50, 11);
         let b = story.tenure(1, 12, 60);
         // Before the successor wrote, the victim's write cannot be refused; after, it must be.
         story.write(0, 10, 65, true);
@@ -1128,10 +1154,43 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_told_so_just_before_its_lease_was_revoked_may_overlap_its_successor() {
+        let mut story = Story::new();
+        story.revoke(0, 50, 11);
+        let a = story.tenure(0, 10, 55);
+        let b = story.tenure(1, 12, 60);
+        story.write(1, 12, 70, true);
+        story.write(0, 10, 80, false);
+        story.end(a, 100);
+        story.end(b, 200);
+        let checked = story.check();
+        assert!(checked.violations.is_empty(), "{:?}", checked.violations);
+        assert_eq!(checked.excused, 1);
+    }
+
+    #[test]
+    fn a_revocation_does_not_excuse_a_tenure_its_lease_did_not_carry() {
+        let mut story = Story::new();
+        story.revoke(0, 50, 11);
+        // Token 13: an entry created after the revocation, under another lease.
+        let a = story.tenure(0, 13, 55);
+        let b = story.tenure(1, 14, 60);
+        story.end(a, 100);
+        story.end(b, 200);
+        let violations = story.check().violations;
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.contains("no ExpireLease explains it")),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
     fn a_revoked_holder_that_believes_past_a_ttl_is_a_violation() {
         let mut story = Story::new();
         let a = story.tenure(0, 10, 0);
-        story.revoke(0, 50);
+        story.revoke(0, 50, 11);
         let b = story.tenure(1, 12, 60);
         story.end(a, 50 + 2001);
         story.end(b, 3000);
@@ -1148,7 +1207,7 @@ mod tests {
     fn a_resource_that_accepts_a_stale_token_is_caught() {
         let mut story = Story::new();
         let a = story.tenure(0, 10, 0);
-        story.revoke(0, 50);
+        story.revoke(0, 50, 11);
         let b = story.tenure(1, 12, 60);
         story.write(1, 12, 70, true);
         story.write(0, 10, 80, true);
