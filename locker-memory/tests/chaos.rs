@@ -2,7 +2,7 @@
 //! paused time, where the same seed gives the same history.
 //!
 //! `LOCKER_CHAOS_SECS` sets how long it runs (default: a short run), `LOCKER_CHAOS_SEED` the seed
-//! of the fault schedule (a failing seed replays: the summary line names it).
+//! of the fault schedule (a failing run prints the command that replays it, history and all).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
