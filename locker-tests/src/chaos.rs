@@ -67,8 +67,10 @@
 //!
 //! The fault schedule ([`schedule`]) is a pure function of the seed and the plan: the same seed
 //! gives the same faults at the same offsets from the start (a fault that could not start on time,
-//! behind a slow restart, starts late, but the sequence stays the same). A failing run prints its
-//! seed and the command that replays it. On the memory backend (paused time, seeded runtime) the
+//! behind a slow restart or an `ExpireLease` waiting for a fresh holder, starts late; each lasts
+//! as planned from when it took effect; the sequence stays the same). A failing run prints its
+//! seed and the command that replays it, the schedule, and each revocation with the tenures
+//! around it. On the memory backend (paused time, seeded runtime) the
 //! whole history replays; on a real cluster the schedule does.
 
 use std::collections::BTreeMap;
@@ -569,7 +571,9 @@ pub async fn run(world: Arc<dyn World>, plan: &Plan) -> Report {
             revocations.push(revocation);
         }
         tracing::debug!(?step, ?injected, "chaos: fault injected");
-        sleep_until((start + step.at + step.lasts).max(Instant::now())).await;
+        // It lasts as long as planned from when it took effect: an `ExpireLease` may have
+        // waited for a fresh holder.
+        sleep(step.lasts).await;
         world.heal(step.fault, injected).await;
     }
     for task in tasks {
@@ -609,23 +613,11 @@ pub async fn run(world: Arc<dyn World>, plan: &Plan) -> Report {
         revocations: revocations.len(),
         isolated_revocations: revocations.iter().filter(|r| r.isolated).count(),
         schedule: steps,
-        revocation_log: revocations
-            .iter()
-            .map(|r| {
-                format!(
-                    "client {}{} issued +{:?} done +{:?} revision {}",
-                    r.client,
-                    if r.isolated { " (isolated)" } else { "" },
-                    r.issued.at.duration_since(start),
-                    r.done.at.duration_since(start),
-                    r.revision
-                )
-            })
-            .collect(),
         ..Report::default()
     };
     let all = beliefs.all();
     let writes = resource.log();
+    report.revocation_log = describe_revocations(start, &revocations, &all, &writes, plan.ttl);
     for k in 0..plan.keys {
         let key = key_name(k);
         let mut tenures: Vec<Belief> = all.iter().filter(|b| b.key == k).copied().collect();
@@ -658,6 +650,55 @@ pub async fn run(world: Arc<dyn World>, plan: &Plan) -> Report {
     }
     report.violations = violations;
     report
+}
+
+/// Each revocation, then the tenures around it (begun up to a second before it, up to a TTL
+/// after it) with how many of their writes were accepted and refused.
+fn describe_revocations(
+    start: Instant,
+    revocations: &[Revocation],
+    tenures: &[Belief],
+    writes: &[Write],
+    ttl: Duration,
+) -> Vec<String> {
+    let since = |t: Stamp| t.at.saturating_duration_since(start);
+    let mut lines = Vec::new();
+    for r in revocations {
+        lines.push(format!(
+            "client {}{} issued +{:?} done +{:?} revision {}",
+            r.client,
+            if r.isolated { " (isolated)" } else { "" },
+            since(r.issued),
+            since(r.done),
+            r.revision
+        ));
+        let near = |t: &&Belief| {
+            t.from.at + Duration::from_secs(1) >= r.issued.at
+                && t.from.at <= r.done.at + ttl
+                && t.until.is_none_or(|u| u.at >= r.issued.at)
+        };
+        for t in tenures.iter().filter(near) {
+            let mine = writes
+                .iter()
+                .filter(|w| w.client == t.client && w.key == t.key && w.token == t.token);
+            let (accepted, refused) =
+                mine.fold(
+                    (0, 0),
+                    |(a, f), w| {
+                        if w.accepted { (a + 1, f) } else { (a, f + 1) }
+                    },
+                );
+            lines.push(format!(
+                "  {}: client {} token {} +{:?}..+{:?} writes accepted {accepted} refused {refused}",
+                key_name(t.key),
+                t.client,
+                t.token,
+                since(t.from),
+                t.until.map(since).unwrap_or_default(),
+            ));
+        }
+    }
+    lines
 }
 
 /// One client's contention for one key.
