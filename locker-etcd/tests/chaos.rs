@@ -1,9 +1,11 @@
 //! The chaos run with its safety checker (`locker_tests::chaos`) on a real three-node etcd
-//! cluster: each client reaches every member through proxies of its own; faults kill, freeze and
-//! restart members, cut, black-hole and slow clients, and compact the history.
+//! cluster with authentication on (tokens that expire every 2 s): each client reaches every
+//! member through proxies of its own and logs in as a user that may touch the run's prefix only;
+//! faults kill, freeze and restart members, cut, black-hole and slow clients, compact the history,
+//! and revoke holders' leases (as root, the way an operator would).
 //!
 //! `LOCKER_CHAOS_SECS` sets how long it runs (default: a short run for CI), `LOCKER_CHAOS_SEED`
-//! the seed of the fault schedule (the summary line names it).
+//! the seed of the fault schedule; a failing run prints the command that replays its schedule.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -11,32 +13,46 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use locker_core::{FencingToken, Locker};
-use locker_etcd::testing::{EtcdCluster, LinkState, Proxy, unique_prefix};
+use locker_core::{LockBackend, Locker};
+use locker_etcd::EtcdBackend;
+use locker_etcd::testing::{EtcdCluster, LinkState, Proxy, enable_auth, unique_prefix};
 use locker_tests::LeaseLog;
-use locker_tests::chaos::{Fault, Plan, World, client_locker, run};
+use locker_tests::chaos::{
+    Fault, Injected, Plan, Revocation, Stamp, World, client_locker, fresh_holder, key_name, run,
+};
 use locker_tests::suite::eventually;
 
 const SEED: u64 = 20261126;
+const ROOT_PASSWORD: &str = "chaos-root-pw";
+const USER: &str = "chaos";
+const PASSWORD: &str = "chaos-pw-5e1d";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_on_a_three_node_cluster() {
+async fn chaos_on_a_three_node_cluster_with_auth() {
     locker_tests::init_logging();
     let plan = Plan::from_env(SEED, 20);
-    let cluster = EtcdCluster::start(3).await.expect("a three-node cluster");
+    let cluster = EtcdCluster::start_with_args(3, &["--auth-token-ttl", "2"])
+        .await
+        .expect("a three-node cluster");
     let prefix = format!("locker-chaos/{}", unique_prefix("chaos"));
+    let mut admin = cluster.client().await.expect("an etcd client");
+    enable_auth(&mut admin, ROOT_PASSWORD, USER, PASSWORD, &prefix)
+        .await
+        .expect("authentication on");
     let world = Arc::new(EtcdWorld::new(cluster, prefix.clone(), plan.ttl).await);
     let report = run(world.clone(), &plan).await;
-    report.assert_safe();
-    // Nothing leaks: no entry under the run's prefix, no lease of its clients.
-    let admin = world.admin();
+    report.assert_safe("locker-etcd");
+    // Nothing leaks: no entry under the run's prefix, no lease of its clients. (A fresh client
+    // of root's for each look: tokens expire every 2 s.)
     eventually("the run's entries are gone", || {
-        let (mut admin, prefix) = (admin.clone(), prefix.clone());
+        let (world, prefix) = (world.clone(), prefix.clone());
         async move {
             let options = etcd_client::GetOptions::new()
                 .with_prefix()
                 .with_count_only();
-            admin
+            world
+                .root()
+                .await
                 .get(prefix, Some(options))
                 .await
                 .is_ok_and(|r| r.count() == 0)
@@ -45,9 +61,11 @@ async fn chaos_on_a_three_node_cluster() {
     .await;
     for lease in world.granted_leases() {
         eventually(&format!("lease {lease:x} is gone"), || {
-            let mut admin = admin.clone();
+            let world = world.clone();
             async move {
-                admin
+                world
+                    .root()
+                    .await
                     .lease_time_to_live(lease, None)
                     .await
                     .is_ok_and(|t| t.ttl() <= 0)
@@ -55,52 +73,55 @@ async fn chaos_on_a_three_node_cluster() {
         })
         .await;
     }
-    let options = etcd_client::DeleteOptions::new().with_prefix();
-    admin
-        .clone()
-        .delete(format!("chaos-resource/{prefix}"), Some(options))
-        .await
-        .unwrap();
 }
 
 /// Per client: its proxies (one per member) and its granted leases.
 type Links = BTreeMap<usize, (Vec<Arc<Proxy>>, LeaseLog)>;
 
-/// A write the etcd resource accepted: (revision, client, token).
-type AcceptedWrite = (i64, usize, FencingToken);
-
-/// The chaos world of a real three-node etcd cluster: each client reaches every member through
-/// proxies of its own; the resource is an etcd key written only by a transaction that compares
-/// the fencing token.
+/// The chaos world of a real three-node etcd cluster with authentication on: each client
+/// reaches every member through proxies of its own, as the run's user; the operator (root)
+/// reaches the members directly.
 struct EtcdWorld {
     cluster: tokio::sync::Mutex<EtcdCluster>,
     endpoints: Vec<String>,
     prefix: String,
-    admin: etcd_client::Client,
+    /// Root's backend on the run's prefix: reads holders, revokes leases (and logs in again on
+    /// its own when its token expires).
+    operator: EtcdBackend,
     links: Mutex<Links>,
-    /// Per key, the writes the resource accepted: (revision, client, token).
-    accepted: Mutex<BTreeMap<String, Vec<AcceptedWrite>>>,
     ttl: Duration,
 }
 
 impl EtcdWorld {
-    /// A world on `cluster`, with every key under `prefix`.
+    /// A world on `cluster` (authentication on), with every key under `prefix`.
     async fn new(cluster: EtcdCluster, prefix: String, ttl: Duration) -> Self {
-        let admin = cluster.client().await.expect("an etcd client");
+        let endpoints = cluster.endpoints();
+        let operator = EtcdBackend::builder()
+            .endpoints(endpoints.clone())
+            .prefix(prefix.clone())
+            .user("root", ROOT_PASSWORD)
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .expect("connect as root");
         EtcdWorld {
-            endpoints: cluster.endpoints(),
+            endpoints,
             cluster: tokio::sync::Mutex::new(cluster),
             prefix,
-            admin,
+            operator,
             links: Mutex::default(),
-            accepted: Mutex::default(),
             ttl,
         }
     }
 
-    /// The admin client (to check what is left).
-    fn admin(&self) -> etcd_client::Client {
-        self.admin.clone()
+    /// A fresh client of root's (tokens expire every 2 s; a fresh client logs in now).
+    async fn root(&self) -> etcd_client::Client {
+        let options = etcd_client::ConnectOptions::new()
+            .with_user("root", ROOT_PASSWORD)
+            .with_connect_timeout(Duration::from_secs(2));
+        etcd_client::Client::connect(self.endpoints.clone(), Some(options))
+            .await
+            .expect("connect as root")
     }
 
     /// Every lease granted to the run's clients.
@@ -119,6 +140,63 @@ impl EtcdWorld {
             .get(&client)
             .cloned()
     }
+
+    /// The client that was granted `lease`.
+    fn client_of(&self, lease: i64) -> Option<usize> {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .iter()
+            .find(|(_, (_, granted))| granted.all().contains(&lease))
+            .map(|(c, _)| *c)
+    }
+
+    fn set_link(&self, client: usize, state: LinkState, latency: Duration) {
+        if let Some((proxies, _)) = self.link(client) {
+            for proxy in proxies {
+                proxy.set(state);
+                proxy.set_latency(latency);
+            }
+        }
+    }
+
+    /// An operator's revocation of the lease of `key`'s holder, its client black-holed first if
+    /// `isolate`.
+    async fn revoke_holder(&self, key: &str, isolate: bool) -> Injected {
+        let Some(holder) = fresh_holder(&self.operator, key, self.ttl).await else {
+            tracing::warn!(key, "chaos: no holder to revoke");
+            return Injected::Missed;
+        };
+        let Some(client) = self.client_of(holder.lease) else {
+            return Injected::Missed;
+        };
+        if isolate {
+            self.set_link(client, LinkState::BlackHole, Duration::ZERO);
+        }
+        let issued = Stamp::now();
+        if let Err(err) = self.operator.revoke_lease(holder.lease).await {
+            tracing::warn!(key, %err, "chaos: the revocation failed");
+            self.set_link(client, LinkState::Up, Duration::ZERO);
+            return Injected::Missed;
+        }
+        let done = Stamp::now();
+        // The store's revision now (any read answers it): the lease's entries are older.
+        let mut revision = None;
+        for _ in 0..100 {
+            revision = self.operator.holder(key).await.ok().map(|(_, r)| r);
+            if revision.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Injected::Revoked(Revocation {
+            client,
+            isolated: isolate,
+            issued,
+            done,
+            // Failing that, at least the revoked entry of this key is older.
+            revision: revision.unwrap_or(holder.create_revision + 1),
+        })
+    }
 }
 
 #[async_trait]
@@ -136,9 +214,10 @@ impl World for EtcdWorld {
                 .expect("a loopback endpoint");
             proxies.push(Arc::new(Proxy::start(addr).await.expect("a proxy")));
         }
-        let backend = locker_etcd::EtcdBackend::builder()
+        let backend = EtcdBackend::builder()
             .endpoints(proxies.iter().map(|p| p.endpoint()))
             .prefix(self.prefix.clone())
+            .user(USER, PASSWORD)
             .request_timeout(Duration::from_millis(700))
             .connect_timeout(Duration::from_secs(2))
             .connect()
@@ -152,7 +231,7 @@ impl World for EtcdWorld {
         client_locker(Arc::new(backend), granted, client, self.ttl)
     }
 
-    async fn inject(&self, fault: Fault) {
+    async fn inject(&self, fault: Fault) -> Injected {
         match fault {
             Fault::KillMember(m) => {
                 let _ = self.cluster.lock().await.kill(m);
@@ -160,95 +239,41 @@ impl World for EtcdWorld {
             Fault::PauseMember(m) => {
                 let _ = self.cluster.lock().await.pause(m);
             }
-            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
-                if let Some((proxies, _)) = self.link(c) {
-                    for proxy in proxies {
-                        match fault {
-                            Fault::CutClient(_) => proxy.set(LinkState::Cut),
-                            Fault::BlackHoleClient(_) => proxy.set(LinkState::BlackHole),
-                            _ => proxy.set_latency(Duration::from_millis(100)),
-                        }
-                    }
-                }
-            }
+            Fault::CutClient(c) => self.set_link(c, LinkState::Cut, Duration::ZERO),
+            Fault::BlackHoleClient(c) => self.set_link(c, LinkState::BlackHole, Duration::ZERO),
+            Fault::SlowClient(c) => self.set_link(c, LinkState::Up, Duration::from_millis(100)),
             Fault::Compact => {
-                let mut admin = self.admin.clone();
-                if let Ok(read) = admin.get("chaos-revision", None).await
+                let mut root = self.root().await;
+                if let Ok(read) = root.get("chaos-revision", None).await
                     && let Some(header) = read.header()
                 {
-                    let _ = admin.compact(header.revision(), None).await;
+                    let _ = root.compact(header.revision(), None).await;
                 }
             }
-            Fault::ExpireLease(c) => {
-                if let Some((_, granted)) = self.link(c) {
-                    let last = granted.last();
-                    if let Some(lease) = last {
-                        let _ = self.admin.clone().lease_revoke(lease).await;
-                    }
-                }
+            Fault::ExpireLease { key, isolate } => {
+                return self.revoke_holder(&key_name(key), isolate).await;
             }
         }
+        Injected::Done
     }
 
-    async fn heal(&self, fault: Fault) {
-        match fault {
-            Fault::KillMember(m) => {
+    async fn heal(&self, fault: Fault, injected: Injected) {
+        match (fault, injected) {
+            (Fault::KillMember(m), _) => {
                 let mut cluster = self.cluster.lock().await;
                 // A member that does not come back is a failed run, not a fault to tolerate.
                 cluster.restart(m).await.expect("the member restarts");
             }
-            Fault::PauseMember(m) => {
+            (Fault::PauseMember(m), _) => {
                 let _ = self.cluster.lock().await.resume(m);
             }
-            Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
-                if let Some((proxies, _)) = self.link(c) {
-                    for proxy in proxies {
-                        proxy.set(LinkState::Up);
-                        proxy.set_latency(Duration::ZERO);
-                    }
-                }
+            (Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c), _) => {
+                self.set_link(c, LinkState::Up, Duration::ZERO);
             }
-            Fault::Compact | Fault::ExpireLease(_) => {}
+            (Fault::ExpireLease { isolate: true, .. }, Injected::Revoked(revocation)) => {
+                self.set_link(revocation.client, LinkState::Up, Duration::ZERO);
+            }
+            (Fault::Compact | Fault::ExpireLease { .. }, _) => {}
         }
-    }
-
-    async fn write_resource(&self, key: &str, client: usize, token: FencingToken) -> bool {
-        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let resource = format!("chaos-resource/{}{key}", self.prefix);
-        // Zero-padded, so that the store's byte-wise compare orders tokens as numbers.
-        let padded = format!("{:020}", token.as_i64());
-        let txn = Txn::new()
-            .when([Compare::value(
-                resource.clone(),
-                CompareOp::Greater,
-                padded.clone(),
-            )])
-            .or_else([TxnOp::put(resource, padded, None)]);
-        let Ok(response) = self.admin.clone().txn(txn).await else {
-            return false;
-        };
-        if response.succeeded() {
-            return false; // the resource holds a higher token: a stale write, refused
-        }
-        let revision = response.header().map_or(0, |h| h.revision());
-        self.accepted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.to_owned())
-            .or_default()
-            .push((revision, client, token));
-        true
-    }
-
-    async fn resource_log(&self, key: &str) -> Vec<(usize, FencingToken)> {
-        let mut log = self
-            .accepted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
-            .unwrap_or_default();
-        log.sort_by_key(|(revision, _, _)| *revision);
-        log.into_iter().map(|(_, c, t)| (c, t)).collect()
     }
 }

@@ -2,7 +2,7 @@
 //! paused time, where the same seed gives the same history.
 //!
 //! `LOCKER_CHAOS_SECS` sets how long it runs (default: a short run), `LOCKER_CHAOS_SEED` the seed
-//! of the fault schedule (a failing seed replays: the summary line names it).
+//! of the fault schedule (a failing run prints the command that replays it, history and all).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -10,10 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use locker_core::{FencingToken, Locker};
+use locker_core::Locker;
 use locker_memory::{MemoryBackend, PartitionMode};
 use locker_tests::LeaseLog;
-use locker_tests::chaos::{Fault, MemoryResource, Plan, Report, World, client_locker, run};
+use locker_tests::chaos::{
+    Fault, Injected, Plan, Report, Revocation, Stamp, World, client_locker, fresh_holder, key_name,
+    run,
+};
 
 const SEED: u64 = 20261126;
 
@@ -37,6 +40,7 @@ async fn memory_run(plan: &Plan) -> Report {
 
 #[test]
 fn chaos_on_memory_is_safe_and_replays() {
+    locker_tests::init_logging();
     let plan = Plan::from_env(SEED, 60);
     let once = || {
         let mut runtime = tokio::runtime::Builder::new_current_thread();
@@ -45,7 +49,7 @@ fn chaos_on_memory_is_safe_and_replays() {
         runtime.build().unwrap().block_on(memory_run(&plan))
     };
     let first = once();
-    first.assert_safe();
+    first.assert_safe("locker-memory");
     let second = once();
     assert_eq!(first, second, "the same seed gave another history");
     assert!(first.handoffs > 0, "{}", first.summary());
@@ -73,7 +77,6 @@ fn seed_runtime(_: &mut tokio::runtime::Builder, _: u64) {
 struct MemoryWorld {
     store: MemoryBackend,
     clients: Mutex<BTreeMap<usize, (MemoryBackend, LeaseLog)>>,
-    resource: MemoryResource,
     ttl: Duration,
 }
 
@@ -83,7 +86,6 @@ impl MemoryWorld {
         MemoryWorld {
             store: MemoryBackend::new(),
             clients: Mutex::default(),
-            resource: MemoryResource::default(),
             ttl,
         }
     }
@@ -99,6 +101,46 @@ impl MemoryWorld {
             .unwrap_or_else(|e| e.into_inner())
             .get(&i)
             .cloned()
+    }
+
+    /// The client that was granted `lease`.
+    fn client_of(&self, lease: i64) -> Option<usize> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .iter()
+            .find(|(_, (_, granted))| granted.all().contains(&lease))
+            .map(|(c, _)| *c)
+    }
+
+    /// An operator's revocation of the lease of `key`'s holder, its client black-holed first if
+    /// `isolate`.
+    async fn revoke_holder(&self, key: &str, isolate: bool) -> Injected {
+        let Some(holder) = fresh_holder(&self.store, key, self.ttl).await else {
+            tracing::warn!(key, "chaos: no holder to revoke");
+            return Injected::Missed;
+        };
+        let Some(client) = self.client_of(holder.lease) else {
+            tracing::warn!(key, ?holder, "chaos: the holder is no client's");
+            return Injected::Missed;
+        };
+        if isolate && let Some((backend, _)) = self.client(client) {
+            backend.faults().partition(PartitionMode::Hang);
+        }
+        let issued = Stamp::now();
+        if !self.store.expire_lease(holder.lease) {
+            tracing::warn!(key, ?holder, "chaos: the holder's lease was gone already");
+            if let Some((backend, _)) = self.client(client) {
+                backend.faults().heal();
+            }
+            return Injected::Missed;
+        }
+        Injected::Revoked(Revocation {
+            client,
+            isolated: isolate,
+            issued,
+            done: Stamp::now(),
+            revision: self.store.current_revision(),
+        })
     }
 }
 
@@ -118,7 +160,7 @@ impl World for MemoryWorld {
         client_locker(Arc::new(backend), granted, client, self.ttl)
     }
 
-    async fn inject(&self, fault: Fault) {
+    async fn inject(&self, fault: Fault) -> Injected {
         match fault {
             Fault::KillMember(_) | Fault::PauseMember(_) => {}
             Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) => {
@@ -134,31 +176,24 @@ impl World for MemoryWorld {
             Fault::Compact => {
                 let _ = self.store.compact(self.store.current_revision());
             }
-            Fault::ExpireLease(c) => {
-                if let Some((_, granted)) = self.client(c) {
-                    let last = granted.last();
-                    if let Some(lease) = last {
-                        self.store.expire_lease(lease);
-                    }
-                }
+            Fault::ExpireLease { key, isolate } => {
+                return self.revoke_holder(&key_name(key), isolate).await;
             }
         }
+        Injected::Done
     }
 
-    async fn heal(&self, fault: Fault) {
-        if let Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c) = fault
-            && let Some((backend, _)) = self.client(c)
-        {
+    async fn heal(&self, fault: Fault, injected: Injected) {
+        let client = match (fault, injected) {
+            (Fault::CutClient(c) | Fault::BlackHoleClient(c) | Fault::SlowClient(c), _) => c,
+            (Fault::ExpireLease { isolate: true, .. }, Injected::Revoked(revocation)) => {
+                revocation.client
+            }
+            _ => return,
+        };
+        if let Some((backend, _)) = self.client(client) {
             backend.faults().heal();
             backend.faults().set_latency(Duration::ZERO);
         }
-    }
-
-    async fn write_resource(&self, key: &str, client: usize, token: FencingToken) -> bool {
-        self.resource.write(key, client, token)
-    }
-
-    async fn resource_log(&self, key: &str) -> Vec<(usize, FencingToken)> {
-        self.resource.log(key)
     }
 }
