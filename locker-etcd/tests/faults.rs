@@ -358,14 +358,16 @@ async fn client_cut_off_and_healed() {
     assert!(!ha.is_owned());
     hb.set_value("b2").await.unwrap();
     link.set(LinkState::Up);
-    // a's watch resumes where it stopped: b, then b2, in order.
+    // a's watch resumes where it stopped: b, then b2, in order. If it noticed the cut-off (its
+    // probe of the store went unanswered), it reads the queue afresh once healed, and yields the
+    // holder from that read: b2 (b was held while it could not hear).
     let mut values = Vec::new();
     while values.last().map(String::as_str) != Some("b2") {
         if let Some(holder) = next_holder(&mut a_watch).await {
             values.push(holder.value_str().unwrap().to_owned());
         }
     }
-    assert_eq!(values, ["b", "b2"]);
+    assert!(values == ["b", "b2"] || values == ["b2"], "{values:?}");
     hb.release().await.unwrap();
     owned(&ha).await;
     eventually("a's new tenure is recorded", || async {
