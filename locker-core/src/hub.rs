@@ -355,6 +355,28 @@ impl State {
         (queue.served_by_own() || shared_ready).then_some(Ok(()))
     }
 
+    /// The watch `tag` names, if that attempt is still current, with the revision after the
+    /// last event it delivered.
+    fn watch_of(&mut self, tag: &Tag) -> Option<(&mut WatchState, &mut Revision)> {
+        match tag {
+            Tag::Own(key, attempt) => {
+                let queue = self.queues.get_mut(key)?;
+                let own = queue
+                    .own
+                    .as_deref_mut()
+                    .filter(|own| own.attempt == *attempt)?;
+                Some((own, &mut queue.next))
+            }
+            Tag::Shared(attempt) => {
+                let shared = self
+                    .shared
+                    .as_mut()
+                    .filter(|shared| shared.attempt == *attempt)?;
+                Some((shared, &mut self.shared_next))
+            }
+        }
+    }
+
     /// Whether some watch of the feed is broken.
     fn any_broken(&self) -> bool {
         self.shared.as_ref().is_some_and(|shared| shared.broken)
@@ -793,6 +815,16 @@ enum Tag {
     Shared(u64),
 }
 
+impl Tag {
+    /// The same watch, another attempt.
+    fn again(&self, attempt: u64) -> Tag {
+        match self {
+            Tag::Own(key, _) => Tag::Own(key.clone(), attempt),
+            Tag::Shared(_) => Tag::Shared(attempt),
+        }
+    }
+}
+
 /// A watch's batches, tagged, and then `None` when it ends.
 type Tagged = Abortable<BoxStream<'static, (Tag, Option<Result<Vec<WatchEvent>>>)>>;
 
@@ -936,30 +968,8 @@ impl FeedTask {
             return;
         };
         let mut state = shared.lock();
-        let (watch, next) = match &tag {
-            Tag::Own(key, attempt) => match state.queues.get_mut(key) {
-                Some(queue)
-                    if queue
-                        .own
-                        .as_ref()
-                        .is_some_and(|own| own.attempt == *attempt) =>
-                {
-                    let Queue { own, next, .. } = queue;
-                    (own.as_deref_mut().expect("checked"), next)
-                }
-                _ => return,
-            },
-            Tag::Shared(attempt) => {
-                let State {
-                    shared,
-                    shared_next,
-                    ..
-                } = &mut *state;
-                match shared {
-                    Some(watch) if watch.attempt == *attempt => (watch, shared_next),
-                    _ => return,
-                }
-            }
+        let Some((watch, next)) = state.watch_of(&tag) else {
+            return;
         };
         let feed = self.feed;
         let stream = match opened {
@@ -1132,27 +1142,10 @@ impl FeedTask {
                 let compacted = matches!(ended, Some(Err(Error::Compacted { .. })));
                 // A new generation: whatever the old stream still holds is ignored.
                 let attempt = state.bump();
-                let shared_next = state.shared_next;
-                let (watch, next, reopen) = match &tag {
-                    Tag::Own(key, old) => match state.queues.get_mut(key) {
-                        Some(queue)
-                            if queue.own.as_ref().is_some_and(|own| own.attempt == *old) =>
-                        {
-                            (
-                                queue.own.as_deref_mut().expect("checked"),
-                                queue.next,
-                                Tag::Own(key.clone(), attempt),
-                            )
-                        }
-                        _ => return,
-                    },
-                    Tag::Shared(old) => match state.shared.as_mut() {
-                        Some(watch) if watch.attempt == *old => {
-                            (watch, shared_next, Tag::Shared(attempt))
-                        }
-                        _ => return,
-                    },
+                let Some((watch, next)) = state.watch_of(&tag) else {
+                    return;
                 };
+                let (next, reopen) = (*next, tag.again(attempt));
                 watch.attempt = attempt;
                 watch.abort = None;
                 let (from, delay) = if compacted {

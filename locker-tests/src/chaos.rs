@@ -1138,6 +1138,14 @@ mod tests {
         }
     }
 
+    /// Asserts that one of `violations` says `what`.
+    fn assert_violation(violations: &[String], what: &str) {
+        assert!(
+            violations.iter().any(|v| v.contains(what)),
+            "no violation says {what:?}: {violations:?}"
+        );
+    }
+
     #[test]
     fn hand_offs_without_overlap_pass() {
         let mut story = Story::new();
@@ -1162,18 +1170,8 @@ mod tests {
         story.end(a, 130);
         story.end(b, 200);
         let violations = story.check().violations;
-        assert!(
-            violations
-                .iter()
-                .any(|v| v.contains("no ExpireLease explains it")),
-            "{violations:?}"
-        );
-        assert!(
-            violations
-                .iter()
-                .any(|v| v.contains("a stale holder that no ExpireLease explains")),
-            "{violations:?}"
-        );
+        assert_violation(&violations, "no ExpireLease explains it");
+        assert_violation(&violations, "a stale holder that no ExpireLease explains");
     }
 
     #[test]
@@ -1219,12 +1217,7 @@ mod tests {
         story.end(a, 100);
         story.end(b, 200);
         let violations = story.check().violations;
-        assert!(
-            violations
-                .iter()
-                .any(|v| v.contains("no ExpireLease explains it")),
-            "{violations:?}"
-        );
+        assert_violation(&violations, "no ExpireLease explains it");
     }
 
     #[test]
@@ -1236,12 +1229,7 @@ mod tests {
         story.end(a, 50 + 2001);
         story.end(b, 3000);
         let violations = story.check().violations;
-        assert!(
-            violations
-                .iter()
-                .any(|v| v.contains("no ExpireLease explains it")),
-            "{violations:?}"
-        );
+        assert_violation(&violations, "no ExpireLease explains it");
     }
 
     #[test]
@@ -1255,12 +1243,7 @@ mod tests {
         story.end(a, 100);
         story.end(b, 200);
         let violations = story.check().violations;
-        assert!(
-            violations
-                .iter()
-                .any(|v| v.contains("the resource accepted stale token 10")),
-            "{violations:?}"
-        );
+        assert_violation(&violations, "the resource accepted stale token 10");
     }
 
     #[test]
@@ -1270,11 +1253,6 @@ mod tests {
         story.end(a, 10);
         story.write(0, 10, 20, true);
         let violations = story.check().violations;
-        assert!(
-            violations
-                .iter()
-                .any(|v| v.contains("was made outside its believed tenure")),
-            "{violations:?}"
-        );
+        assert_violation(&violations, "was made outside its believed tenure");
     }
 }

@@ -659,13 +659,8 @@ pub async fn a_locker_past_its_key_watches_shares_one_watch_and_misses_nothing(h
         let key = h.key(&format!("switch-many{i}"));
         many.push(a.acquire(key, "a").await.expect("acquire"));
     }
-    let mut held_by_b = held_by_b.into_iter();
-    held_by_b
-        .next()
-        .expect("two")
-        .release()
-        .await
-        .expect("release");
+    let next = held_by_b.remove(0);
+    next.release().await.expect("release");
     owned(&waits[0]).await;
     let entry = h.entries(&first).await.remove(0);
     h.delete_key(&entry.key).await;
@@ -676,12 +671,8 @@ pub async fn a_locker_past_its_key_watches_shares_one_watch_and_misses_nothing(h
         g.release().await.expect("release");
     }
     drop(guard);
-    held_by_b
-        .next()
-        .expect("two")
-        .release()
-        .await
-        .expect("release");
+    let next = held_by_b.remove(0);
+    next.release().await.expect("release");
     owned(&waits[1]).await;
     let mut changes = waits[0].owned_changes();
     assert_eq!(changes.next().await, Some(true));
