@@ -1038,12 +1038,12 @@ impl FeedTask {
         }
         let broken = state.any_broken();
         drop(state);
-        shared.changed.notify_waiters();
         // The store answered a watch: it is reachable (said before registrations return, so
         // that a subscriber does not see a stale flag about to clear).
         if !broken {
             self.set_stale(false);
         }
+        shared.changed.notify_waiters();
     }
 
     /// The store refused a watch for good: its queues' subscribers are told, and registrations
