@@ -220,13 +220,13 @@ struct WatchState {
 }
 
 impl WatchState {
-    fn new(attempt: u64, backoff: Backoff) -> Self {
+    fn new(attempt: u64, jitter: &Jitter, retry: (Duration, Duration)) -> Self {
         WatchState {
             attempt,
             ready: false,
             broken: false,
             resync: false,
-            backoff,
+            backoff: jitter.new_backoff(retry.0, retry.1),
             abort: None,
         }
     }
@@ -375,6 +375,34 @@ impl State {
                 Some((shared, &mut self.shared_next))
             }
         }
+    }
+
+    /// Gives each queue without a watch of its own (and not refused) a new one, its next
+    /// revision raised to `floor` (every event below it was delivered): which to open, of which
+    /// attempt, from where.
+    fn own_watches(
+        &mut self,
+        jitter: &Jitter,
+        retry: (Duration, Duration),
+        floor: Revision,
+    ) -> Vec<(Arc<str>, u64, Option<Revision>)> {
+        let keys: Vec<Arc<str>> = self
+            .queues
+            .iter()
+            .filter(|(_, queue)| queue.own.is_none() && queue.failed.is_none())
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut opens = Vec::with_capacity(keys.len());
+        for key in keys {
+            let attempt = self.bump();
+            let Some(queue) = self.queues.get_mut(&key) else {
+                continue;
+            };
+            queue.next = queue.next.max(floor);
+            queue.own = Some(Box::new(WatchState::new(attempt, jitter, retry)));
+            opens.push((key, attempt, (queue.next > 0).then_some(queue.next)));
+        }
+        opens
     }
 
     /// Whether some watch of the feed is broken.
@@ -703,7 +731,6 @@ impl Hub {
                 // The shared watch is not open (a refusal ended it): open it again.
                 state.send(Cmd::Rebalance);
             }
-            let backoff = self.jitter.new_backoff(self.retry.0, self.retry.1);
             let queue = state.queues.entry(key.clone()).or_insert_with(|| Queue {
                 // Most queues have one subscriber in a locker: no room for more up front.
                 subscribers: Vec::with_capacity(1),
@@ -718,7 +745,7 @@ impl Hub {
             }
             let mut open = None;
             if !shared_mode && queue.own.is_none() && queue.failed.is_none() {
-                queue.own = Some(Box::new(WatchState::new(attempt, backoff)));
+                queue.own = Some(Box::new(WatchState::new(attempt, &self.jitter, self.retry)));
                 open = Some(attempt);
             }
             let was_idle = queue.idle.take().is_some();
@@ -782,17 +809,11 @@ impl Hub {
         state.task = Some((task.abort_handle(), cmds));
         state.shared = None;
         state.shared_mode = false;
-        let keys: Vec<Arc<str>> = state.queues.keys().cloned().collect();
-        for key in keys {
-            let attempt = state.bump();
-            let backoff = self.jitter.new_backoff(self.retry.0, self.retry.1);
-            let Some(queue) = state.queues.get_mut(&key) else {
-                continue;
-            };
-            let ready = queue.next > 0;
-            let mut own = WatchState::new(attempt, backoff);
-            own.ready = ready;
-            queue.own = Some(Box::new(own));
+        // The watches of the task that ended ended with it.
+        for queue in state.queues.values_mut() {
+            queue.own = None;
+        }
+        for (key, attempt, _) in state.own_watches(&self.jitter, self.retry, 0) {
             state.send(Cmd::Open(key, attempt));
         }
     }
@@ -928,32 +949,15 @@ impl FeedTask {
             let attempt = state.bump();
             debug!(feed = ?self.feed, queues = state.active, "hub: one watch for every queue");
             state.shared_next = from.unwrap_or(0);
-            state.shared = Some(WatchState::new(
-                attempt,
-                self.jitter.new_backoff(self.retry.0, self.retry.1),
-            ));
+            state.shared = Some(WatchState::new(attempt, &self.jitter, self.retry));
             drop(state);
             self.open(Tag::Shared(attempt), from, Duration::ZERO);
         } else {
             debug!(feed = ?self.feed, queues = state.active, "hub: a watch per queue again");
             state.shared_mode = false;
+            // Every event below the shared watch's next was delivered to every queue.
             let shared_next = state.shared_next;
-            let keys: Vec<Arc<str>> = state.queues.keys().cloned().collect();
-            let mut opens = Vec::new();
-            for key in keys {
-                let attempt = state.bump();
-                let backoff = self.jitter.new_backoff(self.retry.0, self.retry.1);
-                let Some(queue) = state.queues.get_mut(&key) else {
-                    continue;
-                };
-                if queue.own.is_some() || queue.failed.is_some() {
-                    continue;
-                }
-                // Every event below the shared watch's next was delivered to every queue.
-                queue.next = queue.next.max(shared_next);
-                queue.own = Some(Box::new(WatchState::new(attempt, backoff)));
-                opens.push((key, attempt, (queue.next > 0).then_some(queue.next)));
-            }
+            let opens = state.own_watches(&self.jitter, self.retry, shared_next);
             retire_shared(&mut state);
             drop(state);
             for (key, attempt, from) in opens {

@@ -18,7 +18,7 @@ use locker_etcd::EtcdBackend;
 use locker_etcd::testing::{EtcdCluster, LinkState, Proxy, enable_auth, unique_prefix};
 use locker_tests::LeaseLog;
 use locker_tests::chaos::{
-    Fault, Injected, Plan, Revocation, Stamp, World, client_locker, fresh_holder, key_name, run,
+    Fault, Injected, Plan, World, client_locker, key_name, revoke_holder, run,
 };
 use locker_tests::suite::eventually;
 
@@ -158,45 +158,6 @@ impl EtcdWorld {
             }
         }
     }
-
-    /// An operator's revocation of the lease of `key`'s holder, its client black-holed first if
-    /// `isolate`.
-    async fn revoke_holder(&self, key: &str, isolate: bool) -> Injected {
-        let Some(holder) = fresh_holder(&self.operator, key, self.ttl).await else {
-            tracing::warn!(key, "chaos: no holder to revoke");
-            return Injected::Missed;
-        };
-        let Some(client) = self.client_of(holder.lease) else {
-            return Injected::Missed;
-        };
-        if isolate {
-            self.set_link(client, LinkState::BlackHole, Duration::ZERO);
-        }
-        let issued = Stamp::now();
-        if let Err(err) = self.operator.revoke_lease(holder.lease).await {
-            tracing::warn!(key, %err, "chaos: the revocation failed");
-            self.set_link(client, LinkState::Up, Duration::ZERO);
-            return Injected::Missed;
-        }
-        let done = Stamp::now();
-        // The store's revision now (any read answers it): the lease's entries are older.
-        let mut revision = None;
-        for _ in 0..100 {
-            revision = self.operator.holder(key).await.ok().map(|(_, r)| r);
-            if revision.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Injected::Revoked(Revocation {
-            client,
-            isolated: isolate,
-            issued,
-            done,
-            // Failing that, at least the revoked entry of this key is older.
-            revision: revision.unwrap_or(holder.create_revision + 1),
-        })
-    }
 }
 
 #[async_trait]
@@ -251,7 +212,33 @@ impl World for EtcdWorld {
                 }
             }
             Fault::ExpireLease { key, isolate } => {
-                return self.revoke_holder(&key_name(key), isolate).await;
+                let isolate_client = |client, isolated| {
+                    let state = if isolated {
+                        LinkState::BlackHole
+                    } else {
+                        LinkState::Up
+                    };
+                    self.set_link(client, state, Duration::ZERO);
+                };
+                let revoke = |lease| async move {
+                    match self.operator.revoke_lease(lease).await {
+                        Ok(()) => true,
+                        Err(err) => {
+                            tracing::warn!(%err, "chaos: the revocation failed");
+                            false
+                        }
+                    }
+                };
+                return revoke_holder(
+                    &self.operator,
+                    &key_name(key),
+                    self.ttl,
+                    isolate,
+                    |lease| self.client_of(lease),
+                    isolate_client,
+                    revoke,
+                )
+                .await;
             }
         }
         Injected::Done

@@ -14,8 +14,7 @@ use locker_core::Locker;
 use locker_memory::{MemoryBackend, PartitionMode};
 use locker_tests::LeaseLog;
 use locker_tests::chaos::{
-    Fault, Injected, Plan, Report, Revocation, Stamp, World, client_locker, fresh_holder, key_name,
-    run,
+    Fault, Injected, Plan, Report, World, client_locker, key_name, revoke_holder, run,
 };
 
 const SEED: u64 = 20261126;
@@ -111,37 +110,6 @@ impl MemoryWorld {
             .find(|(_, (_, granted))| granted.all().contains(&lease))
             .map(|(c, _)| *c)
     }
-
-    /// An operator's revocation of the lease of `key`'s holder, its client black-holed first if
-    /// `isolate`.
-    async fn revoke_holder(&self, key: &str, isolate: bool) -> Injected {
-        let Some(holder) = fresh_holder(&self.store, key, self.ttl).await else {
-            tracing::warn!(key, "chaos: no holder to revoke");
-            return Injected::Missed;
-        };
-        let Some(client) = self.client_of(holder.lease) else {
-            tracing::warn!(key, ?holder, "chaos: the holder is no client's");
-            return Injected::Missed;
-        };
-        if isolate && let Some((backend, _)) = self.client(client) {
-            backend.faults().partition(PartitionMode::Hang);
-        }
-        let issued = Stamp::now();
-        if !self.store.expire_lease(holder.lease) {
-            tracing::warn!(key, ?holder, "chaos: the holder's lease was gone already");
-            if let Some((backend, _)) = self.client(client) {
-                backend.faults().heal();
-            }
-            return Injected::Missed;
-        }
-        Injected::Revoked(Revocation {
-            client,
-            isolated: isolate,
-            issued,
-            done: Stamp::now(),
-            revision: self.store.current_revision(),
-        })
-    }
 }
 
 #[async_trait]
@@ -177,7 +145,25 @@ impl World for MemoryWorld {
                 let _ = self.store.compact(self.store.current_revision());
             }
             Fault::ExpireLease { key, isolate } => {
-                return self.revoke_holder(&key_name(key), isolate).await;
+                let isolate_client = |client, isolated| {
+                    if let Some((backend, _)) = self.client(client) {
+                        if isolated {
+                            backend.faults().partition(PartitionMode::Hang);
+                        } else {
+                            backend.faults().heal();
+                        }
+                    }
+                };
+                return revoke_holder(
+                    &self.store,
+                    &key_name(key),
+                    self.ttl,
+                    isolate,
+                    |lease| self.client_of(lease),
+                    isolate_client,
+                    |lease| std::future::ready(self.store.expire_lease(lease)),
+                )
+                .await;
             }
         }
         Injected::Done
