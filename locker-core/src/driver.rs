@@ -57,7 +57,7 @@ struct Core {
     /// The lock's task exists (spawned, not finished).
     task: bool,
     /// Callers waiting for an answer to a command.
-    replies: Vec<(ReplyTo, oneshot::Sender<Outcome>)>,
+    replies: Vec<(ReplyTo, oneshot::Sender<Result<()>>)>,
     next_reply: ReplyTo,
     /// For [`Shared::subscribe`]: made on first use.
     sender: Option<watch::Sender<Ownership>>,
@@ -67,9 +67,10 @@ struct Core {
     /// [`Shared::tenure_end`] (the last [`ENDS_KEPT`]).
     tenure: Option<FencingToken>,
     ends: VecDeque<(FencingToken, LossReason)>,
-    /// The error of the last failed store call, and the one kept when the lock stopped on it.
-    last_error: Option<Box<Error>>,
-    error: Option<Box<Error>>,
+    /// The error of the last failed store call, and the one kept when the lock stopped on it
+    /// (answered to every caller of `wait_owned`, however many).
+    last_error: Option<Error>,
+    error: Option<Error>,
     /// Nothing more will change.
     ended: bool,
     /// The machine's actions that wait for whoever drives.
@@ -185,12 +186,12 @@ impl Shared {
         &self,
         command: impl FnOnce(ReplyTo) -> Command,
         take_token: bool,
-    ) -> (oneshot::Receiver<Outcome>, bool) {
+    ) -> (oneshot::Receiver<Result<()>>, bool) {
         let (tx, rx) = oneshot::channel();
         let mut core = lock(&self.core);
         if core.ended && core.machine.state() != &State::Ended {
             // Nobody drives any more (the lock's task went with its runtime).
-            let _ = tx.send(Outcome::Stopped);
+            let _ = tx.send(Err(self.closed()));
             return (rx, false);
         }
         // Taken before the command goes in: the lock's task, woken by it, must not carry it out
@@ -244,19 +245,19 @@ impl Shared {
 
     /// The error the lock stopped on, if it stopped on one.
     pub(crate) fn stopped_on(&self) -> Option<Error> {
-        lock(&self.core).error.take().map(|err| *err)
+        lock(&self.core).error.clone()
     }
 
-    /// The error the lock stopped on, or the last one it met, or [`Error::Closed`].
+    /// The error the lock stopped on (the same one however often it is asked), or
+    /// [`Error::Closed`].
     pub(crate) fn error(&self) -> Error {
-        let mut core = lock(&self.core);
-        core.error
-            .take()
-            .or_else(|| core.last_error.take())
-            .map(|err| *err)
-            .unwrap_or_else(|| Error::Closed {
-                key: self.key.to_string(),
-            })
+        self.stopped_on().unwrap_or_else(|| self.closed())
+    }
+
+    fn closed(&self) -> Error {
+        Error::Closed {
+            key: self.key.to_string(),
+        }
     }
 
     /// A receiver of every published state (latest value wins).
@@ -340,7 +341,7 @@ impl Shared {
             match action {
                 Action::Publish(state) => self.publish(core, state),
                 Action::Reply(to, outcome) => replies.push((to, outcome)),
-                Action::KeepError => core.error = core.last_error.take(),
+                Action::KeepError => core.error = core.last_error.clone(),
                 other => core.todo.push_back(other),
             }
         }
@@ -357,7 +358,7 @@ impl Shared {
         for (to, outcome) in replies {
             if let Some(at) = core.replies.iter().position(|(id, _)| *id == to) {
                 let (_, tx) = core.replies.swap_remove(at);
-                let _ = tx.send(outcome);
+                let _ = tx.send(self.result(core, outcome));
             }
         }
     }
@@ -723,7 +724,7 @@ impl Shared {
         } else {
             warn!(key = %self.key, error = %err, "store call failed");
         }
-        lock(&self.core).last_error = Some(Box::new(err));
+        lock(&self.core).last_error = Some(err);
         failure
     }
 
@@ -741,7 +742,7 @@ impl Shared {
         core.io.session = None;
         core.io.claim = None;
         for (_, tx) in core.replies.drain(..) {
-            let _ = tx.send(Outcome::Stopped);
+            let _ = tx.send(Err(self.closed()));
         }
         self.changed.notify_waiters();
         core.io.registration.take()
@@ -858,17 +859,27 @@ pub(crate) fn not_owned(key: &str, reason: LossReason) -> Error {
     }
 }
 
-/// Turns a command's outcome into the caller's result.
+impl Shared {
+    /// A command's outcome as its caller's result: a failure answers the error of the call that
+    /// failed (the last one, as the machine answers right after it).
+    fn result(&self, core: &Core, outcome: Outcome) -> Result<()> {
+        match outcome {
+            Outcome::Done => Ok(()),
+            Outcome::NotOwned(reason) => Err(not_owned(&self.key, reason)),
+            Outcome::Failed => Err(core
+                .last_error
+                .clone()
+                .or_else(|| core.error.clone())
+                .unwrap_or_else(|| self.closed())),
+            Outcome::Stopped => Err(self.closed()),
+        }
+    }
+}
+
+/// The caller's result of a command, from its reply (a reply never sent: the lock stopped).
 pub(crate) fn outcome(
     shared: &Shared,
-    outcome: Result<Outcome, oneshot::error::RecvError>,
+    reply: Result<Result<()>, oneshot::error::RecvError>,
 ) -> Result<()> {
-    match outcome {
-        Ok(Outcome::Done) => Ok(()),
-        Ok(Outcome::NotOwned(reason)) => Err(not_owned(&shared.key, reason)),
-        Ok(Outcome::Failed) => Err(shared.error()),
-        Ok(Outcome::Stopped) | Err(_) => Err(Error::Closed {
-            key: shared.key.to_string(),
-        }),
-    }
+    reply.unwrap_or_else(|_| Err(shared.closed()))
 }

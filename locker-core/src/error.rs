@@ -1,9 +1,11 @@
 //! The one error type of locker.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A boxed error from a store, kept as the source of an [`Error`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// A store's error, kept as the source of an [`Error`]. Shared, so that an [`Error`] is `Clone`:
+/// every caller that waits on a lock gets the error that stopped it, with its source.
+pub type ErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The result type of locker.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -12,7 +14,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// Bad input is rejected before any I/O, with a message naming the limit. Store failures keep their
 /// source. [`Error::is_retryable`] tells a transient failure (worth retrying) from a permanent one.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Clone`: the source is shared ([`ErrorSource`]), so the error that stopped a lock is answered,
+/// whole, to every caller of [`LockHandle::wait_owned`](crate::LockHandle::wait_owned).
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The key is empty.
@@ -75,7 +80,7 @@ pub enum Error {
         message: String,
         /// The store's error, if any.
         #[source]
-        source: Option<BoxError>,
+        source: Option<ErrorSource>,
     },
 
     /// The credentials were refused or the caller may not touch these keys. Permanent.
@@ -85,7 +90,7 @@ pub enum Error {
         message: String,
         /// The store's error, if any.
         #[source]
-        source: Option<BoxError>,
+        source: Option<ErrorSource>,
     },
 
     /// Any other store failure; `retryable` says whether trying again can help.
@@ -97,7 +102,7 @@ pub enum Error {
         retryable: bool,
         /// The store's error, if any.
         #[source]
-        source: Option<BoxError>,
+        source: Option<ErrorSource>,
     },
 
     /// Ownership was lost (lease gone, local deadline passed, or the entry deleted) before the

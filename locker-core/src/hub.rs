@@ -171,37 +171,6 @@ pub(crate) const KEY_WATCHES: usize = 128;
 /// key: a lock taken again and again opens its watch once.
 pub(crate) const IDLE_WATCHES: usize = 16;
 
-/// Why the store refused a queue's watch for good.
-#[derive(Debug, Clone)]
-struct Failure {
-    message: String,
-    permission: bool,
-}
-
-impl Failure {
-    fn new(err: &Error) -> Self {
-        Failure {
-            message: err.to_string(),
-            permission: matches!(err, Error::PermissionDenied { .. }),
-        }
-    }
-
-    fn error(&self) -> Error {
-        if self.permission {
-            Error::PermissionDenied {
-                message: self.message.clone(),
-                source: None,
-            }
-        } else {
-            Error::Backend {
-                message: self.message.clone(),
-                retryable: false,
-                source: None,
-            }
-        }
-    }
-}
-
 /// One watch of a feed: a queue's own, or the shared one over the whole root.
 #[derive(Debug)]
 struct WatchState {
@@ -255,8 +224,8 @@ struct Queue {
     /// The queue's own watch; `None` while the shared watch serves it. A ready own watch serves
     /// the queue; until it is ready, the shared watch does.
     own: Option<Box<WatchState>>,
-    /// The store refused the queue's watch for good.
-    failed: Option<Box<Failure>>,
+    /// The store refused the queue's watch for good: its error.
+    failed: Option<Box<Error>>,
     /// Set while the queue has no subscriber and keeps its own watch for a next use: its place
     /// in the idle order.
     idle: Option<u64>,
@@ -349,7 +318,7 @@ impl State {
             return Some(Err(Error::unavailable("the locker's watch is gone")));
         };
         if let Some(failure) = &queue.failed {
-            return Some(Err(failure.error()));
+            return Some(Err((**failure).clone()));
         }
         let shared_ready = self.shared.as_ref().is_some_and(|shared| shared.ready);
         (queue.served_by_own() || shared_ready).then_some(Ok(()))
@@ -1053,7 +1022,6 @@ impl FeedTask {
     /// The store refused a watch for good: its queues' subscribers are told, and registrations
     /// waiting for it fail.
     fn refused(&mut self, mut state: std::sync::MutexGuard<'_, State>, tag: &Tag, err: &Error) {
-        let failure = Failure::new(err);
         let mut closed = Vec::new();
         let keys: Vec<Arc<str>> = match tag {
             Tag::Own(key, _) => vec![key.clone()],
@@ -1072,7 +1040,7 @@ impl FeedTask {
                 continue;
             };
             queue.own = None;
-            queue.failed = Some(Box::new(failure.clone()));
+            queue.failed = Some(Box::new(err.clone()));
             let subscribers = std::mem::take(&mut queue.subscribers);
             let was_idle = queue.idle.take().is_some();
             if !subscribers.is_empty() {

@@ -16,7 +16,7 @@ mod types;
 mod watch;
 
 pub use backend::{LockBackend, Watcher};
-pub use error::{BoxError, Error, FailureKind, LossReason, Result};
+pub use error::{Error, ErrorSource, FailureKind, LossReason, Result};
 pub use handle::{LockGuard, LockHandle, Tenure};
 pub use locker::{DEFAULT_TTL, LockOptions, Locker, LockerBuilder};
 pub use types::{FencingToken, Holder, HolderUpdate, Ownership};

@@ -228,7 +228,8 @@ pub(crate) enum Action {
     Publish(Ownership),
     /// Answer a command.
     Reply(ReplyTo, Outcome),
-    /// A store call failed for good: keep its error (for `wait_owned` and the replies).
+    /// The lock stops on the store call that just failed: keep its error (for every
+    /// `wait_owned`, and the replies after the end).
     KeepError,
 }
 
@@ -654,10 +655,8 @@ impl Machine {
                         self.entry_gone(reason);
                         Outcome::NotOwned(reason)
                     }
-                    Err(_) => {
-                        self.actions.push_back(Action::KeepError);
-                        Outcome::Failed
-                    }
+                    // The reply answers the call's error; the lock goes on.
+                    Err(_) => Outcome::Failed,
                 };
                 self.actions.push_back(Action::Reply(reply, outcome));
             }

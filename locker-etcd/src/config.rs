@@ -375,7 +375,7 @@ impl EtcdBackendBuilder {
                     self.endpoints
                 ),
                 retryable: false,
-                source: Some(Box::new(err)),
+                source: Some(std::sync::Arc::new(err)),
             };
         }
         if tls && detail.contains("received fatal alert") {
@@ -388,7 +388,7 @@ impl EtcdBackendBuilder {
                      trusts; give one with `TlsOptions::identity`",
                     self.endpoints
                 ),
-                source: Some(Box::new(err)),
+                source: Some(std::sync::Arc::new(err)),
             };
         }
         match map_error(err, Context::op("connect")) {

@@ -15,7 +15,7 @@
 //! The etcd error is kept as the source.
 
 use locker_core::backend::{LeaseId, Revision};
-use locker_core::{BoxError, Error};
+use locker_core::{Error, ErrorSource};
 use tonic::Code;
 
 /// What an operation was doing when etcd failed: used to fill in the fields of
@@ -205,8 +205,8 @@ pub(crate) fn timed_out(op: &str, timeout: std::time::Duration) -> Error {
     Error::unavailable(format!("etcd {op} timed out after {timeout:?}"))
 }
 
-fn boxed(err: etcd_client::Error) -> BoxError {
-    Box::new(err)
+fn boxed(err: etcd_client::Error) -> ErrorSource {
+    std::sync::Arc::new(err)
 }
 
 #[cfg(test)]

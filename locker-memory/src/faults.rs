@@ -33,6 +33,7 @@ pub(crate) struct PartitionState {
 struct Counters {
     latency: Duration,
     fail_next: u64,
+    denied: bool,
 }
 
 pub(crate) struct FaultState {
@@ -55,9 +56,10 @@ pub(crate) struct FaultState {
 /// 1. sleep for the [latency](Faults::set_latency), on tokio time;
 /// 2. while [partitioned](Faults::partition) in [`PartitionMode::Hang`], wait for a change; in
 ///    [`PartitionMode::Fail`], fail with [`Error::Unavailable`];
-/// 3. if [failures are queued](Faults::fail_next), take one and fail with
+/// 3. if the client is [denied](Faults::deny), fail with [`Error::PermissionDenied`];
+/// 4. if [failures are queued](Faults::fail_next), take one and fail with
 ///    [`Error::Unavailable`];
-/// 4. run the operation on the store, atomically.
+/// 5. run the operation on the store, atomically.
 #[derive(Clone)]
 pub struct Faults {
     pub(crate) inner: Arc<FaultState>,
@@ -164,16 +166,40 @@ impl Faults {
             .fail_next = n;
     }
 
+    /// While `denied`, every call of this client that gets past latency and partition fails with
+    /// [`Error::PermissionDenied`], a permanent error: a user whose role was taken away, or whose
+    /// credentials the store no longer accepts. `false` (the default) lets calls through again.
+    pub fn deny(&self, denied: bool) {
+        debug!(
+            client = self.inner.client,
+            denied, "memory store: client permission"
+        );
+        self.inner
+            .counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .denied = denied;
+    }
+
+    fn denied(&self) -> bool {
+        self.inner
+            .counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .denied
+    }
+
     /// How many calls [`fail_next`](Faults::fail_next) still has to fail.
     pub fn pending_failures(&self) -> u64 {
         self.counters().1
     }
 
-    /// Clears every fault: heals, zero latency, no queued failures.
+    /// Clears every fault: heals, zero latency, no queued failures, not denied.
     pub fn clear(&self) {
         self.heal();
         self.set_latency(Duration::ZERO);
         self.fail_next(0);
+        self.deny(false);
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<PartitionState> {
@@ -201,7 +227,7 @@ impl Faults {
         ))
     }
 
-    /// Steps 1 to 3 of a call (see the type's docs). Cancel-safe: it changes nothing until it
+    /// Steps 1 to 4 of a call (see the type's docs). Cancel-safe: it changes nothing until it
     /// takes a queued failure, after its last `.await`.
     pub(crate) async fn gate(&self, op: &str) -> Result<()> {
         let latency = self.latency();
@@ -221,6 +247,16 @@ impl Faults {
                     }
                 }
             }
+        }
+        if self.denied() {
+            debug!(client = self.inner.client, op, "memory store: call denied");
+            return Err(Error::PermissionDenied {
+                message: format!(
+                    "memory store client {}: permission denied ({op})",
+                    self.inner.client
+                ),
+                source: None,
+            });
         }
         if self.take_failure() {
             debug!(

@@ -444,3 +444,53 @@ async fn fail_next_fails_exactly_n_calls() {
     b.holder("k").await.unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
 }
+
+#[tokio::test(start_paused = true)]
+async fn deny_fails_every_call_permanently_until_lifted() {
+    let b = MemoryBackend::new();
+    let other = b.new_client();
+    b.faults().deny(true);
+    for result in [
+        b.holder("k").await.map(drop),
+        b.grant_lease(TTL).await.map(drop),
+        b.watch("k", None).await.map(drop),
+    ] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+    }
+    other
+        .holder("k")
+        .await
+        .expect("another client is not denied");
+    b.faults().deny(false);
+    b.holder("k").await.expect("lifted");
+    b.faults().deny(true);
+    b.faults().clear();
+    b.holder("k").await.expect("cleared");
+}
+
+/// The error that stopped a lock is what every `wait_owned` answers, however many times and from
+/// however many tasks (not `Closed` after the first).
+#[tokio::test(start_paused = true)]
+async fn every_wait_owned_answers_the_error_that_stopped_the_lock() {
+    let b = MemoryBackend::new();
+    b.faults().deny(true);
+    let locker = locker_core::Locker::new(b.clone());
+    let handle = std::sync::Arc::new(locker.lock("k", "v").await.unwrap());
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.wait_owned().await })
+        })
+        .collect();
+    for waiter in waiters {
+        let err = waiter.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+    }
+    for _ in 0..2 {
+        let err = handle.wait_owned().await.unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+        assert!(err.to_string().contains("permission denied"), "{err}");
+    }
+}

@@ -294,6 +294,10 @@ async fn auth_limits_a_user_to_its_prefix_and_hides_passwords() {
         .expect("wait_owned answers by itself")
         .unwrap_err();
     assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+    // Every later call answers the same error (not `Closed`).
+    let again = handle.wait_owned().await.unwrap_err();
+    assert!(matches!(again, Error::PermissionDenied { .. }), "{again:?}");
+    assert_eq!(again.to_string(), err.to_string());
     assert_eq!(
         handle.ownership(),
         Ownership::Failed {
