@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A lease id, as the store gives it (etcd's `i64`).
 pub type LeaseId = i64;
@@ -37,6 +37,51 @@ pub type Revision = i64;
 /// and `etcdctl elect`, so those tools and locker see each other's entries.
 pub fn entry_key(key: &str, lease: LeaseId) -> String {
     format!("{key}/{lease:x}")
+}
+
+/// Checks the shape of a lock key (not its length, which depends on the store): the rules every
+/// lock, read and watch applies before any I/O, answering [`Error::InvalidKey`] with the reason.
+///
+/// A key is any non-empty UTF-8 string of `/`-separated segments, none of them empty, with no
+/// NUL byte. So `www.example.com`, `jobs/nightly-report` and `a/b/c` are keys, and these are not:
+///
+/// | key | refused because |
+/// |---|---|
+/// | `/leading` | a leading `/` (an empty first segment) |
+/// | `trailing/` | a trailing `/`: its entries would be `trailing//<lease>`, which no other client of the layout (etcd's `concurrency` recipes, `etcdctl`) would name the same way |
+/// | `a//b` | an empty segment |
+/// | `nul\0byte` | a NUL byte, which tools and logs cut the key at |
+///
+/// The empty key is [`Error::EmptyKey`]. Keys may be prefixes of one another (`a` and `a/b` are two
+/// locks): the queue of a key holds only the entries exactly one segment below it.
+///
+/// ```
+/// use locker_core::backend::check_key_shape;
+/// assert!(check_key_shape("jobs/nightly-report").is_ok());
+/// assert!(check_key_shape("trailing/").is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::EmptyKey`] or [`Error::InvalidKey`].
+pub fn check_key_shape(key: &str) -> Result<()> {
+    let reason = if key.is_empty() {
+        return Err(Error::EmptyKey);
+    } else if key.contains('\0') {
+        "a key may not hold a NUL byte"
+    } else if key.starts_with('/') {
+        "a key may not start with '/'"
+    } else if key.ends_with('/') {
+        "a key may not end with '/' (its entries would be KEY//LEASE)"
+    } else if key.contains("//") {
+        "a key may not have an empty segment ('//')"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidKey {
+        key: key.to_owned(),
+        reason,
+    })
 }
 
 /// The queue (lock key) an entry key belongs to: everything before its last `/`, or `None` for a

@@ -33,6 +33,17 @@ pub enum Error {
         max: usize,
     },
 
+    /// The key has a shape no lock key may have: a leading or trailing `/`, an empty segment
+    /// (`a//b`), or a NUL byte. See [`backend::check_key_shape`](crate::backend::check_key_shape)
+    /// for why.
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
     /// The value is larger than the store allows.
     #[error("invalid value: {len} bytes is over the limit of {max} bytes for a value")]
     ValueTooLarge {
@@ -142,6 +153,7 @@ impl Error {
             self,
             Error::EmptyKey
                 | Error::KeyTooLong { .. }
+                | Error::InvalidKey { .. }
                 | Error::ValueTooLarge { .. }
                 | Error::TtlOutOfRange { .. }
                 | Error::InvalidConfig(_)

@@ -315,7 +315,9 @@ impl Locker {
     ///
     /// # Errors
     ///
-    /// Bad input ([`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::ValueTooLarge`]), before any I/O.
+    /// Bad input ([`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::InvalidKey`],
+    /// [`Error::ValueTooLarge`]), before any I/O. What a key may be is in
+    /// [`check_key_shape`](crate::backend::check_key_shape).
     pub async fn lock(
         &self,
         key: impl Into<String>,
@@ -519,7 +521,7 @@ impl Locker {
                 max,
             });
         }
-        Ok(())
+        crate::backend::check_key_shape(key)
     }
 
     pub(crate) fn check_value(&self, value: &[u8]) -> Result<()> {

@@ -82,6 +82,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "bad_input_value_too_large",
     "bad_input_ttl_out_of_range",
     "bad_input_safety_margin",
+    "bad_input_malformed_keys",
 ];
 
 /// Makes one named test per behaviour of the suite, and one per clause of the backend contract
@@ -151,6 +152,7 @@ macro_rules! conformance_suite {
             bad_input_value_too_large,
             bad_input_ttl_out_of_range,
             bad_input_safety_margin,
+            bad_input_malformed_keys,
         ]);
         /// The backend contract, one test per clause.
         mod contract {
@@ -1714,6 +1716,38 @@ pub async fn bad_input_safety_margin(h: &dyn Harness) {
         assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
         assert!(err.to_string().contains("third of the TTL"), "{err}");
     }
+}
+
+/// Keys of a shape no lock key may have (a leading or trailing `/`, an empty segment, a NUL byte)
+/// are refused by every call, before any I/O, saying why; keys of several segments are keys.
+pub async fn bad_input_malformed_keys(h: &dyn Harness) {
+    let l = cut_off_locker(h).await;
+    for (key, why) in [
+        (h.key("trailing/"), "end with '/'"),
+        ("/leading".to_owned(), "start with '/'"),
+        (h.key("a//b"), "empty segment"),
+        (h.key("nul\0byte"), "NUL"),
+    ] {
+        let refused = |result: Result<()>| match result {
+            Err(Error::InvalidKey { key: k, reason }) => {
+                assert_eq!(k, key);
+                assert!(reason.contains(why), "{key:?}: {reason}");
+            }
+            other => panic!("{key:?}: {other:?}"),
+        };
+        refused(l.lock(key.clone(), "v").await.map(drop));
+        refused(l.acquire(key.clone(), "v").await.map(drop));
+        refused(l.try_acquire(key.clone(), "v").await.map(drop));
+        refused(l.get(&key).await.map(drop));
+        refused(l.watch(&key).map(drop));
+        refused(l.watch_updates(&key).map(drop));
+        let err = l.get(&key).await.unwrap_err();
+        assert!(err.is_invalid_input() && !err.is_retryable(), "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    // Several segments make a key like any other, reaching the (cut off) store.
+    let err = l.get(&h.key("a/b/c")).await.unwrap_err();
+    assert!(err.is_retryable(), "a key of segments was refused: {err}");
 }
 
 #[cfg(test)]
