@@ -656,6 +656,11 @@ fn carry_out(
             async move { backend.delete_entry(&entry, create_revision).await },
             Input::Deleted,
         ),
+        Action::CheckLease { lease } => call(
+            shared,
+            async move { backend.keep_alive(lease).await },
+            |r| Input::LeaseChecked(r.map(|ttl| ttl.is_some())),
+        ),
         Action::Reap {
             entry,
             create_revision,

@@ -208,12 +208,16 @@ impl std::fmt::Display for FailureKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum LossReason {
-    /// The store said the lease is gone (expired or revoked).
+    /// The lease is gone from the store: expired, or revoked (by an operator, `etcdctl lease
+    /// revoke`, another client). The session's keep-alive said so, or, when the lock saw its entry
+    /// deleted first, one lookup of the lease did.
     LeaseGone,
     /// Keep-alives failed until the local ownership deadline passed; the store may not have
     /// expired the lease yet, but it may at any moment, so ownership is no longer claimed.
     DeadlinePassed,
-    /// The lock's entry was deleted by someone else (an operator, or another tool).
+    /// The lock's entry was deleted by someone else (an operator, `etcdctl del`, another tool)
+    /// while its lease lived on. (Also what a loss says when the entry was seen deleted and the
+    /// lookup of its lease could not answer.)
     EntryDeleted,
     /// The owner stopped the lock: released, abandoned or dropped it (or it stopped on a
     /// permanent error).

@@ -35,8 +35,9 @@
 //! | `Refreshing` | the update of the value | as `Joining`'s answer; the entry gone: join again | commands wait |
 //! | `Waiting` | a delete of its predecessor or of itself, or a resync | – | the delete, a resync: `Positioning`. Watch closed: `Idle` (join again). Lease gone: reap, `Idle`. `Release`: `Releasing`. `Abandon`: end, reaped after the TTL. `SetValue`: update |
 //! | `Positioning` | the read | first: `Holding`; behind: `Waiting`; gone: `Idle`; error: back-off, read again | commands wait |
-//! | `Holding` | a change of the session, a delete, its deadline | (a check after a resync: still there, or lost) | `Live`/`Unconfirmed`: published. Lease gone, deadline passed, own entry deleted: **a loss**. Resync: check the entry. Watch closed: subscribe again, then check. `Release`: `Releasing`. `Abandon`: end. `SetValue`: update (gone: a loss) |
-//! | `Releasing` | the delete | deleted (or gone with the lease): end; no answer: back-off, delete again | commands wait |
+//! | `Holding` | a change of the session, a delete, its deadline | (a check after a resync: still there, or `Gone`) | `Live`/`Unconfirmed`: published. Lease gone, deadline passed: **a loss**. Own entry deleted: `Gone`. Resync: check the entry. Watch closed: subscribe again, then check. `Release`: `Releasing`. `Abandon`: end. `SetValue`: update (gone: `Gone`) |
+//! | `Gone` | the lookup of the entry's lease (not owned meanwhile: `Ownership::Ending`) | lease alive: **a loss**, `EntryDeleted`; lease gone: **a loss**, `LeaseGone`; no answer: what the session knows, else `EntryDeleted` | the session's end answers it the same way; commands wait |
+//! | `Releasing` | the delete | deleted (or gone with the lease): end; a guard's entry found gone: `Gone` (the release answers why); no answer: back-off, delete again | commands wait |
 //! | `Ended` | nothing | – | commands are answered at once |
 //!
 //! **A loss** publishes [`Ownership::Lost`] with its reason (every tenure's end is an action of
@@ -140,6 +141,8 @@ pub(crate) enum Input {
     Positioned(Result<(Option<Entry>, Option<Entry>, Revision), Failure>),
     /// Answer to [`Action::Delete`]: whether it deleted the entry.
     Deleted(Result<bool, Failure>),
+    /// Answer to [`Action::CheckLease`]: whether the lease is still alive in the store.
+    LeaseChecked(Result<bool, Failure>),
     /// The answer to the request in flight will never come (the call was cancelled).
     Abandoned,
     /// The session's state changed.
@@ -201,6 +204,13 @@ pub(crate) enum Action {
         entry: String,
         /// Its create revision.
         create_revision: Revision,
+    },
+    /// Ask the store whether `lease` is alive (one lookup, on the path of a loss only); answer
+    /// [`Input::LeaseChecked`]. Tells a lease that ended in the store (revoked, expired) from an
+    /// entry that someone else deleted.
+    CheckLease {
+        /// The lease of the entry found gone.
+        lease: LeaseId,
     },
     /// Hand the entry to the locker's reaper: a guarded delete in the background, after
     /// `after`, retried until done or until the lease ends.
@@ -272,6 +282,16 @@ pub(crate) enum State {
         /// Whether the entry must be checked (history was lost), and how far that is.
         check: Check,
     },
+    /// The entry of the tenure in progress, or of a release, was found gone from the store:
+    /// a lookup of its lease says why ([`Action::CheckLease`]). Not owned meanwhile.
+    Gone {
+        /// The entry.
+        entry: Entry,
+        /// Commands that wait for the reason.
+        replies: Vec<ReplyTo>,
+        /// The lock was released before (and said so): only the replies are answered.
+        released: bool,
+    },
     /// Deleting the entry to release.
     Releasing {
         /// The entry.
@@ -319,6 +339,7 @@ enum Pending {
     Update(Option<ReplyTo>),
     Position,
     Delete,
+    CheckLease,
 }
 
 /// The ownership state machine of one lock. See the [module docs](self).
@@ -407,8 +428,18 @@ impl Machine {
     /// deadline not passed. Every reader asks this; otherwise it answers the state published
     /// last.
     pub(crate) fn ownership(&self, now: Instant) -> Ownership {
-        let State::Holding { entry, .. } = &self.state else {
-            return self.published;
+        let entry = match &self.state {
+            State::Holding { entry, .. } => entry,
+            State::Gone {
+                entry,
+                released: false,
+                ..
+            } => {
+                return Ownership::Ending {
+                    token: FencingToken(entry.create_revision),
+                };
+            }
+            _ => return self.published,
         };
         let token = FencingToken(entry.create_revision);
         match self.session.map(|s| s.state) {
@@ -563,11 +594,22 @@ impl Machine {
             } => self.position(entry),
             State::Holding { .. } => self.check_if_due(),
             State::Releasing { entry, .. } => self.request(Pending::Delete, delete(&entry)),
+            State::Gone { entry, .. } => self.check_lease(&entry),
             _ => {}
         }
     }
 
     fn answer(&mut self, pending: Pending, answer: Input, now: Instant) {
+        if let State::Gone { replies, .. } = &mut self.state
+            && pending != Pending::CheckLease
+        {
+            // An answer from before the entry was found gone: a value update waits for the
+            // reason with the rest; anything else is moot.
+            if let Pending::Update(Some(reply)) = pending {
+                replies.push(reply);
+            }
+            return;
+        }
         match (pending, answer) {
             (Pending::Session, Input::SessionOpened(Ok(session))) => {
                 if session.state.valid_at(now) {
@@ -650,10 +692,19 @@ impl Machine {
                         self.set_entry_value();
                         Outcome::Done
                     }
-                    Ok(false) | Err(Failure::LeaseLost) => {
+                    Ok(false) if matches!(self.state, State::Holding { .. }) => {
+                        // The tenure's entry is gone: why, the lease's lookup says.
+                        self.found_gone(vec![reply], false);
+                        return;
+                    }
+                    Ok(false) => {
                         let reason = self.missing_entry_reason();
                         self.entry_gone(reason);
                         Outcome::NotOwned(reason)
+                    }
+                    Err(Failure::LeaseLost) => {
+                        self.entry_gone(LossReason::LeaseGone);
+                        Outcome::NotOwned(LossReason::LeaseGone)
                     }
                     // The reply answers the call's error; the lock goes on.
                     Err(_) => Outcome::Failed,
@@ -672,6 +723,14 @@ impl Machine {
                 state => self.failed(failure, state, now),
             },
             (Pending::Delete, Input::Deleted(result)) => self.deleted(result, now),
+            (Pending::CheckLease, Input::LeaseChecked(result)) => {
+                let reason = match result {
+                    Ok(true) => LossReason::EntryDeleted,
+                    Ok(false) | Err(Failure::LeaseLost) => LossReason::LeaseGone,
+                    Err(_) => self.reason_unchecked(),
+                };
+                self.gone_because(reason);
+            }
             (pending, Input::Abandoned) => self.abandoned(pending, now),
             (pending, answer) => debug_assert!(false, "answer {answer:?} to {pending:?}"),
         }
@@ -703,6 +762,10 @@ impl Machine {
                 if let State::Refreshing { joined } = self.state.clone() {
                     self.joined(joined.0, joined.1, joined.2, now);
                 }
+            }
+            Pending::CheckLease => {
+                let reason = self.reason_unchecked();
+                self.gone_because(reason);
             }
             Pending::Session | Pending::Subscribe | Pending::Position => {
                 let state = match self.state.clone() {
@@ -830,7 +893,7 @@ impl Machine {
         now: Instant,
     ) {
         match (self.state.clone(), own) {
-            (State::Holding { .. }, None) => self.lose(LossReason::EntryDeleted),
+            (State::Holding { .. }, None) => self.found_gone(Vec::new(), false),
             // Still there. A check asked for meanwhile (the watch closed while reading) stays
             // due (found by the model checker: the read's answer cleared a resubscription, and
             // the holder, with no watch, missed the delete of its entry for good).
@@ -873,16 +936,20 @@ impl Machine {
 
     /// The tenure in progress ends for `reason`: **a loss**.
     fn lose(&mut self, reason: LossReason) {
-        let State::Holding { entry, .. } = self.state.clone() else {
-            return;
+        let (entry, gone) = match self.state.clone() {
+            State::Holding { entry, .. } => (entry, false),
+            State::Gone { entry, .. } => (entry, true),
+            _ => return,
         };
         self.publish(Ownership::Lost {
             token: FencingToken(entry.create_revision),
             reason,
         });
-        // The store may still have the entry (a passed deadline, a stale view): take it away so
-        // that the next holder need not wait for the lease.
-        self.reap(&entry, Duration::ZERO);
+        if !gone {
+            // The store may still have the entry (a passed deadline, a stale view): take it
+            // away so that the next holder need not wait for the lease.
+            self.reap(&entry, Duration::ZERO);
+        }
         if matches!(reason, LossReason::LeaseGone | LossReason::DeadlinePassed) {
             self.forget_session();
         }
@@ -1045,14 +1112,24 @@ impl Machine {
         let outcome = match result {
             Ok(true) => late.map_or(Outcome::Done, Outcome::NotOwned),
             // Gone before the release: ownership had ended before this guard heard of it (a
-            // handle, which would have joined again, just stops).
-            Ok(false) | Err(Failure::LeaseLost) if self.mode != Mode::Persistent => {
-                Outcome::NotOwned(if lease_gone {
-                    LossReason::LeaseGone
-                } else {
-                    LossReason::EntryDeleted
-                })
+            // handle, which would have joined again, just stops). Why: the session, if it knows
+            // the lease is gone; else the deadline, if it had passed; else the lease's lookup.
+            Err(Failure::LeaseLost) if self.mode != Mode::Persistent => {
+                Outcome::NotOwned(LossReason::LeaseGone)
             }
+            Ok(false) if self.mode != Mode::Persistent => match (lease_gone, late) {
+                (true, _) => Outcome::NotOwned(LossReason::LeaseGone),
+                (false, Some(reason)) => Outcome::NotOwned(reason),
+                (false, None) => {
+                    self.state = State::Gone {
+                        entry,
+                        replies: reply.into_iter().collect(),
+                        released: true,
+                    };
+                    self.resume();
+                    return;
+                }
+            },
             Ok(false) | Err(Failure::LeaseLost) => Outcome::Done,
             // The lease is no longer renewed: the entry goes with it.
             Err(Failure::Retryable) if lease_gone => late.map_or(Outcome::Done, Outcome::NotOwned),
@@ -1125,7 +1202,75 @@ impl Machine {
         }
     }
 
-    /// The entry was found gone (by an update or a read).
+    /// The tenure's entry (or a released guard's) was found gone from the store, by its delete,
+    /// a read or a guarded write: not owned from now on. Why is told with the loss, once known:
+    /// the session may know already that the lease is gone; else one lookup of the lease tells a
+    /// lease that ended in the store (`LeaseGone`) from an entry that someone else deleted
+    /// (`EntryDeleted`). `replies` wait for the reason.
+    fn found_gone(&mut self, replies: Vec<ReplyTo>, released: bool) {
+        let (State::Holding { entry, .. } | State::Releasing { entry, .. }) = self.state.clone()
+        else {
+            return;
+        };
+        self.retry_at = None;
+        self.state = State::Gone {
+            entry,
+            replies,
+            released,
+        };
+        if self.lease_known_gone() {
+            self.gone_because(LossReason::LeaseGone);
+        } else if self.pending.is_none() {
+            self.resume();
+        }
+        // Else the lookup goes once the request in flight is answered.
+    }
+
+    fn check_lease(&mut self, entry: &Entry) {
+        let lease = entry.lease;
+        self.request(Pending::CheckLease, Action::CheckLease { lease });
+    }
+
+    /// Whether the session says the lease is gone from the store.
+    fn lease_known_gone(&self) -> bool {
+        self.session
+            .is_some_and(|s| s.state == SessionState::Lost(LossReason::LeaseGone))
+    }
+
+    /// Why the entry went when the lease's lookup could not answer: what the session knows, else
+    /// what was seen (the entry deleted).
+    fn reason_unchecked(&self) -> LossReason {
+        if self.lease_known_gone() {
+            LossReason::LeaseGone
+        } else {
+            LossReason::EntryDeleted
+        }
+    }
+
+    /// The entry found gone went for `reason`: the loss (unless the lock was released first),
+    /// and the answers that waited for it.
+    fn gone_because(&mut self, reason: LossReason) {
+        let State::Gone {
+            replies, released, ..
+        } = self.state.clone()
+        else {
+            return;
+        };
+        if released {
+            if reason == LossReason::LeaseGone {
+                self.forget_session();
+            }
+            self.end();
+        } else {
+            self.lose(reason);
+        }
+        for reply in replies {
+            self.actions
+                .push_back(Action::Reply(reply, Outcome::NotOwned(reason)));
+        }
+    }
+
+    /// The entry was found gone (by an update or a read) while waiting.
     fn entry_gone(&mut self, reason: LossReason) {
         match self.state {
             State::Holding { .. } => self.lose(reason),
@@ -1147,6 +1292,12 @@ impl Machine {
         };
         session.state = state;
         match (&self.state, state) {
+            // Waiting for the lease's lookup, which the session's end answers: its lease gone,
+            // or the store out of reach (the lookup may hang as long).
+            (State::Gone { .. }, SessionState::Lost(_)) => {
+                let reason = self.reason_unchecked();
+                self.gone_because(reason);
+            }
             (State::Holding { .. }, SessionState::Lost(reason)) => self.lose(match reason {
                 LossReason::Stopped => LossReason::LeaseGone,
                 other => other,
@@ -1198,8 +1349,7 @@ impl Machine {
             State::Holding { entry, .. }
                 if key == entry.key && revision > entry.create_revision =>
             {
-                let reason = self.missing_entry_reason();
-                self.lose(reason);
+                self.found_gone(Vec::new(), false);
             }
             _ => {}
         }

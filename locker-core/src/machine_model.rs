@@ -108,6 +108,8 @@ struct Budget {
     request_faults: u8,
     /// An operator deletes an entry.
     operator_deletes: u8,
+    /// An operator revokes a lease (its entries go at once, its keeper hears of it later).
+    revokes: u8,
     /// A watch loses its history (compaction): a resync.
     compactions: u8,
     /// A watch closes.
@@ -202,6 +204,11 @@ struct Contender {
     cancelled: bool,
     /// The token of the tenure published now.
     tenure: Option<Revision>,
+    /// A lookup of the lease of an entry found gone did not answer (it failed, was cancelled, or
+    /// the session ended first): the loss may say only what was seen, `EntryDeleted`.
+    lookup_unanswered: bool,
+    /// The lease of the tenure published now.
+    tenure_lease: Option<LeaseId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -240,9 +247,11 @@ struct World {
     budget: Budget,
     /// The greatest token each key has had.
     last_token: Vec<(String, Revision)>,
-    /// Entries an operator deleted (key, create revision): their holders may claim them until
-    /// they hear of it.
+    /// Entries an operator deleted, or whose lease an operator revoked (key, create revision):
+    /// their holders may claim them until they hear of it.
     deposed: Vec<(String, Revision)>,
+    /// The create revisions of the entries an operator deleted (not by a revoke).
+    deleted_by_operator: Vec<Revision>,
 }
 
 /// One step of the world.
@@ -270,6 +279,8 @@ enum Step {
     LeaseGone(usize, usize),
     /// The store expires lease `l` (index into its leases).
     Expire(usize),
+    /// An operator revokes lease `l` (index into the store's leases).
+    Revoke(usize),
     /// An operator deletes entry `e` (index).
     OperatorDelete(usize),
     /// Contender `c`'s watch loses its history.
@@ -326,6 +337,8 @@ impl World {
                     left: false,
                     cancelled: false,
                     tenure: None,
+                    lookup_unanswered: false,
+                    tenure_lease: None,
                 }
             })
             .collect();
@@ -340,6 +353,7 @@ impl World {
             budget: config.budget,
             last_token: Vec::new(),
             deposed: Vec::new(),
+            deleted_by_operator: Vec::new(),
         };
         for c in 0..world.contenders.len() {
             world.drain(config, c).expect("first actions");
@@ -436,6 +450,9 @@ impl World {
                 steps.push(Step::Expire(l));
             }
         }
+        if faults && self.budget.revokes > 0 {
+            steps.extend((0..self.store.leases.len()).map(Step::Revoke));
+        }
         if faults && self.budget.operator_deletes > 0 {
             steps.extend((0..self.store.entries.len()).map(Step::OperatorDelete));
         }
@@ -476,6 +493,8 @@ impl World {
             Step::Fail(i) => {
                 self.budget.request_faults -= 1;
                 let request = self.contenders[i].request.take().expect("a request");
+                self.contenders[i].lookup_unanswered |=
+                    matches!(request, Action::CheckLease { .. });
                 self.contenders[i].answer = Some(Answer::Input(failed(&request)));
                 None
             }
@@ -524,6 +543,8 @@ impl World {
                 self.notify(i, k)
             }
             Step::KeeperDeadline(i, k) => {
+                let c = &mut self.contenders[i];
+                c.lookup_unanswered |= matches!(c.machine.state(), State::Gone { .. });
                 self.contenders[i].keepers[k].state = KeeperState::Lost(LossReason::DeadlinePassed);
                 self.notify(i, k)
             }
@@ -531,7 +552,10 @@ impl World {
                 self.contenders[i].keepers[k].state = KeeperState::Lost(LossReason::LeaseGone);
                 self.notify(i, k)
             }
-            Step::Expire(l) => {
+            Step::Expire(l) | Step::Revoke(l) => {
+                if matches!(step, Step::Revoke(_)) {
+                    self.budget.revokes -= 1;
+                }
                 let (lease, _) = self.store.leases.remove(l);
                 let gone: Vec<Entry> = self
                     .store
@@ -540,6 +564,10 @@ impl World {
                     .filter(|e| e.lease == lease)
                     .cloned()
                     .collect();
+                if matches!(step, Step::Revoke(_)) {
+                    self.deposed
+                        .extend(gone.iter().map(|e| (e.key.clone(), e.create_revision)));
+                }
                 if !gone.is_empty() {
                     self.store.revision += 1;
                     for entry in gone {
@@ -553,6 +581,7 @@ impl World {
                 let entry = self.store.entries[e].clone();
                 self.deposed
                     .push((entry.key.clone(), entry.create_revision));
+                self.deleted_by_operator.push(entry.create_revision);
                 self.store.revision += 1;
                 self.remove_entry(&entry.key, entry.create_revision);
                 None
@@ -624,6 +653,8 @@ impl World {
             Step::Cancel(i) => {
                 let c = &mut self.contenders[i];
                 c.cancelled = true;
+                c.lookup_unanswered |= matches!(c.request, Some(Action::CheckLease { .. }))
+                    || matches!(c.answer, Some(Answer::Input(Input::LeaseChecked(_))));
                 c.left = true;
                 c.answer = None;
                 if let Some(request) = c.request.take()
@@ -789,6 +820,16 @@ impl World {
                 entry,
                 create_revision,
             } => Input::Deleted(Ok(self.delete(entry, *create_revision))),
+            Action::CheckLease { lease } => {
+                // A keep-alive: it also renews the lease in the store.
+                let alive = self.store.lease_alive(*lease);
+                for (l, expiry) in &mut self.store.leases {
+                    if l == lease {
+                        *expiry = TTL;
+                    }
+                }
+                Input::LeaseChecked(Ok(alive))
+            }
             other => unreachable!("not a request: {other:?}"),
         };
         Answer::Input(input)
@@ -831,7 +872,8 @@ impl World {
                 | Action::Join { .. }
                 | Action::Update { .. }
                 | Action::Position { .. }
-                | Action::Delete { .. } => {
+                | Action::Delete { .. }
+                | Action::CheckLease { .. } => {
                     // A subscription the machine gave up on (a release while it was in flight):
                     // its answer is ignored; the new request replaces it.
                     c.request = Some(action);
@@ -881,8 +923,19 @@ impl World {
     /// its key, and ends only with its `Lost` (or the owner's own release).
     fn published(&mut self, config: &Config, i: usize, state: Ownership) -> Result<(), Violation> {
         let key = config.contenders[i].key;
+        self.reason_says_what_happened(i, state)?;
+        let tenure_lease = state
+            .token()
+            .and_then(|t| self.store.entries.iter().find(|e| e.create_revision == t.0))
+            .map(|e| e.lease)
+            .or(self.contenders[i].machine.session.map(|s| s.lease));
         let c = &mut self.contenders[i];
         match (c.tenure, state) {
+            (_, Ownership::Ending { .. }) => {
+                return Err(Violation(format!(
+                    "contender {i}: published {state:?}, which ownership() answers only"
+                )));
+            }
             (Some(t), Ownership::Owned { token } | Ownership::Unconfirmed { token, .. })
                 if token.0 == t => {}
             (
@@ -902,6 +955,8 @@ impl World {
                 // A tenure of an entry an operator deleted, begun before its holder heard of it:
                 // fencing refuses its token where a later one was seen.
                 c.tenure = Some(token.0);
+                c.tenure_lease = tenure_lease;
+                c.lookup_unanswered = false;
             }
             (None, Ownership::Owned { token } | Ownership::Unconfirmed { token, .. }) => {
                 let last = self.last_token.iter_mut().find(|(k, _)| k == key);
@@ -916,6 +971,8 @@ impl World {
                     None => self.last_token.push((key.to_owned(), token.0)),
                 }
                 c.tenure = Some(token.0);
+                c.tenure_lease = tenure_lease;
+                c.lookup_unanswered = false;
             }
             (Some(t), Ownership::Lost { token, .. }) if token.0 != t => {
                 return Err(Violation(format!(
@@ -940,6 +997,32 @@ impl World {
             (None, Ownership::Acquiring) => {}
         }
         Ok(())
+    }
+
+    /// A loss says what happened: `LeaseGone` only once the store has no lease of the tenure's
+    /// entry, and `EntryDeleted` only for an entry an operator deleted (unless the lease's lookup
+    /// did not answer: the loss then says what was seen).
+    fn reason_says_what_happened(&self, i: usize, state: Ownership) -> Result<(), Violation> {
+        let Ownership::Lost { token, reason } = state else {
+            return Ok(());
+        };
+        let c = &self.contenders[i];
+        let deposed = self.deleted_by_operator.contains(&token.0);
+        match reason {
+            LossReason::LeaseGone if c.tenure_lease.is_some_and(|l| self.store.lease_alive(l)) => {
+                Err(Violation(format!(
+                    "contender {i}: lost token {} as LeaseGone, but its lease {:?} is alive",
+                    token.0, c.tenure_lease
+                )))
+            }
+            LossReason::EntryDeleted if !deposed && !c.lookup_unanswered => {
+                Err(Violation(format!(
+                    "contender {i}: lost token {} as EntryDeleted, but no operator deleted its entry",
+                    token.0
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The properties that hold in every state.
@@ -1127,6 +1210,7 @@ fn failed(request: &Action) -> Input {
         Action::Update { .. } => Input::Updated(Err(Failure::Retryable)),
         Action::Position { .. } => Input::Positioned(Err(Failure::Retryable)),
         Action::Delete { .. } => Input::Deleted(Err(Failure::Retryable)),
+        Action::CheckLease { .. } => Input::LeaseChecked(Err(Failure::Retryable)),
         other => unreachable!("not a request: {other:?}"),
     }
 }
@@ -1303,6 +1387,7 @@ fn describe(w: &World, step: Step) -> String {
         Step::Deliver(i) => format!("c{i}: gets {:?}", w.contenders[i].answer),
         Step::Event(i) => format!("c{i}: watch says {:?}", w.contenders[i].events.front()),
         Step::Expire(l) => format!("the store expires lease {:?}", w.store.leases[l].0),
+        Step::Revoke(l) => format!("an operator revokes lease {:?}", w.store.leases[l].0),
         Step::OperatorDelete(e) => format!("an operator deletes {:?}", w.store.entries[e]),
         Step::Reap(i, j) => format!("c{i}: the reaper runs {:?}", w.contenders[i].jobs[j]),
         Step::Orphan(i, j) => format!(
@@ -1470,6 +1555,41 @@ fn a_guard_and_an_operator_delete() {
             ],
             budget: Budget {
                 operator_deletes: 1,
+                ..Budget::default()
+            },
+        },
+        LIMIT,
+    );
+}
+
+#[test]
+fn a_revoked_lease_and_a_failed_lookup() {
+    run(
+        Config {
+            name: "2 contenders (a handle, acquire), 1 key: an operator revokes a lease",
+            contenders: vec![
+                stays("a"),
+                contender("a", Mode::Once, Role::Leaves(Move::Release)),
+            ],
+            budget: Budget {
+                revokes: 1,
+                ..Budget::default()
+            },
+        },
+        LIMIT,
+    );
+}
+
+#[test]
+fn a_lone_holder_revoked_deleted_and_failing() {
+    run(
+        Config {
+            name: "1 handle: an operator revokes its lease and deletes its entry, requests fail",
+            contenders: vec![stays("a")],
+            budget: Budget {
+                revokes: 1,
+                operator_deletes: 1,
+                request_faults: 2,
                 ..Budget::default()
             },
         },

@@ -241,10 +241,10 @@ fn a_try_that_finds_the_lock_held_removes_its_entry_before_answering() {
     assert_eq!(m.published(), Ownership::Released);
 }
 
-#[test]
-fn a_held_entry_deleted_by_someone_else_is_a_loss_that_a_handle_reports_and_rejoins() {
-    let now = Instant::now();
-    let mut m = joining(Mode::Persistent, now);
+/// A held lock whose entry is deleted at `revision` (by someone else, or with its lease): not
+/// owned at once, and a lookup of the lease asked for.
+fn held_then_deleted(mode: Mode, now: Instant) -> Machine {
+    let mut m = joining(mode, now);
     m.handle(Input::Joined(Ok((entry(LEASE, 5), None, 5))), now);
     actions(&mut m);
     m.handle(
@@ -254,6 +254,22 @@ fn a_held_entry_deleted_by_someone_else_is_a_loss_that_a_handle_reports_and_rejo
         },
         now,
     );
+    assert_eq!(actions(&mut m), [Action::CheckLease { lease: LEASE }]);
+    assert_eq!(
+        m.ownership(now),
+        Ownership::Ending {
+            token: FencingToken(5)
+        }
+    );
+    m
+}
+
+#[test]
+fn a_held_entry_deleted_by_someone_else_is_a_loss_that_a_handle_reports_and_rejoins() {
+    let now = Instant::now();
+    let mut m = held_then_deleted(Mode::Persistent, now);
+    // The lease lives: someone else deleted the entry.
+    m.handle(Input::LeaseChecked(Ok(true)), now);
     assert_eq!(
         actions(&mut m),
         [
@@ -261,15 +277,46 @@ fn a_held_entry_deleted_by_someone_else_is_a_loss_that_a_handle_reports_and_rejo
                 token: FencingToken(5),
                 reason: LossReason::EntryDeleted
             }),
-            Action::Reap {
-                entry: "k/a".into(),
-                create_revision: 5,
-                lease: LEASE,
-                after: Duration::ZERO
-            },
             Action::Publish(Ownership::Acquiring),
             Action::OpenSession,
         ]
+    );
+}
+
+#[test]
+fn a_held_entry_gone_with_its_lease_is_lease_gone_and_the_session_is_dropped() {
+    let now = Instant::now();
+    let mut m = held_then_deleted(Mode::Once, now);
+    m.handle(Input::Command(Command::Release(Some(3))), now);
+    assert_eq!(actions(&mut m), [], "the release waits for the reason");
+    m.handle(Input::LeaseChecked(Ok(false)), now);
+    let out = actions(&mut m);
+    assert_eq!(
+        out[0],
+        Action::Publish(Ownership::Lost {
+            token: FencingToken(5),
+            reason: LossReason::LeaseGone
+        })
+    );
+    assert!(out.contains(&Action::DropSession(LEASE)), "{out:?}");
+    assert!(
+        out.contains(&Action::Reply(3, Outcome::NotOwned(LossReason::LeaseGone))),
+        "{out:?}"
+    );
+    assert!(m.is_ended());
+}
+
+#[test]
+fn a_lookup_that_fails_says_what_was_seen() {
+    let now = Instant::now();
+    let mut m = held_then_deleted(Mode::Once, now);
+    m.handle(Input::LeaseChecked(Err(Failure::Retryable)), now);
+    assert_eq!(
+        actions(&mut m)[0],
+        Action::Publish(Ownership::Lost {
+            token: FencingToken(5),
+            reason: LossReason::EntryDeleted
+        })
     );
 }
 

@@ -106,6 +106,15 @@ pub enum Ownership {
         /// When ownership ends unless a keep-alive succeeds (before the store could expire it).
         deadline: Instant,
     },
+    /// Not owned any more, a moment before [`Ownership::Lost`] says why: the tenure's entry is gone
+    /// from the store, and one lookup of its lease (a round trip) tells whether the lease ended
+    /// there ([`LossReason::LeaseGone`]: revoked, or expired) or someone deleted the entry
+    /// ([`LossReason::EntryDeleted`]). Answered by `ownership()` only, never published: the
+    /// published states go from the tenure's to its `Lost`.
+    Ending {
+        /// The fencing token of the tenure that ended.
+        token: FencingToken,
+    },
     /// Ownership ended for `reason`. A [`LockHandle`](crate::LockHandle) then joins again
     /// ([`Ownership::Acquiring`]); a [`LockGuard`](crate::LockGuard) stays here.
     Lost {
@@ -139,6 +148,7 @@ impl Ownership {
         match *self {
             Ownership::Owned { token }
             | Ownership::Unconfirmed { token, .. }
+            | Ownership::Ending { token }
             | Ownership::Lost { token, .. } => Some(token),
             _ => None,
         }

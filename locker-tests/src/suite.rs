@@ -82,6 +82,10 @@ pub const BEHAVIOURS: &[&str] = &[
     "bad_input_value_too_large",
     "bad_input_ttl_out_of_range",
     "bad_input_safety_margin",
+    "loss_reason_lease_gone_when_another_client_revokes_the_lease",
+    "loss_reason_lease_gone_when_the_store_expires_the_lease",
+    "loss_reason_entry_deleted_when_only_the_entry_is_deleted",
+    "loss_reason_deadline_passed_when_the_store_is_out_of_reach",
     "bad_input_malformed_keys",
 ];
 
@@ -152,6 +156,10 @@ macro_rules! conformance_suite {
             bad_input_value_too_large,
             bad_input_ttl_out_of_range,
             bad_input_safety_margin,
+            loss_reason_lease_gone_when_another_client_revokes_the_lease,
+            loss_reason_lease_gone_when_the_store_expires_the_lease,
+            loss_reason_entry_deleted_when_only_the_entry_is_deleted,
+            loss_reason_deadline_passed_when_the_store_is_out_of_reach,
             bad_input_malformed_keys,
         ]);
         /// The backend contract, one test per clause.
@@ -1045,6 +1053,99 @@ pub async fn lost_lease_reacquires_when_fault_heals(h: &dyn Harness) {
     assert_eq!(holder.token, second);
     assert_ne!(holder.lease, lease);
     handle.release().await.expect("release");
+}
+
+/// A holder whose lease another client revokes (as `etcdctl lease revoke` does) reports
+/// `LeaseGone`, not `EntryDeleted`: a guard in `lost()` and in its release, and a handle in its
+/// tenure's end, before it owns again on a new lease.
+pub async fn loss_reason_lease_gone_when_another_client_revokes_the_lease(h: &dyn Harness) {
+    let key = h.key("revoked");
+    let operator = h.client().await;
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let lease = holder_lease(&a, &key).await;
+    operator.backend.revoke_lease(lease).await.expect("revoke");
+    let reason = timeout(PATIENCE, guard.lost()).await.expect("lost in time");
+    assert_eq!(reason, LossReason::LeaseGone);
+    assert!(matches!(
+        guard.release().await,
+        Err(Error::NotOwned {
+            reason: LossReason::LeaseGone,
+            ..
+        })
+    ));
+
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    let mut tenures = handle.tenures();
+    let first = timeout(PATIENCE, tenures.next())
+        .await
+        .expect("a tenure in time")
+        .expect("tenures go on");
+    let lease = holder_lease(&a, &key).await;
+    operator.backend.revoke_lease(lease).await.expect("revoke");
+    assert_eq!(
+        timeout(PATIENCE, first.lost()).await.expect("lost in time"),
+        LossReason::LeaseGone
+    );
+    let second = timeout(PATIENCE, tenures.next())
+        .await
+        .expect("a new tenure in time")
+        .expect("tenures go on");
+    assert!(second.token() > first.token());
+    assert_ne!(holder_lease(&a, &key).await, lease, "owns on a new lease");
+    handle.release().await.expect("release");
+}
+
+/// A holder whose lease the store expires (an operator's expiry; a revoke on etcd) reports
+/// `LeaseGone`, and so does every other lock on that lease.
+pub async fn loss_reason_lease_gone_when_the_store_expires_the_lease(h: &dyn Harness) {
+    let a = h.client().await.locker(TTL);
+    let one = a.acquire(h.key("expired-1"), "a").await.expect("acquire");
+    let two = a.acquire(h.key("expired-2"), "a").await.expect("acquire");
+    let lease = holder_lease(&a, &h.key("expired-1")).await;
+    assert_eq!(
+        holder_lease(&a, &h.key("expired-2")).await,
+        lease,
+        "one session"
+    );
+    h.expire_lease(lease).await;
+    for guard in [one, two] {
+        let reason = timeout(PATIENCE, guard.lost()).await.expect("lost in time");
+        assert_eq!(reason, LossReason::LeaseGone, "{}", guard.key());
+        assert!(!guard.is_owned());
+        let _ = guard.release().await;
+    }
+}
+
+/// A holder whose entry alone is deleted (its lease alive, as `etcdctl del` does) reports
+/// `EntryDeleted`; another lock on the same lease keeps owning.
+pub async fn loss_reason_entry_deleted_when_only_the_entry_is_deleted(h: &dyn Harness) {
+    let a = h.client().await.locker(TTL);
+    let deleted = a.acquire(h.key("deleted"), "a").await.expect("acquire");
+    let kept = a.acquire(h.key("kept"), "a").await.expect("acquire");
+    let entry = h.entries(&h.key("deleted")).await.remove(0);
+    h.delete_key(&entry.key).await;
+    let reason = timeout(PATIENCE, deleted.lost())
+        .await
+        .expect("lost in time");
+    assert_eq!(reason, LossReason::EntryDeleted);
+    assert!(h.lease_exists(entry.lease).await, "the lease lives on");
+    assert!(kept.is_owned(), "another lock on the lease is not touched");
+    let _ = deleted.release().await;
+    kept.release().await.expect("release");
+}
+
+/// A holder cut off from the store reports `DeadlinePassed` at its local deadline: the store
+/// may not have expired the lease yet, but it may at any moment.
+pub async fn loss_reason_deadline_passed_when_the_store_is_out_of_reach(h: &dyn Harness) {
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let guard = a.acquire(h.key("cut-off"), "a").await.expect("acquire");
+    client.faults.cut(Cut::Hang).await;
+    let reason = timeout(PATIENCE, guard.lost()).await.expect("lost in time");
+    assert_eq!(reason, LossReason::DeadlinePassed);
+    client.faults.heal().await;
+    let _ = guard.release().await;
 }
 
 /// A guard on a fresh key whose entry an operator has just deleted (the locker must outlive it).
