@@ -359,8 +359,43 @@ impl EtcdBackendBuilder {
         None
     }
 
-    /// The error of a failed first request, with what the failure tells about TLS.
+    /// The endpoints, for a message: `http://a:2379, http://b:2379`.
+    fn endpoint_list(&self) -> String {
+        self.endpoints.join(", ")
+    }
+
+    /// The error of a failed first request: one sentence that names the endpoints and the cause
+    /// (with what the failure tells about TLS, credentials, or a server that is not etcd), the
+    /// etcd-client error kept as its source.
     fn connect_error(&self, err: etcd_client::Error) -> Error {
+        let at = self.endpoint_list();
+        let said = crate::error::cause(&err);
+        if let etcd_client::Error::GRpcStatus(status) = &err
+            && (status.code() == tonic::Code::Unimplemented
+                || status.message().contains("HTTP status code"))
+        {
+            // etcd serves the range the connect makes; a server that answers it with an HTTP
+            // status, or does not know the call, is something else.
+            return Error::Backend {
+                message: format!(
+                    "the server at {at} does not answer as etcd does ({said}): is this etcd? \
+                     (give etcd's client URLs, port 2379 by default)"
+                ),
+                retryable: false,
+                source: Some(std::sync::Arc::new(err)),
+            };
+        }
+        if let etcd_client::Error::GRpcStatus(status) = &err
+            && status.message().contains(crate::error::NO_USER)
+        {
+            return Error::PermissionDenied {
+                message: format!(
+                    "etcd at {at} has authentication on and no user was given: call \
+                     `.user(name, password)` ({said})"
+                ),
+                source: Some(std::sync::Arc::new(err)),
+            };
+        }
         let tls = self.endpoints.iter().any(|e| is_scheme(e, "https://")) || self.tls_configured();
         // tonic's status shows its transport source only in `Debug`.
         let raw = format!("{err} {err:?}");
@@ -368,11 +403,10 @@ impl EtcdBackendBuilder {
         if tls && let Some(problem) = certificate_problem(&err) {
             return Error::Backend {
                 message: format!(
-                    "TLS with etcd at {:?} failed: the server's certificate was refused \
+                    "TLS with etcd at {at} failed: the server's certificate was refused \
                      ({problem}): `.tls(..)` must trust the CA that signed it, and the endpoint's \
                      host must be a name or address the certificate lists (or set \
-                     `TlsOptions::domain_name`)",
-                    self.endpoints
+                     `TlsOptions::domain_name`)"
                 ),
                 retryable: false,
                 source: Some(std::sync::Arc::new(err)),
@@ -383,16 +417,15 @@ impl EtcdBackendBuilder {
             let alert = alert(&raw);
             return Error::PermissionDenied {
                 message: format!(
-                    "etcd at {:?} refused the TLS connection (received fatal alert: {alert}): if \
+                    "etcd at {at} refused the TLS connection (received fatal alert: {alert}): if \
                      it runs with --client-cert-auth it wants a client certificate its CA \
-                     trusts; give one with `TlsOptions::identity`",
-                    self.endpoints
+                     trusts; give one with `TlsOptions::identity`"
                 ),
                 source: Some(std::sync::Arc::new(err)),
             };
         }
         match map_error(err, Context::op("connect")) {
-            Error::Unavailable { message, source } => {
+            Error::Unavailable { source, .. } => {
                 // The server took the connection and closed it: not a refused or timed-out
                 // connect, but a server speaking another protocol, or refusing our certificate.
                 // (OS messages differ in case: "Connection reset by peer".)
@@ -405,16 +438,33 @@ impl EtcdBackendBuilder {
                      its CA trusts with `TlsOptions::identity`)"
                 } else {
                     " (the server closed the connection at once: if it serves TLS, use an \
-                     https:// endpoint and `.tls(..)`)"
+                     https:// endpoint and `.tls(..)`; else, is this etcd?)"
                 };
                 Error::Unavailable {
+                    message: format!("could not reach etcd at {at}: {said}{hint}"),
+                    source,
+                }
+            }
+            Error::PermissionDenied { source, .. } if said.contains("permission denied") => {
+                Error::PermissionDenied {
                     message: format!(
-                        "could not reach etcd at {:?}: {message}{hint}",
-                        self.endpoints
+                        "etcd at {at} denied the user access to the prefix {:?}: {said}",
+                        self.prefix
                     ),
                     source,
                 }
             }
+            Error::PermissionDenied { source, .. } => Error::PermissionDenied {
+                message: format!("etcd at {at} refused the credentials: {said}"),
+                source,
+            },
+            Error::Backend {
+                retryable, source, ..
+            } => Error::Backend {
+                message: format!("etcd at {at} refused the first request: {said}"),
+                retryable,
+                source,
+            },
             other => other,
         }
     }
@@ -486,8 +536,9 @@ impl EtcdBackendBuilder {
         let client = match tokio::time::timeout(self.connect_timeout, attempt).await {
             Err(_) => {
                 return Err(Error::unavailable(format!(
-                    "could not reach etcd at {:?} within {:?}",
-                    self.endpoints, self.connect_timeout
+                    "could not reach etcd at {} within {:?}",
+                    self.endpoint_list(),
+                    self.connect_timeout
                 )));
             }
             Ok(Err(Failure::Settings(err))) => {

@@ -65,6 +65,8 @@ enum Class {
 }
 
 const LEASE_NOT_FOUND: &str = "requested lease not found";
+/// What etcd answers a request without credentials when authentication is on.
+pub(crate) const NO_USER: &str = "user name is empty";
 const COMPACTED: &str = "required revision has been compacted";
 
 /// Message fragments of transport failures that tonic reports with a non-transport code.
@@ -97,8 +99,11 @@ fn classify_status(status: &tonic::Status) -> Class {
         Code::PermissionDenied | Code::Unauthenticated => Class::PermissionDenied,
         Code::NotFound if message.contains(LEASE_NOT_FOUND) => Class::LeaseNotFound,
         Code::OutOfRange if message.contains(COMPACTED) => Class::Compacted,
-        // etcd 3.4 answers a wrong user name or password with InvalidArgument.
-        Code::InvalidArgument if message.contains("authentication failed") => {
+        // etcd 3.4 answers a wrong user name or password with InvalidArgument, and a request
+        // without credentials (authentication on) likewise.
+        Code::InvalidArgument
+            if message.contains("authentication failed") || message.contains(NO_USER) =>
+        {
             Class::PermissionDenied
         }
         Code::ResourceExhausted => Class::Retryable,
@@ -145,9 +150,38 @@ pub(crate) fn is_lease_not_found(err: &etcd_client::Error) -> bool {
     classify(err) == Class::LeaseNotFound
 }
 
+/// What went wrong, in a few words for a message: the status's own message and the deepest cause
+/// under it ("tcp connect error: Connection refused (os error 111)"), never the nested dump of
+/// the error's `Display` (which the error keeps as its source).
+pub(crate) fn cause(err: &etcd_client::Error) -> String {
+    let (message, below): (String, Option<&(dyn std::error::Error + 'static)>) = match err {
+        etcd_client::Error::GRpcStatus(status) => (
+            status.message().to_owned(),
+            std::error::Error::source(status),
+        ),
+        etcd_client::Error::TransportError(transport) => {
+            (transport.to_string(), std::error::Error::source(transport))
+        }
+        other => (other.to_string(), None),
+    };
+    let mut deepest = None;
+    let mut next = below;
+    while let Some(cause) = next {
+        deepest = Some(cause);
+        next = cause.source();
+    }
+    match deepest.map(ToString::to_string) {
+        Some(root) if !message.contains(&root) && !message.is_empty() => {
+            format!("{message}: {root}")
+        }
+        Some(root) => root,
+        None => message,
+    }
+}
+
 /// Maps an etcd-client error onto a locker error, keeping it as the source.
 pub(crate) fn map_error(err: etcd_client::Error, ctx: Context) -> Error {
-    let message = format!("etcd {} failed: {err}", ctx.op);
+    let message = format!("etcd {} failed: {}", ctx.op, cause(&err));
     match (classify(&err), ctx.lease, ctx.revision) {
         (Class::Unavailable, _, _) => Error::Unavailable {
             message,
@@ -270,6 +304,8 @@ mod tests {
                 Code::InvalidArgument,
                 "etcdserver: authentication failed, invalid user ID or password",
             ),
+            // Authentication on, and the request came without credentials.
+            status(Code::InvalidArgument, "etcdserver: user name is empty"),
         ] {
             let mapped = map(err);
             assert!(

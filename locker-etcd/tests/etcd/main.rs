@@ -14,6 +14,9 @@ mod docker;
 /// TLS and auth on dedicated etcd servers.
 mod security;
 
+/// Errors at first contact.
+mod first_contact;
+
 /// Bad input that only etcd has: endpoints nobody answers on, and bad configuration.
 mod bad_input {
     use std::time::Duration;
