@@ -4,7 +4,11 @@
 # `[<code>Error::Unavailable</code>]`) or as an `href` that is still a Rust path, and rustdoc does
 # not always warn about it (e.g. a link into another crate whose pages were not written yet).
 #
-#   scripts/check-doc-links.sh [DOC_DIR]     DOC_DIR defaults to target/doc (or $CARGO_TARGET_DIR/doc)
+#   scripts/check-doc-links.sh [DOC_DIR [CRATE...]]
+#
+# DOC_DIR defaults to target/doc (or $CARGO_TARGET_DIR/doc); the crates checked default to every
+# library and binary of the workspace (names with `_`). `scripts/check-doc-downstream.sh` uses it
+# on the docs of a crate that depends on ours.
 #
 # Build the docs first, twice, the second time one crate at a time (rustdoc links into another
 # crate only if that crate's pages exist and are not being rewritten meanwhile), as .ci/run does:
@@ -17,8 +21,13 @@ cd "$(dirname "$0")/.."
 doc=${1:-${CARGO_TARGET_DIR:-target}/doc}
 [ -d "$doc" ] || { echo "check-doc-links: no $doc: build the docs first" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "check-doc-links: needs python3" >&2; exit 1; }
-crates=$(cargo metadata -q --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(" ".join(t["name"].replace("-","_") for p in json.load(sys.stdin)["packages"] for t in p["targets"] if "lib" in t["kind"] or "bin" in t["kind"]))')
+if [ $# -gt 1 ]; then
+  shift
+  crates="$*"
+else
+  crates=$(cargo metadata -q --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(" ".join(t["name"].replace("-","_") for p in json.load(sys.stdin)["packages"] for t in p["targets"] if "lib" in t["kind"] or "bin" in t["kind"]))')
+fi
 python3 - "$doc" $crates <<'PY'
 import glob, html, os, re, sys
 

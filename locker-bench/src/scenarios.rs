@@ -148,7 +148,7 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
     let cycles = env.pick(3000, 300);
     let prefix = |side: &str| env.prefix("acquire_release", side);
     let (backend, counts) = env.ours(&prefix("ours")).await?;
-    let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+    let locker = Locker::builder(backend).ttl(SESSION_TTL).build()?;
     let mut client = env.raw().await?;
     let lease = RawLease::grant(&client, SESSION_TTL).await?;
     let raw_key = format!("{}k", prefix("raw")).into_bytes();
@@ -304,7 +304,7 @@ pub(crate) async fn acquire_release(env: &Env) -> BenchResult<Outcome> {
 pub(crate) async fn lock_rpc(env: &Env) -> BenchResult<Outcome> {
     let cycles = env.pick(3000, 300);
     let (backend, counts) = env.ours(&env.prefix("lock_rpc", "ours")).await?;
-    let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+    let locker = Locker::builder(backend).ttl(SESSION_TTL).build()?;
     let client = env.raw().await?;
     let lease = RawLease::grant(&client, SESSION_TTL).await?;
     let name = format!("{}k", env.prefix("lock_rpc", "raw")).into_bytes();
@@ -500,7 +500,7 @@ pub(crate) async fn handoff(env: &Env, waiters: usize) -> BenchResult<Outcome> {
     for id in 0..=waiters {
         let (backend, c) = env.ours(&prefix).await?;
         counts.push(c);
-        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let locker = Locker::builder(backend).ttl(SESSION_TTL).build()?;
         let (go_tx, go_rx) = mpsc::unbounded_channel();
         gos.push(go_tx);
         tasks.spawn(ours_contender(locker, id, events_tx.clone(), go_rx));
@@ -588,11 +588,7 @@ pub(crate) async fn contended(env: &Env) -> BenchResult<Outcome> {
     let rounds = 2;
     let (backend, counts) = env.ours(&env.prefix("contended_8", "ours")).await?;
     let lockers = (0..TASKS)
-        .map(|_| {
-            Locker::builder_arc(backend.clone())
-                .ttl(SESSION_TTL)
-                .build()
-        })
+        .map(|_| Locker::builder(backend.clone()).ttl(SESSION_TTL).build())
         .collect::<Result<Vec<_>, _>>()?;
     for locker in &lockers {
         ours_cycle(locker, "k").await?;
@@ -711,12 +707,8 @@ pub(crate) async fn watch_latency(env: &Env) -> BenchResult<Outcome> {
     let prefix = env.prefix("watch_latency", "ours");
     let (holder_backend, counts) = env.ours(&prefix).await?;
     let (watcher_backend, _) = env.ours(&prefix).await?;
-    let holder = Locker::builder_arc(holder_backend)
-        .ttl(SESSION_TTL)
-        .build()?;
-    let watcher = Locker::builder_arc(watcher_backend)
-        .ttl(SESSION_TTL)
-        .build()?;
+    let holder = Locker::builder(holder_backend).ttl(SESSION_TTL).build()?;
+    let watcher = Locker::builder(watcher_backend).ttl(SESSION_TTL).build()?;
     let guard = holder.acquire("w", "v0").await?;
     let mut stream = watcher.watch("w")?;
     let (tx, mut ours_rx) = mpsc::unbounded_channel();
@@ -905,12 +897,8 @@ pub(crate) async fn failover(env: &Env) -> BenchResult<Outcome> {
     let raw_prefix = env.prefix("failover", "raw");
     let (holder_backend, _) = env.ours(&prefix).await?;
     let (waiter_backend, _) = env.ours(&prefix).await?;
-    let holder = Locker::builder_arc(holder_backend)
-        .ttl(FAILOVER_TTL)
-        .build()?;
-    let waiter = Locker::builder_arc(waiter_backend)
-        .ttl(SESSION_TTL)
-        .build()?;
+    let holder = Locker::builder(holder_backend).ttl(FAILOVER_TTL).build()?;
+    let waiter = Locker::builder(waiter_backend).ttl(SESSION_TTL).build()?;
     let client = env.raw().await?;
     let mut rng = XorShift::new();
     let (mut ours, mut base) = (Samples::default(), Samples::default());
@@ -1107,7 +1095,7 @@ pub(crate) async fn many_locks(env: &Env) -> BenchResult<Outcome> {
 
     settle(&env.raw().await?).await?;
     let (backend, counts) = env.ours(&env.prefix("many_locks", "ours")).await?;
-    let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+    let locker = Locker::builder(backend).ttl(SESSION_TTL).build()?;
     ours_cycle(&locker, "warm-up").await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mem_before = alloc_stats();
@@ -1297,7 +1285,7 @@ pub(crate) async fn watchers(env: &Env) -> BenchResult<Outcome> {
         // Ours: one locker (one connection), 1,000 `watch` streams.
         let prefix = env.prefix("watchers", &format!("ours{round}"));
         let (backend, _) = env.ours(&prefix).await?;
-        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let locker = Locker::builder(backend).ttl(SESSION_TTL).build()?;
         let mut streams = Vec::with_capacity(N);
         for i in 0..N {
             streams.push(locker.watch(&format!("w{i}"))?.map(move |item| (i, item)));
@@ -1505,7 +1493,7 @@ async fn fleet_of(env: &Env, n: usize) -> BenchResult<FleetRun> {
     let mut background = JoinSet::new();
     for i in 0..n {
         let (backend, counts) = env.ours(&prefix).await?;
-        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let locker = Locker::builder(backend).ttl(SESSION_TTL).build()?;
         let mut held = Vec::new();
         for j in 0..2 {
             let key = format!("svc{i}/k{j}");
@@ -1536,7 +1524,7 @@ async fn fleet_of(env: &Env, n: usize) -> BenchResult<FleetRun> {
     let mut tasks = JoinSet::new();
     for id in 0..2 {
         let (backend, _) = env.ours(&prefix).await?;
-        let locker = Locker::builder_arc(backend).ttl(SESSION_TTL).build()?;
+        let locker = Locker::builder(backend).ttl(SESSION_TTL).build()?;
         let (go_tx, go_rx) = mpsc::unbounded_channel();
         gos.push(go_tx);
         tasks.spawn(ours_contender(locker, id, events_tx.clone(), go_rx));

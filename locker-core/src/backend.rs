@@ -228,7 +228,7 @@ impl fmt::Debug for WatchStream {
 /// - `watch(prefix, None)` starts at the store's next revision; `start_revision` says which. A read
 ///   issued after `watch` returned is served at a revision `>= start_revision - 1`.
 /// - If `rev` is older than the store's compaction revision, the call fails with, or the stream
-///   yields, [`Error::Compacted`](crate::Error::Compacted).
+///   yields, [`Error::Compacted`].
 /// - A broken connection may end the stream with a retryable error; the caller resumes from the
 ///   revision after the last one it saw.
 /// - [`watch_deletes`](Watcher::watch_deletes) is the same with the puts left out: every delete
@@ -282,9 +282,9 @@ fn deletes_only(
 ///
 /// Each method is one linearizable operation on the store. Keys are relative to the backend root
 /// (see the [module docs](self)). Entries are written **only** under a live lease: a call naming a
-/// lease the store does not know fails with [`Error::LeaseLost`](crate::Error::LeaseLost), as a
-/// whole. Store failures are classified: unreachable → [`Error::Unavailable`](crate::Error::Unavailable)
-/// (retryable); refused credentials or keys → [`Error::PermissionDenied`](crate::Error::PermissionDenied).
+/// lease the store does not know fails with [`Error::LeaseLost`], as a
+/// whole. Store failures are classified: unreachable → [`Error::Unavailable`]
+/// (retryable); refused credentials or keys → [`Error::PermissionDenied`].
 /// Backends do not validate input sizes; core does that, against [`LockBackend::limits`].
 #[async_trait]
 pub trait LockBackend: Watcher + fmt::Debug {

@@ -14,7 +14,7 @@ use crate::driver::{self, Shared, Until};
 use crate::error::{Error, LossReason, Result};
 use crate::locker::{LockOptions, Locker, check_ttl};
 use crate::machine::{Command, Input, Machine, Mode};
-use crate::types::{FencingToken, Ownership};
+use crate::types::{FencingToken, Ownership, OwnershipEvents, OwnershipWatch};
 
 /// Checks the input (no I/O) and makes a lock's state.
 fn prepare(
@@ -134,7 +134,7 @@ impl LockHandle {
 
     /// A receiver of every published [`Ownership`] (latest value wins; a loss followed by a new
     /// tenure shows as a new token).
-    pub fn subscribe(&self) -> watch::Receiver<Ownership> {
+    pub fn subscribe(&self) -> OwnershipWatch {
         self.shared.subscribe()
     }
 
@@ -143,7 +143,7 @@ impl LockHandle {
     /// receiver of [`subscribe`](Self::subscribe) keeps only the latest state.) It starts with the
     /// next change: read [`ownership`](Self::ownership) first. A receiver that falls more than 64
     /// states behind gets tokio's `broadcast::error::RecvError::Lagged`: memory stays bounded whoever does not read.
-    pub fn events(&self) -> broadcast::Receiver<Ownership> {
+    pub fn events(&self) -> OwnershipEvents {
         self.shared.events()
     }
 
@@ -288,7 +288,7 @@ impl LockGuard {
     }
 
     /// A receiver of every published [`Ownership`].
-    pub fn subscribe(&self) -> watch::Receiver<Ownership> {
+    pub fn subscribe(&self) -> OwnershipWatch {
         self.handle.subscribe()
     }
 

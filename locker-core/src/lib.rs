@@ -1,4 +1,6 @@
 #![doc = include_str!("../README.md")]
+// Links from other crates' pages that are built without this one's (`cargo doc --no-deps`) go to docs.rs.
+#![doc(html_root_url = "https://docs.rs/locker-core/0.1")]
 
 pub mod backend;
 mod driver;
@@ -18,5 +20,5 @@ mod watch;
 pub use backend::{LockBackend, Watcher};
 pub use error::{Error, ErrorSource, FailureKind, LossReason, Result};
 pub use handle::{LockGuard, LockHandle, Tenure};
-pub use locker::{DEFAULT_TTL, LockOptions, Locker, LockerBuilder};
-pub use types::{FencingToken, Holder, HolderUpdate, Ownership};
+pub use locker::{DEFAULT_TTL, IntoBackend, LockOptions, Locker, LockerBuilder};
+pub use types::{FencingToken, Holder, HolderUpdate, Ownership, OwnershipEvents, OwnershipWatch};

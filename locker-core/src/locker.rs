@@ -20,8 +20,47 @@ use crate::session::{Session, Timing};
 use crate::types::{FencingToken, Holder, HolderUpdate};
 use crate::watch;
 
-/// The default TTL of a session's lease.
+/// The default TTL of a session's lease: **10 seconds**. A holder that stops renewing (a crash, a
+/// partition) is replaced after about this long; [`LockerBuilder::ttl`] sets another.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// What a [`Locker`] is built over: any [`LockBackend`] (moved into the locker), or one already
+/// shared, as an `Arc<B>` or an `Arc<dyn LockBackend>` (the same backend under several lockers,
+/// without another wrapper).
+///
+/// ```
+/// use std::sync::Arc;
+/// use locker_core::{LockBackend, Locker};
+/// use locker_memory::MemoryBackend;
+///
+/// let owned = Locker::new(MemoryBackend::new());
+/// let shared: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+/// let a = Locker::new(shared.clone());
+/// let b = Locker::builder(shared).build()?;
+/// # Ok::<(), locker_core::Error>(())
+/// ```
+pub trait IntoBackend {
+    /// The backend, shared.
+    fn into_backend(self) -> Arc<dyn LockBackend>;
+}
+
+impl<B: LockBackend> IntoBackend for B {
+    fn into_backend(self) -> Arc<dyn LockBackend> {
+        Arc::new(self)
+    }
+}
+
+impl<B: LockBackend> IntoBackend for Arc<B> {
+    fn into_backend(self) -> Arc<dyn LockBackend> {
+        self
+    }
+}
+
+impl IntoBackend for Arc<dyn LockBackend> {
+    fn into_backend(self) -> Arc<dyn LockBackend> {
+        self
+    }
+}
 
 /// A client of a lock store: locks, guards, reads and watches, over one backend.
 ///
@@ -270,22 +309,18 @@ impl Locker {
     ///
     /// Never for the memory and etcd backends, whose limits accept the default TTL; a backend
     /// whose limits do not should be used through [`Locker::builder`], which returns an error.
-    pub fn new(backend: impl LockBackend) -> Self {
+    pub fn new(backend: impl IntoBackend) -> Self {
         match Locker::builder(backend).build() {
             Ok(locker) => locker,
             Err(err) => panic!("default locker options rejected by the backend: {err}"),
         }
     }
 
-    /// A builder of a locker over `backend`.
-    pub fn builder(backend: impl LockBackend) -> LockerBuilder {
-        Locker::builder_arc(Arc::new(backend))
-    }
-
-    /// A builder of a locker over a shared backend.
-    pub fn builder_arc(backend: Arc<dyn LockBackend>) -> LockerBuilder {
+    /// A builder of a locker over `backend`: a [`LockBackend`], or an `Arc` of one
+    /// ([`IntoBackend`]).
+    pub fn builder(backend: impl IntoBackend) -> LockerBuilder {
         LockerBuilder {
-            backend,
+            backend: backend.into_backend(),
             ttl: DEFAULT_TTL,
             safety_margin: None,
             retry_base: Duration::from_millis(50),

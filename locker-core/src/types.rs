@@ -86,6 +86,15 @@ impl fmt::Debug for Holder {
     }
 }
 
+/// What [`LockHandle::subscribe`](crate::LockHandle::subscribe) answers: tokio's
+/// `watch::Receiver` of the latest published [`Ownership`] (states in between may be skipped; a
+/// slow reader never holds anyone up).
+pub type OwnershipWatch = tokio::sync::watch::Receiver<Ownership>;
+
+/// What [`LockHandle::events`](crate::LockHandle::events) answers: tokio's `broadcast::Receiver`
+/// of every published [`Ownership`] in order (a reader more than 64 behind is told it lagged).
+pub type OwnershipEvents = tokio::sync::broadcast::Receiver<Ownership>;
+
 /// Where a lock handle stands, published on every change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

@@ -1,4 +1,6 @@
 #![doc = include_str!("../README.md")]
+// Links from other crates' pages that are built without this one's (`cargo doc --no-deps`) go to docs.rs.
+#![doc(html_root_url = "https://docs.rs/locker-etcd/0.1")]
 
 mod backend;
 mod config;

@@ -118,7 +118,7 @@ impl Bed {
 }
 
 fn locker(backend: Arc<dyn LockBackend>) -> Locker {
-    Locker::builder_arc(backend)
+    Locker::builder(backend)
         .ttl(TTL)
         .jitter_seed(7)
         .retry_delays(Duration::from_millis(20), Duration::from_millis(200))
@@ -308,7 +308,7 @@ async fn cluster_restart_keeps_sessions_and_watches() {
     let mut bed = Bed::new("restart").await;
     let backend = bed.backend_on(bed.cluster.endpoints()).await;
     // A longer TTL, so that the session outlives the restart.
-    let a = Locker::builder_arc(Arc::new(backend))
+    let a = Locker::builder(Arc::new(backend))
         .ttl(Duration::from_secs(10))
         .build()
         .unwrap();

@@ -114,7 +114,7 @@ impl Store {
                     .await?,
             ),
         };
-        Locker::builder_arc(backend).ttl(ttl).build()
+        Locker::builder(backend).ttl(ttl).build()
     }
 }
 

@@ -1051,7 +1051,7 @@ pub fn client_locker(
     ttl: Duration,
 ) -> Locker {
     let recording = RecordingBackend::new(backend, granted);
-    Locker::builder_arc(Arc::new(recording))
+    Locker::builder(Arc::new(recording))
         .ttl(ttl)
         .jitter_seed(client as u64)
         .retry_delays(Duration::from_millis(20), Duration::from_millis(250))

@@ -55,7 +55,7 @@ impl Client {
 
     /// A locker builder over this client with the given TTL and a fixed jitter seed.
     pub fn builder(&self, ttl: Duration) -> LockerBuilder {
-        Locker::builder_arc(self.backend.clone())
+        Locker::builder(self.backend.clone())
             .ttl(ttl)
             .jitter_seed(0x5eed)
             .retry_delays(Duration::from_millis(20), Duration::from_millis(250))

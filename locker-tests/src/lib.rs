@@ -1,3 +1,5 @@
+// Links from other crates' pages that are built without this one's (`cargo doc --no-deps`) go to docs.rs.
+#![doc(html_root_url = "https://docs.rs/locker-tests/0.1")]
 //! The conformance suite of locker: one `pub async fn` per behaviour of the public API
 //! ([`suite`]) and one per clause of the backend contract, called on the backend directly
 //! ([`contract`]), run unchanged on every backend through a [`Harness`]; the recorder of believed

@@ -589,10 +589,7 @@ pub async fn a_locker_hears_only_the_keys_it_uses(h: &dyn Harness) {
         LeaseLog::default(),
     ));
     let counts = recording.counts();
-    let a = Locker::builder_arc(recording)
-        .ttl(TTL)
-        .build()
-        .expect("locker");
+    let a = Locker::builder(recording).ttl(TTL).build().expect("locker");
     let guard = a.acquire(key.clone(), "a").await.expect("acquire");
     let mut stream = a.watch(&key).expect("watch");
     assert_eq!(
