@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::EventKind;
 use crate::error::{Error, LossReason, Result};
+use crate::fence::Fence;
 use crate::hub::{HubMsg, Registration, Sink};
 use crate::locker::{KeyClaim, Locker};
 use crate::machine::{
@@ -65,8 +66,8 @@ struct Core {
     events: Option<broadcast::Sender<Ownership>>,
     /// The tenure in progress (published owned), and how the last ones ended, for
     /// [`Shared::tenure_end`] (the last [`ENDS_KEPT`]).
-    tenure: Option<FencingToken>,
-    ends: VecDeque<(FencingToken, LossReason)>,
+    tenure: Option<Fence>,
+    ends: VecDeque<(Fence, LossReason)>,
     /// The error of the last failed store call, and the one kept when the lock stopped on it
     /// (answered to every caller of `wait_owned`, however many).
     last_error: Option<Error>,
@@ -288,24 +289,39 @@ impl Shared {
 
     /// The tenure in progress, if the lock is owned now.
     pub(crate) fn tenure_now(&self) -> Option<FencingToken> {
+        self.fence_now().map(|f| f.token())
+    }
+
+    /// The fence of the tenure in progress, if the lock is owned now.
+    pub(crate) fn fence_now(&self) -> Option<Fence> {
         let core = lock(&self.core);
         core.machine
             .ownership(Instant::now())
             .is_owned()
-            .then_some(core.tenure)
+            .then(|| core.tenure.clone())
             .flatten()
+    }
+
+    /// The fence of the tenure `token`: the one in progress, or one of the last that ended.
+    pub(crate) fn fence_of(&self, token: FencingToken) -> Option<Fence> {
+        let core = lock(&self.core);
+        core.tenure
+            .iter()
+            .chain(core.ends.iter().rev().map(|(f, _)| f))
+            .find(|f| f.token() == token)
+            .cloned()
     }
 
     /// How the tenure `token` ended, once it has (`None` while it lasts).
     pub(crate) fn tenure_end(&self, token: FencingToken) -> Option<LossReason> {
         let core = lock(&self.core);
-        if let Some((_, reason)) = core.ends.iter().rev().find(|(t, _)| *t == token) {
+        if let Some((_, reason)) = core.ends.iter().rev().find(|(f, _)| f.token() == token) {
             return Some(*reason);
         }
         match core.machine.ownership(Instant::now()) {
             // Past its deadline, before the lock's task has heard of it.
             Ownership::Lost { token: t, reason } if t == token => Some(reason),
-            _ if core.tenure == Some(token) && !core.ended => None,
+            _ if core.tenure.as_ref().is_some_and(|f| f.token() == token) && !core.ended => None,
             // Too old to be kept, or the lock stopped: it ended with the lock.
             _ => Some(LossReason::Stopped),
         }
@@ -366,15 +382,27 @@ impl Shared {
     fn publish(&self, core: &mut Core, state: Ownership) {
         match state {
             Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
-                core.tenure = Some(token);
+                if core.tenure.as_ref().is_none_or(|f| f.token() != token) {
+                    // The entry the tenure holds: its lease is the fence's.
+                    let lease = core
+                        .machine
+                        .held_entry()
+                        .filter(|e| e.create_revision == token.as_i64())
+                        .map_or(0, |e| e.lease);
+                    core.tenure = Some(Fence::new(self.key.clone(), lease, token));
+                }
             }
             Ownership::Lost { token, reason } => {
-                core.tenure = None;
-                core.ends.push_back((token, reason));
+                let fence = core
+                    .tenure
+                    .take()
+                    .filter(|f| f.token() == token)
+                    .unwrap_or_else(|| Fence::new(self.key.clone(), 0, token));
+                core.ends.push_back((fence, reason));
             }
             Ownership::Released | Ownership::Failed { .. } => {
-                if let Some(token) = core.tenure.take() {
-                    core.ends.push_back((token, LossReason::Stopped));
+                if let Some(fence) = core.tenure.take() {
+                    core.ends.push_back((fence, LossReason::Stopped));
                 }
             }
             _ => {}

@@ -12,6 +12,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::driver::{self, Shared, Until};
 use crate::error::{Error, LossReason, Result};
+use crate::fence::Fence;
 use crate::locker::{LockOptions, Locker, check_ttl};
 use crate::machine::{Command, Input, Machine, Mode};
 use crate::types::{FencingToken, Ownership, OwnershipEvents, OwnershipWatch};
@@ -72,7 +73,8 @@ pub(crate) async fn acquire(
     driver::drive_here(&handle.shared, Until::Settled).await;
     match handle.shared.ownership() {
         Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
-            Ok(Some(LockGuard { handle, token }))
+            let fence = handle.fence_of(token);
+            Ok(Some(LockGuard { handle, fence }))
         }
         Ownership::Failed { .. } => Err(handle.shared.error()),
         Ownership::Released if mode == Mode::TryOnce => match handle.shared.stopped_on() {
@@ -238,13 +240,20 @@ impl LockHandle {
         self.shared.input(Input::Command(Command::Abandon));
     }
 
+    /// The fence of the tenure `token` of this lock.
+    fn fence_of(&self, token: FencingToken) -> Fence {
+        self.shared
+            .fence_of(token)
+            .unwrap_or_else(|| Fence::new(self.shared.key.clone(), 0, token))
+    }
+
     /// Waits until owned, then wraps the handle in a guard; `None` if the attempt ended without
     /// owning (a `try_acquire` that found the lock held).
     pub(crate) async fn into_guard(self) -> Result<Option<LockGuard>> {
         match self.wait_owned().await {
             Ok(token) => Ok(Some(LockGuard {
+                fence: self.fence_of(token),
                 handle: self,
-                token,
             })),
             Err(Error::Closed { .. }) => Ok(None),
             Err(err) => Err(err),
@@ -263,7 +272,7 @@ impl LockHandle {
 #[derive(Debug)]
 pub struct LockGuard {
     handle: LockHandle,
-    token: FencingToken,
+    fence: Fence,
 }
 
 impl LockGuard {
@@ -274,7 +283,14 @@ impl LockGuard {
 
     /// The fencing token of this tenure.
     pub fn token(&self) -> FencingToken {
-        self.token
+        self.fence.token()
+    }
+
+    /// What this tenure is fenced by: the key, the entry's key, the lease and the token. Give it
+    /// to `locker_etcd::EtcdBackend::txn_fenced` for a write to etcd that is refused once the
+    /// tenure has ended, however late it runs; see [`Fence`].
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     /// Whether the lock is still owned (see [`LockHandle::is_owned`]).
@@ -350,14 +366,14 @@ impl LockGuard {
 #[derive(Clone)]
 pub struct Tenure {
     shared: Arc<Shared>,
-    token: FencingToken,
+    fence: Fence,
 }
 
 impl fmt::Debug for Tenure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tenure")
             .field("key", &self.shared.key)
-            .field("token", &self.token)
+            .field("token", &self.fence.token())
             .finish()
     }
 }
@@ -365,12 +381,18 @@ impl fmt::Debug for Tenure {
 impl Tenure {
     /// The fencing token of this tenure.
     pub fn token(&self) -> FencingToken {
-        self.token
+        self.fence.token()
+    }
+
+    /// What this tenure is fenced by: the key, the entry's key, the lease and the token (see
+    /// [`Fence`], and [`LockGuard::fence`]).
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     /// Whether this tenure is still going on: owned now (within the local deadline).
     pub fn is_current(&self) -> bool {
-        self.shared.tenure_now() == Some(self.token)
+        self.shared.tenure_now() == Some(self.fence.token())
     }
 
     /// Completes when this tenure has ended, with the reason (at once if it already has).
@@ -379,7 +401,7 @@ impl Tenure {
     ///
     /// Cancel safe.
     pub async fn lost(&self) -> LossReason {
-        let token = self.token;
+        let token = self.fence.token();
         let shared = &self.shared;
         shared.wait_for(|_, _| shared.tenure_end(token)).await
     }
@@ -419,9 +441,13 @@ fn tenures(shared: Arc<Shared>) -> BoxStream<'static, Tenure> {
                 && st.last.is_none_or(|last| token > last)
             {
                 st.last = Some(token);
+                let fence = st
+                    .shared
+                    .fence_of(token)
+                    .unwrap_or_else(|| Fence::new(st.shared.key.clone(), 0, token));
                 let tenure = Tenure {
                     shared: st.shared.clone(),
-                    token,
+                    fence,
                 };
                 return Some((tenure, st));
             }

@@ -5,6 +5,7 @@
 pub mod backend;
 mod driver;
 mod error;
+mod fence;
 mod handle;
 mod hub;
 mod locker;
@@ -19,6 +20,7 @@ mod watch;
 
 pub use backend::{LockBackend, Watcher};
 pub use error::{Error, ErrorSource, FailureKind, LossReason, Result};
+pub use fence::{Fence, FencingGate, Stale};
 pub use handle::{LockGuard, LockHandle, Tenure};
 pub use locker::{DEFAULT_TTL, IntoBackend, LockOptions, Locker, LockerBuilder};
 pub use types::{FencingToken, Holder, HolderUpdate, Ownership, OwnershipEvents, OwnershipWatch};

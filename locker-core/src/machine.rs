@@ -403,6 +403,19 @@ impl Machine {
         &self.state
     }
 
+    /// The entry of the tenure in progress (or just found gone).
+    pub(crate) fn held_entry(&self) -> Option<&Entry> {
+        match &self.state {
+            State::Holding { entry, .. }
+            | State::Gone {
+                entry,
+                released: false,
+                ..
+            } => Some(entry),
+            _ => None,
+        }
+    }
+
     /// The state published last.
     pub(crate) fn published(&self) -> Ownership {
         self.published

@@ -15,7 +15,7 @@ use locker_core::backend::{
     Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchStream, entry_key,
     is_entry_of,
 };
-use locker_core::{Error, LockBackend, Result, Watcher};
+use locker_core::{Error, Fence, LockBackend, Result, Watcher};
 
 use crate::config::{EtcdBackendBuilder, Settings};
 use crate::error::{Context, map_error, timed_out};
@@ -79,6 +79,7 @@ pub struct EtcdBackend {
 }
 
 struct Inner {
+    client: Client,
     kv: KvClient,
     lease: LeaseClient,
     settings: Settings,
@@ -146,6 +147,7 @@ impl EtcdBackend {
         );
         EtcdBackend {
             inner: Arc::new(Inner {
+                client: client.clone(),
                 kv,
                 lease: client.lease_client(),
                 settings,
@@ -158,6 +160,66 @@ impl EtcdBackend {
     /// The key root this backend works under.
     pub fn prefix(&self) -> &str {
         &self.inner.settings.prefix
+    }
+
+    /// The etcd client this backend uses (its connection, credentials and TLS), for what locker
+    /// does not do: a fenced write ([`txn_fenced`](EtcdBackend::txn_fenced)), or any other call.
+    /// Cheap to clone.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The full etcd key of a tenure's entry: the prefix, then [`Fence::entry_key`].
+    pub fn fence_key(&self, fence: &Fence) -> Vec<u8> {
+        self.full(&fence.entry_key())
+    }
+
+    /// The compare that fences a transaction to a tenure: its entry still exists with the
+    /// tenure's create revision (its token). Once the tenure has ended (released, lost, its lease
+    /// revoked or expired, its entry deleted), the entry is gone or another one, and the compare
+    /// fails. Go's `Mutex.IsOwner` makes the same compare. Put it in a transaction of your own
+    /// with [`Txn::when`], next to compares of your own, or use
+    /// [`txn_fenced`](EtcdBackend::txn_fenced).
+    pub fn fence_compare(&self, fence: &Fence) -> Compare {
+        Compare::create_revision(
+            self.fence_key(fence),
+            CompareOp::Equal,
+            fence.token().as_i64(),
+        )
+    }
+
+    /// Runs `ops` in one etcd transaction fenced to the tenure of `fence`
+    /// ([`fence_compare`](EtcdBackend::fence_compare)): they are applied only if the tenure is
+    /// still the entry's in the store when etcd runs the transaction, however late that is.
+    /// Answers etcd's response (its `op_responses` are those of `ops`), or `None` if the fence
+    /// refused the write: the tenure had ended, and nothing was applied. Nothing is read first,
+    /// so there is no check-then-act race.
+    ///
+    /// ```no_run
+    /// # async fn f(backend: locker_etcd::EtcdBackend, locker: locker_core::Locker) -> locker_core::Result<()> {
+    /// use locker_etcd::etcd_client::TxnOp;
+    ///
+    /// let guard = locker.acquire("jobs/report", "worker-1").await?;
+    /// let write = TxnOp::put("reports/latest", "done", None);
+    /// match backend.txn_fenced(guard.fence(), [write]).await? {
+    ///     Some(_) => println!("written under token {}", guard.token()),
+    ///     None => println!("refused: the tenure had ended"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Store failures, as for every call (the write was not applied if the error is not
+    /// retryable; a retryable one may have been).
+    pub async fn txn_fenced(
+        &self,
+        fence: &Fence,
+        ops: impl Into<Vec<TxnOp>>,
+    ) -> Result<Option<TxnResponse>> {
+        let txn = Txn::new().when([self.fence_compare(fence)]).and_then(ops);
+        let (response, _) = self.txn(txn, Context::op("fenced txn")).await?;
+        Ok(response.succeeded().then_some(response))
     }
 
     fn root(&self) -> &[u8] {

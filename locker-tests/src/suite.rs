@@ -82,6 +82,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "bad_input_value_too_large",
     "bad_input_ttl_out_of_range",
     "bad_input_safety_margin",
+    "guards_and_tenures_give_their_fence",
     "loss_reason_lease_gone_when_another_client_revokes_the_lease",
     "loss_reason_lease_gone_when_the_store_expires_the_lease",
     "loss_reason_entry_deleted_when_only_the_entry_is_deleted",
@@ -156,6 +157,7 @@ macro_rules! conformance_suite {
             bad_input_value_too_large,
             bad_input_ttl_out_of_range,
             bad_input_safety_margin,
+            guards_and_tenures_give_their_fence,
             loss_reason_lease_gone_when_another_client_revokes_the_lease,
             loss_reason_lease_gone_when_the_store_expires_the_lease,
             loss_reason_entry_deleted_when_only_the_entry_is_deleted,
@@ -1143,6 +1145,34 @@ pub async fn loss_reason_deadline_passed_when_the_store_is_out_of_reach(h: &dyn 
     assert_eq!(reason, LossReason::DeadlinePassed);
     client.faults.heal().await;
     let _ = guard.release().await;
+}
+
+/// Every guard and tenure gives its fence: the key, the entry's key as the store has it, the
+/// entry's lease and the token; a later tenure's fence has a greater token.
+pub async fn guards_and_tenures_give_their_fence(h: &dyn Harness) {
+    let key = h.key("fence");
+    let a = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let entry = h.entries(&key).await.remove(0);
+    let fence = guard.fence().clone();
+    assert_eq!(fence.key(), key);
+    assert_eq!(fence.entry_key(), entry.key);
+    assert_eq!(fence.lease(), entry.lease);
+    assert_eq!(fence.token().as_i64(), entry.create_revision);
+    assert_eq!(fence.token(), guard.token());
+    guard.release().await.expect("release");
+
+    let handle = a.lock(key.clone(), "a").await.expect("lock");
+    let tenure = timeout(PATIENCE, handle.tenures().next())
+        .await
+        .expect("a tenure in time")
+        .expect("tenures go on");
+    let entry = h.entries(&key).await.remove(0);
+    assert_eq!(tenure.fence().entry_key(), entry.key);
+    assert_eq!(tenure.fence().lease(), entry.lease);
+    assert_eq!(tenure.fence().token(), tenure.token());
+    assert!(tenure.fence().token() > fence.token());
+    handle.release().await.expect("release");
 }
 
 /// A guard on a fresh key whose entry an operator has just deleted (the locker must outlive it).

@@ -14,6 +14,9 @@ mod docker;
 /// TLS and auth on dedicated etcd servers.
 mod security;
 
+/// Fenced writes.
+mod fenced;
+
 /// Errors at first contact.
 mod first_contact;
 
