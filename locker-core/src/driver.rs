@@ -381,16 +381,16 @@ impl Shared {
 
     fn publish(&self, core: &mut Core, state: Ownership) {
         match state {
-            Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
-                if core.tenure.as_ref().is_none_or(|f| f.token() != token) {
-                    // The entry the tenure holds: its lease is the fence's.
-                    let lease = core
-                        .machine
-                        .held_entry()
-                        .filter(|e| e.create_revision == token.as_i64())
-                        .map_or(0, |e| e.lease);
-                    core.tenure = Some(Fence::new(self.key.clone(), lease, token));
-                }
+            Ownership::Owned { token } | Ownership::Unconfirmed { token, .. }
+                if core.tenure.as_ref().is_none_or(|f| f.token() != token) =>
+            {
+                // The entry the tenure holds: its lease is the fence's.
+                let lease = core
+                    .machine
+                    .held_entry()
+                    .filter(|e| e.create_revision == token.as_i64())
+                    .map_or(0, |e| e.lease);
+                core.tenure = Some(Fence::new(self.key.clone(), lease, token));
             }
             Ownership::Lost { token, reason } => {
                 let fence = core
