@@ -341,6 +341,27 @@ impl LockGuard {
             .await
     }
 
+    /// This guard's tenure: its token, its fence, and [`Tenure::lost`].
+    pub fn tenure(&self) -> Tenure {
+        Tenure {
+            shared: self.handle.shared.clone(),
+            fence: self.fence.clone(),
+        }
+    }
+
+    /// Completes as soon as the lock is not owned any more (a loss, even before its reason is
+    /// known), or, with `confirmed`, as soon as it is not confirmed owned (`Unconfirmed` too).
+    pub(crate) async fn until_not_owned(&self, confirmed: bool) {
+        self.handle
+            .shared
+            .wait_for(|state, ended| match state {
+                Ownership::Owned { .. } if !ended => None,
+                Ownership::Unconfirmed { .. } if !ended && !confirmed => None,
+                _ => Some(()),
+            })
+            .await;
+    }
+
     /// Changes the holder's value in the store (etcd's `Proclaim`), guarded by this tenure.
     ///
     /// # Errors
@@ -388,6 +409,19 @@ impl Tenure {
     /// [`Fence`], and [`LockGuard::fence`]).
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+
+    /// Where this tenure stands now: [`Ownership::Owned`] or [`Ownership::Unconfirmed`] (keep-alives
+    /// failing: a cautious worker pauses) while it lasts, [`Ownership::Lost`] with its reason once
+    /// it has ended (and [`Ownership::Ending`] for the round trip in between, if its entry went).
+    pub fn ownership(&self) -> Ownership {
+        let token = self.fence.token();
+        let now = self.shared.ownership();
+        if now.token() == Some(token) && !matches!(now, Ownership::Released) {
+            return now;
+        }
+        let reason = self.shared.tenure_end(token).unwrap_or(LossReason::Stopped);
+        Ownership::Lost { token, reason }
     }
 
     /// Whether this tenure is still going on: owned now (within the local deadline).

@@ -4,6 +4,7 @@
 
 pub mod backend;
 mod driver;
+mod election;
 mod error;
 mod fence;
 mod handle;
@@ -19,6 +20,7 @@ mod types;
 mod watch;
 
 pub use backend::{LockBackend, Watcher};
+pub use election::{LeaderOptions, Leadership, StopWork};
 pub use error::{Error, ErrorSource, FailureKind, LossReason, Result};
 pub use fence::{Fence, FencingGate, Stale};
 pub use handle::{LockGuard, LockHandle, Tenure};

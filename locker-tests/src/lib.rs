@@ -20,6 +20,7 @@
 pub mod calls;
 pub mod chaos;
 pub mod contract;
+pub mod election;
 pub mod harness;
 pub mod record;
 pub mod suite;

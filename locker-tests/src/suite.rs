@@ -164,6 +164,22 @@ macro_rules! conformance_suite {
             loss_reason_deadline_passed_when_the_store_is_out_of_reach,
             bad_input_malformed_keys,
         ]);
+        /// Leader election, one test per behaviour.
+        mod election {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::conformance_suite!(@election #[$attr] $make, [
+                a_campaign_leads_once_the_leader_before_it_resigns,
+                leader_and_observe_follow_leaders_and_proclaims,
+                a_proclaim_after_the_term_ended_is_refused,
+                run_while_leader_runs_the_work_per_term_and_cancels_it_at_the_loss,
+                run_while_leader_stops_the_work_when_unconfirmed,
+                run_while_leader_keeps_the_work_through_unconfirmed_when_told,
+                run_while_leader_resigns_and_campaigns_again_after_the_work_fails,
+                run_while_leader_resigns_at_shutdown,
+            ]);
+        }
         /// The backend contract, one test per clause.
         mod contract {
             #[allow(unused_imports)]
@@ -209,6 +225,21 @@ macro_rules! conformance_suite {
         #[test]
         fn every_behaviour_is_instantiated() {
             assert_eq!([$(stringify!($name)),*], $crate::suite::BEHAVIOURS);
+        }
+    };
+    (@election #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
+        $(
+            #[$attr]
+            async fn $name() {
+                let harness = $make(concat!("election-", stringify!($name))).await;
+                $crate::election::$name(&harness).await;
+                $crate::suite::assert_test_left_nothing(&harness).await;
+            }
+        )*
+
+        #[test]
+        fn every_behaviour_is_instantiated() {
+            assert_eq!([$(stringify!($name)),*], $crate::election::BEHAVIOURS);
         }
     };
     (@clauses #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
@@ -1907,6 +1938,15 @@ mod tests {
         assert_eq!(
             harness_fns(include_str!("suite.rs")),
             sorted(super::BEHAVIOURS)
+        );
+    }
+
+    /// The same for the behaviours of elections.
+    #[test]
+    fn every_election_behaviour_written_is_listed() {
+        assert_eq!(
+            harness_fns(include_str!("election.rs")),
+            sorted(crate::election::BEHAVIOURS)
         );
     }
 

@@ -107,7 +107,7 @@ async fn lease_ids(h: &EtcdHarness) -> HashSet<i64> {
 /// observes) ends, its lease lives on for its TTL (10 s for `lock`, 60 s for `elect`), and nothing
 /// in etcdctl's output names the observer's. So each test removes every lease created while it
 /// ran, which is safe only on an etcd nobody else uses: a dedicated one (never a cluster given in
-/// `LOCKER_ETCD_ENDPOINTS`), shared by the four tests, which take turns.
+/// `LOCKER_ETCD_ENDPOINTS`), shared by the interop tests, which take turns.
 async fn interop_harness(name: &str) -> EtcdHarness {
     static ETCD: OnceCell<EtcdProcess> = OnceCell::const_new();
     let etcd = ETCD
@@ -239,5 +239,98 @@ async fn locker_holder_is_etcdctl_elect_leader_steps(h: &EtcdHarness) -> Locker 
     assert_eq!(observer.line().await, "10.1.1.2");
     observer.interrupt().await;
     guard.release().await.expect("release");
+    l
+}
+
+/// `etcdctl elect` waits while our campaign leads and sees our leader; once we resign it leads,
+/// and we see its leader (`leader`, `observe`) and wait behind it in our next campaign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_elect_and_our_campaign_take_turns() {
+    let h = interop_harness("interop-5").await;
+    isolated(&h, etcdctl_elect_and_our_campaign_take_turns_steps(&h)).await;
+}
+
+async fn etcdctl_elect_and_our_campaign_take_turns_steps(h: &EtcdHarness) -> Locker {
+    let name = h.key("campaign");
+    let etcd_name = h.etcd_key(&name);
+    let l = locker(h).await;
+    let mut leaders = l.observe(&name).expect("observe");
+    assert_eq!(next_holder(&mut leaders).await, None);
+    let ours = l
+        .campaign(name.clone(), "locker-leader")
+        .await
+        .expect("campaign");
+    assert_eq!(
+        next_holder(&mut leaders).await.map(|leader| leader.token),
+        Some(ours.token())
+    );
+    let mut theirs = Etcdctl::spawn(h, &["elect", &etcd_name, "etcdctl-leader"]);
+    queue_len(h, &name, 2).await;
+    let early = timeout(Duration::from_millis(300), theirs.lines.next_line()).await;
+    assert!(early.is_err(), "etcdctl led while we did: {early:?}");
+    let token = ours.token();
+    ours.resign().await.expect("resign");
+    let elected_key = theirs.line().await;
+    assert!(
+        elected_key.starts_with(&format!("{etcd_name}/")),
+        "{elected_key}"
+    );
+    assert_eq!(theirs.line().await, "etcdctl-leader");
+    let leader = l
+        .leader(&name)
+        .await
+        .expect("leader")
+        .expect("etcdctl leads");
+    assert_eq!(leader.value_str(), Some("etcdctl-leader"));
+    assert!(leader.token > token);
+    assert_eq!(format!("{etcd_name}/{:x}", leader.lease), elected_key);
+    let seen = next_holder(&mut leaders).await.expect("etcdctl's leader");
+    assert_eq!(seen.value_str(), Some("etcdctl-leader"));
+
+    let next = tokio::spawn({
+        let (l, name) = (l.clone(), name.clone());
+        async move { l.campaign(name, "locker-again").await }
+    });
+    queue_len(h, &name, 2).await;
+    sleep(Duration::from_millis(200)).await;
+    assert!(!next.is_finished(), "we led while etcdctl did");
+    theirs.interrupt().await;
+    let again = timeout(PATIENCE, next)
+        .await
+        .expect("we lead in time")
+        .expect("ran")
+        .expect("campaign");
+    assert!(again.token() > leader.token);
+    again.resign().await.expect("resign");
+    l
+}
+
+/// `etcdctl elect -l` (observe) follows our leader's proclaims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_observe_follows_our_proclaim() {
+    let h = interop_harness("interop-6").await;
+    isolated(&h, etcdctl_observe_follows_our_proclaim_steps(&h)).await;
+}
+
+async fn etcdctl_observe_follows_our_proclaim_steps(h: &EtcdHarness) -> Locker {
+    let name = h.key("proclaimed");
+    let etcd_name = h.etcd_key(&name);
+    let l = locker(h).await;
+    let leadership = l
+        .campaign(name.clone(), "10.2.0.1")
+        .await
+        .expect("campaign");
+    let lease = leadership.fence().lease();
+    let mut observer = Etcdctl::spawn(h, &["elect", "-l", &etcd_name]);
+    assert_eq!(observer.line().await, format!("{etcd_name}/{lease:x}"));
+    assert_eq!(observer.line().await, "10.2.0.1");
+    leadership.proclaim("10.2.0.2").await.expect("proclaim");
+    assert_eq!(observer.line().await, format!("{etcd_name}/{lease:x}"));
+    assert_eq!(observer.line().await, "10.2.0.2");
+    leadership.proclaim("10.2.0.3").await.expect("proclaim");
+    assert_eq!(observer.line().await, format!("{etcd_name}/{lease:x}"));
+    assert_eq!(observer.line().await, "10.2.0.3");
+    observer.interrupt().await;
+    leadership.resign().await.expect("resign");
     l
 }

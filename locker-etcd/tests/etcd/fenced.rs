@@ -1,15 +1,14 @@
 //! Fenced writes on etcd: a transaction that compares the tenure's entry, so that a write made
 //! after the tenure ended is refused however late it runs.
 
-use futures::StreamExt;
 use locker_core::{Locker, LossReason};
 use locker_etcd::etcd_client::TxnOp;
 use locker_etcd::testing::{EtcdServer, unique_prefix};
 
-/// A holder whose lease an operator revoked has its late fenced write refused, while the new
-/// holder's goes through; the fence names the entry the store had.
+/// A leader whose lease an operator revoked has its late fenced write refused, while the new
+/// leader's goes through; the fence names the entry the store had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_holders_late_fenced_write_is_refused_and_the_new_holders_applied() {
+async fn a_revoked_leaders_late_fenced_write_is_refused_and_the_new_leaders_applied() {
     let etcd = EtcdServer::shared().await.unwrap_or_else(|e| panic!("{e}"));
     let prefix = format!("locker-test/{}", unique_prefix("fenced"));
     let (a_backend, b_backend) = (
@@ -23,7 +22,7 @@ async fn a_revoked_holders_late_fenced_write_is_refused_and_the_new_holders_appl
     let resource = format!("{prefix}resource").into_bytes();
     let mut admin = etcd.client().await.unwrap();
 
-    let old = a.acquire("leader", "a").await.unwrap();
+    let old = a.campaign("leader", "a").await.unwrap();
     let fence = old.fence().clone();
     assert_eq!(fence.key(), "leader");
     assert_eq!(fence.token(), old.token());
@@ -41,12 +40,11 @@ async fn a_revoked_holders_late_fenced_write_is_refused_and_the_new_holders_appl
         .unwrap();
     assert!(written.is_some(), "the holder's fenced write goes through");
 
-    let waiting = b.lock("leader", "b").await.unwrap();
+    let waiting = tokio::spawn(async move { b.campaign("leader", "b").await });
     admin.lease_revoke(fence.lease()).await.unwrap();
     assert_eq!(old.lost().await, LossReason::LeaseGone);
-    let token = waiting.wait_owned().await.unwrap();
-    assert!(token > fence.token());
-    let new = waiting.tenures().next().await.expect("a tenure");
+    let new = waiting.await.unwrap().unwrap();
+    assert!(new.token() > fence.token());
     let applied = b_backend
         .txn_fenced(new.fence(), [TxnOp::put(resource.clone(), "b", None)])
         .await
@@ -65,7 +63,7 @@ async fn a_revoked_holders_late_fenced_write_is_refused_and_the_new_holders_appl
     let value = admin.get(resource.clone(), None).await.unwrap();
     assert_eq!(value.kvs()[0].value(), b"b");
 
-    waiting.release().await.unwrap();
+    new.resign().await.unwrap();
     drop(old);
     admin.delete(resource, None).await.unwrap();
 }

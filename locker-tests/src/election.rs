@@ -1,0 +1,415 @@
+//! The behaviours of leader election, one `pub async fn` each: campaign, proclaim, resign,
+//! leader, observe, and `run_while_leader`. Run on every backend by
+//! [`conformance_suite!`](crate::conformance_suite) in a module `election`.
+
+use std::time::Duration;
+
+use locker_core::{Error, FencingToken, LeaderOptions, LossReason, Ownership, StopWork};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+
+use crate::harness::{Cut, Harness};
+use crate::suite::{PATIENCE, TTL, next_holder, queue_len};
+
+/// The behaviours of this module, in the order the macro runs them.
+pub const BEHAVIOURS: &[&str] = &[
+    "a_campaign_leads_once_the_leader_before_it_resigns",
+    "leader_and_observe_follow_leaders_and_proclaims",
+    "a_proclaim_after_the_term_ended_is_refused",
+    "run_while_leader_runs_the_work_per_term_and_cancels_it_at_the_loss",
+    "run_while_leader_stops_the_work_when_unconfirmed",
+    "run_while_leader_keeps_the_work_through_unconfirmed_when_told",
+    "run_while_leader_resigns_and_campaigns_again_after_the_work_fails",
+    "run_while_leader_resigns_at_shutdown",
+];
+
+/// A second candidate waits while the first leads, and leads (with a greater token) once the
+/// first resigns.
+pub async fn a_campaign_leads_once_the_leader_before_it_resigns(h: &dyn Harness) {
+    let name = h.key("election");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let first = a.campaign(name.clone(), "a").await.expect("campaign");
+    assert!(first.is_leader());
+    assert_eq!(first.name(), name);
+    assert_eq!(first.value(), b"a");
+    let second = tokio::spawn({
+        let name = name.clone();
+        async move { b.campaign(name, "b").await }
+    });
+    queue_len(h, &name, 2).await;
+    assert!(!second.is_finished(), "b leads while a does");
+    let token = first.token();
+    first.resign().await.expect("resign");
+    let second = timeout(PATIENCE, second)
+        .await
+        .expect("b leads in time")
+        .expect("the campaign ran")
+        .expect("campaign");
+    assert!(second.token() > token);
+    assert_eq!(second.fence().token(), second.token());
+    second.resign().await.expect("resign");
+}
+
+/// `leader` reads the leader once; `observe` yields the current leader, then every change of
+/// leader or value, and `None` when there is none.
+pub async fn leader_and_observe_follow_leaders_and_proclaims(h: &dyn Harness) {
+    let name = h.key("observed");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let observer = h.client().await.locker(TTL);
+    let mut leaders = observer.observe(&name).expect("observe");
+    assert_eq!(next_holder(&mut leaders).await, None);
+    assert_eq!(observer.leader(&name).await.expect("leader"), None);
+
+    let first = a
+        .campaign(name.clone(), "10.0.0.1")
+        .await
+        .expect("campaign");
+    let seen = next_holder(&mut leaders).await.expect("a leader");
+    assert_eq!(seen.value_str(), Some("10.0.0.1"));
+    assert_eq!(seen.token, first.token());
+    let leader = observer.leader(&name).await.expect("leader").expect("led");
+    assert_eq!(leader, seen);
+
+    first.proclaim("10.0.0.2").await.expect("proclaim");
+    assert_eq!(first.value(), b"10.0.0.2");
+    let seen = next_holder(&mut leaders).await.expect("a leader");
+    assert_eq!(seen.value_str(), Some("10.0.0.2"));
+    assert_eq!(seen.token, first.token(), "the same term");
+
+    let waiting = tokio::spawn({
+        let name = name.clone();
+        async move { b.campaign(name, "10.0.0.3").await }
+    });
+    queue_len(h, &name, 2).await;
+    first.resign().await.expect("resign");
+    let seen = next_holder(&mut leaders).await.expect("the next leader");
+    assert_eq!(seen.value_str(), Some("10.0.0.3"));
+    let second = timeout(PATIENCE, waiting)
+        .await
+        .expect("in time")
+        .expect("ran")
+        .expect("campaign");
+    assert_eq!(seen.token, second.token());
+    second.resign().await.expect("resign");
+    assert_eq!(next_holder(&mut leaders).await, None);
+}
+
+/// A leadership whose term ended (its entry deleted by an operator) cannot proclaim: the
+/// observers keep seeing what the store has.
+pub async fn a_proclaim_after_the_term_ended_is_refused(h: &dyn Harness) {
+    let name = h.key("deposed");
+    let a = h.client().await.locker(TTL);
+    let leadership = a.campaign(name.clone(), "old").await.expect("campaign");
+    let entry = h.entries(&name).await.remove(0);
+    h.delete_key(&entry.key).await;
+    assert_eq!(
+        timeout(PATIENCE, leadership.lost()).await.expect("in time"),
+        LossReason::EntryDeleted
+    );
+    let refused = leadership.proclaim("new").await;
+    assert!(
+        matches!(refused, Err(Error::NotOwned { .. } | Error::Closed { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(a.leader(&name).await.expect("leader"), None);
+    assert_eq!(leadership.value(), b"old");
+}
+
+/// What a term's work reports: it started with this token, or its future was dropped while its
+/// tenure stood so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    Started(FencingToken),
+    Dropped(FencingToken, Stood),
+}
+
+/// Where a tenure stood when its work was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stood {
+    Owned,
+    Unconfirmed,
+    NotOwned,
+}
+
+/// Sends `Dropped` when the work's future is dropped (cancelled, or ended).
+struct OnDrop(mpsc::UnboundedSender<Work>, locker_core::Tenure);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let stood = match self.1.ownership() {
+            Ownership::Owned { .. } => Stood::Owned,
+            Ownership::Unconfirmed { .. } => Stood::Unconfirmed,
+            _ => Stood::NotOwned,
+        };
+        let _ = self.0.send(Work::Dropped(self.1.token(), stood));
+    }
+}
+
+async fn next_work(reports: &mut mpsc::UnboundedReceiver<Work>) -> Work {
+    timeout(PATIENCE, reports.recv())
+        .await
+        .expect("the work reports in time")
+        .expect("the work reports")
+}
+
+/// Work that reports its start and its end, and runs until cancelled.
+fn endless_work(
+    reports: mpsc::UnboundedSender<Work>,
+) -> impl FnMut(locker_core::Tenure) -> futures::future::BoxFuture<'static, Result<(), Error>> {
+    move |term| {
+        let reports = reports.clone();
+        Box::pin(async move {
+            let _report = OnDrop(reports.clone(), term.clone());
+            let _ = reports.send(Work::Started(term.token()));
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    }
+}
+
+/// A shutdown future and the switch that completes it.
+fn shutdown() -> (
+    oneshot::Sender<()>,
+    impl std::future::Future<Output = ()> + Send,
+) {
+    let (tx, rx) = oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+/// The work runs once per term, with the term's token; a loss (an operator deletes the
+/// leader's entry) cancels it at once, and the candidate leads again with a greater token,
+/// running the work again.
+pub async fn run_while_leader_runs_the_work_per_term_and_cancels_it_at_the_loss(h: &dyn Harness) {
+    let name = h.key("worker");
+    let a = h.client().await.locker(TTL);
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let (stop, until) = shutdown();
+    let options = LeaderOptions::new().until(until);
+    let run = tokio::spawn({
+        let (a, name) = (a.clone(), name.clone());
+        async move {
+            a.run_while_leader(name, "a", options, endless_work(reports_tx))
+                .await
+        }
+    });
+    let Work::Started(first) = next_work(&mut reports).await else {
+        panic!("the work did not start first");
+    };
+    let entry = h.entries(&name).await.remove(0);
+    assert_eq!(entry.create_revision, first.as_i64(), "the term's token");
+    h.delete_key(&entry.key).await;
+    assert_eq!(
+        next_work(&mut reports).await,
+        Work::Dropped(first, Stood::NotOwned)
+    );
+    let Work::Started(second) = next_work(&mut reports).await else {
+        panic!("the work did not start again");
+    };
+    assert!(second > first);
+    let _ = stop.send(());
+    assert_eq!(
+        next_work(&mut reports).await,
+        Work::Dropped(second, Stood::Owned),
+        "the work is dropped before the resignation"
+    );
+    timeout(PATIENCE, run)
+        .await
+        .expect("returns in time")
+        .expect("ran")
+        .expect("run_while_leader");
+}
+
+/// With the default ([`StopWork::WhenUnconfirmed`]), a leader cut off from the store has its work
+/// cancelled as soon as it is unconfirmed, before its local deadline; it leads again once the
+/// store is back.
+pub async fn run_while_leader_stops_the_work_when_unconfirmed(h: &dyn Harness) {
+    let name = h.key("cautious");
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let (stop, until) = shutdown();
+    let run = tokio::spawn({
+        let (a, name) = (a.clone(), name.clone());
+        async move {
+            let options = LeaderOptions::new().until(until);
+            a.run_while_leader(name, "a", options, endless_work(reports_tx))
+                .await
+        }
+    });
+    let Work::Started(first) = next_work(&mut reports).await else {
+        panic!("the work did not start first");
+    };
+    client.faults.cut(Cut::Hang).await;
+    assert_eq!(
+        next_work(&mut reports).await,
+        Work::Dropped(first, Stood::Unconfirmed),
+        "the work is cancelled while unconfirmed, before the loss"
+    );
+    client.faults.heal().await;
+    let Work::Started(second) = next_work(&mut reports).await else {
+        panic!("the work did not start again");
+    };
+    assert!(second > first);
+    let _ = stop.send(());
+    timeout(PATIENCE, run)
+        .await
+        .expect("returns in time")
+        .expect("ran")
+        .expect("run_while_leader");
+}
+
+/// With [`StopWork::AtLoss`], a stall of keep-alives shorter than the deadline (the leader is
+/// `Unconfirmed` for a while, as the work sees through its tenure) does not cancel the work.
+pub async fn run_while_leader_keeps_the_work_through_unconfirmed_when_told(h: &dyn Harness) {
+    let name = h.key("steady");
+    let client = h.client().await;
+    let a = client.locker(TTL);
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let (unconfirmed_tx, mut unconfirmed) = mpsc::unbounded_channel();
+    let (stop, until) = shutdown();
+    let run = tokio::spawn({
+        let (a, name) = (a.clone(), name.clone());
+        async move {
+            let options = LeaderOptions::new()
+                .stop_work(StopWork::AtLoss)
+                .until(until);
+            a.run_while_leader(name, "a", options, move |term| {
+                let reports = reports_tx.clone();
+                let unconfirmed = unconfirmed_tx.clone();
+                async move {
+                    let _report = OnDrop(reports.clone(), term.clone());
+                    let _ = reports.send(Work::Started(term.token()));
+                    loop {
+                        if matches!(term.ownership(), Ownership::Unconfirmed { .. }) {
+                            let _ = unconfirmed.send(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), Error>(())
+                }
+            })
+            .await
+        }
+    });
+    let Work::Started(first) = next_work(&mut reports).await else {
+        panic!("the work did not start first");
+    };
+    client.faults.cut(Cut::Hang).await;
+    timeout(PATIENCE, unconfirmed.recv())
+        .await
+        .expect("the work sees the leadership unconfirmed in time")
+        .expect("the work runs");
+    client.faults.heal().await;
+    // Healed before the deadline: the term goes on, and so does its work.
+    tokio::time::sleep(TTL).await;
+    assert!(
+        reports.try_recv().is_err(),
+        "the work was cancelled although the term went on"
+    );
+    let now = a.get(&name).await.expect("get").expect("still led");
+    assert_eq!(now.token, first, "the same term");
+    let _ = stop.send(());
+    assert_eq!(
+        next_work(&mut reports).await,
+        Work::Dropped(first, Stood::Owned)
+    );
+    timeout(PATIENCE, run)
+        .await
+        .expect("returns in time")
+        .expect("ran")
+        .expect("run_while_leader");
+}
+
+/// Work that fails is not retried in a loop on the spot: the leadership is resigned (another
+/// candidate leads), and this one campaigns again.
+pub async fn run_while_leader_resigns_and_campaigns_again_after_the_work_fails(h: &dyn Harness) {
+    let name = h.key("failing");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let (stop, until) = shutdown();
+    let run = tokio::spawn({
+        let (a, name) = (a.clone(), name.clone());
+        async move {
+            let options = LeaderOptions::new().until(until);
+            a.run_while_leader(name, "a", options, move |term| {
+                let started = started_tx.clone();
+                async move {
+                    let _ = started.send(term.token());
+                    Err::<(), _>(std::io::Error::other("the work failed"))
+                }
+            })
+            .await
+        }
+    });
+    let first = timeout(PATIENCE, started.recv())
+        .await
+        .expect("in time")
+        .expect("started");
+    // b campaigns while a leads: a's failed work hands the leadership over.
+    let b_leads = b.campaign(name.clone(), "b").await.expect("campaign");
+    assert!(b_leads.token() > first);
+    let entries = h.entries(&name).await;
+    assert!(entries.len() <= 2, "{entries:?}");
+    b_leads.resign().await.expect("resign");
+    let again = timeout(PATIENCE, started.recv())
+        .await
+        .expect("in time")
+        .expect("started again");
+    assert!(again > first);
+    let _ = stop.send(());
+    timeout(PATIENCE, run)
+        .await
+        .expect("returns in time")
+        .expect("ran")
+        .expect("run_while_leader");
+}
+
+/// At shutdown the work is cancelled and the leadership resigned: the next candidate leads at
+/// once, and nothing of this one is left.
+pub async fn run_while_leader_resigns_at_shutdown(h: &dyn Harness) {
+    let name = h.key("shutdown");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let (stop, until) = shutdown();
+    let run = tokio::spawn({
+        let (a, name) = (a.clone(), name.clone());
+        async move {
+            let options = LeaderOptions::new().until(until);
+            a.run_while_leader(name, "a", options, endless_work(reports_tx))
+                .await
+        }
+    });
+    let Work::Started(first) = next_work(&mut reports).await else {
+        panic!("the work did not start first");
+    };
+    let waiting = tokio::spawn({
+        let name = name.clone();
+        async move { b.campaign(name, "b").await }
+    });
+    queue_len(h, &name, 2).await;
+    let _ = stop.send(());
+    assert_eq!(
+        next_work(&mut reports).await,
+        Work::Dropped(first, Stood::Owned)
+    );
+    timeout(PATIENCE, run)
+        .await
+        .expect("returns in time")
+        .expect("ran")
+        .expect("run_while_leader");
+    let next = timeout(PATIENCE, waiting)
+        .await
+        .expect("b leads in time")
+        .expect("ran")
+        .expect("campaign");
+    assert!(next.token() > first);
+    assert_eq!(h.entries(&name).await.len(), 1, "a left nothing");
+    next.resign().await.expect("resign");
+}
