@@ -2,8 +2,8 @@
 //! default, etcd when `LOCKER_ETCD_ENDPOINTS` is set and the `etcd` feature is on), printing a
 //! timeline, and hearing what the example's watchers report.
 //!
-//! The examples themselves are in `examples/`: `name_server.rs` and `health_mesh.rs`. Run them
-//! from the repository root:
+//! The examples themselves are in `examples/`: `name_server.rs`, `health_mesh.rs` and
+//! `leader_worker.rs`. Run them from the repository root:
 //!
 //! ```text
 //! cargo run --example name_server                       # on the in-process memory backend

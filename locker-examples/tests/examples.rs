@@ -16,6 +16,10 @@ mod name_server;
 #[allow(dead_code)] // its `main`: the tests call `run`
 mod health_mesh;
 
+#[path = "../examples/leader_worker.rs"]
+#[allow(dead_code)] // its `main`: the tests call `run`
+mod leader_worker;
+
 /// A bound on a run, in the paused clock's time: an example that gets stuck fails at once instead
 /// of hanging the test.
 const BOUND: Duration = Duration::from_secs(600);
@@ -28,6 +32,11 @@ async fn name_server_take_over_is_seen_by_the_resolver() {
 #[tokio::test(start_paused = true)]
 async fn health_mesh_dependants_react_to_the_outage_and_the_recovery() {
     check_health_mesh(&Store::memory()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_worker_takes_over_and_the_ledger_refuses_the_killed_leaders_late_write() {
+    check_leader_worker(&Store::memory()).await;
 }
 
 /// The same runs on a real etcd.
@@ -53,6 +62,11 @@ mod on_etcd {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn health_mesh_dependants_react_to_the_outage_and_the_recovery() {
         super::check_health_mesh(&etcd("health-mesh").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leader_worker_takes_over_and_the_ledger_refuses_the_killed_leaders_late_write() {
+        super::check_leader_worker(&etcd("leader-worker").await).await;
     }
 }
 
@@ -173,6 +187,60 @@ async fn check_health_mesh(store: &Store) {
         "{}",
         show(&lines)
     );
+}
+
+/// Runs the leader worker on `store` and checks its timeline.
+async fn check_leader_worker(store: &Store) {
+    let t = Timeline::start();
+    let ran = timeout(BOUND, leader_worker::run(store, &t)).await;
+    let lines = t.lines();
+    assert!(
+        matches!(ran, Ok(Ok(()))),
+        "the example failed or got stuck: {ran:?}\n{}",
+        show(&lines)
+    );
+    let leads: Vec<(usize, &str, i64)> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, line)| line.what.starts_with("leads workers/ledger (token "))
+        .map(|(i, line)| (i, line.who.as_str(), number_after(&line.what, "(token ")))
+        .collect();
+    assert_eq!(leads.len(), 2, "one take-over: {}", show(&lines));
+    let ((_, first, first_token), (took_over, next, next_token)) = (leads[0], leads[1]);
+    assert_ne!(first, next, "{}", show(&lines));
+    assert!(next_token > first_token, "{}", show(&lines));
+    let killed = find(&lines, first, "is killed");
+    assert!(killed < took_over, "{}", show(&lines));
+    // The new leader registered with the ledger before anything else of its term.
+    let registered = find(
+        &lines,
+        "ledger",
+        &format!("{next} registered token {next_token}"),
+    );
+    // The killed leader's write in flight was refused after that, naming both tokens; nothing of
+    // it was accepted once the new leader had registered.
+    let refused = find(&lines, "ledger", "refused job-");
+    assert!(registered < refused, "{}", show(&lines));
+    assert!(
+        lines[refused].what.contains(&format!(
+            "of {first}: fenced off: token {first_token} is below {next_token}"
+        )),
+        "{}",
+        show(&lines)
+    );
+    let accepted_late = lines[registered..].iter().any(|line| {
+        line.who == "ledger"
+            && line.what.starts_with("accepted")
+            && line.what.contains(&format!("of {first} "))
+    });
+    assert!(!accepted_late, "{}", show(&lines));
+    let accepted_next = lines[registered..].iter().any(|line| {
+        line.who == "ledger"
+            && line.what == format!("accepted job-1 of {next} (token {next_token})")
+    });
+    assert!(accepted_next, "{}", show(&lines));
+    let last = lines.last().map(|line| line.who.as_str());
+    assert_eq!(last, Some("done"), "{}", show(&lines));
 }
 
 /// What `who` said, in order.
