@@ -160,6 +160,16 @@ pub struct Joined {
     pub revision: Revision,
 }
 
+/// The answer to [`LockBackend::resume`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resumption {
+    /// The entry was taken up: as it is now, with its predecessor, at the write's revision.
+    Resumed(Joined),
+    /// The entry is gone (`None`), or is no longer the one asked for (`Some`: it was written
+    /// since, by another process that took it up, or by its holder).
+    Refused(Option<Entry>),
+}
+
 /// The answer to [`LockBackend::position`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -326,11 +336,27 @@ pub trait LockBackend: Watcher + fmt::Debug {
     async fn delete_entry(&self, entry_key: &str, create_revision: Revision) -> Result<bool>;
 
     /// Sets the value of `entry_key` if it still has `create_revision`, keeping its lease. Answers
-    /// whether it was updated.
+    /// the revision of the write (the entry's new mod revision), or `None` if the entry was not
+    /// there to update.
     async fn update_value(
         &self,
         entry_key: &str,
         create_revision: Revision,
         value: &[u8],
-    ) -> Result<bool>;
+    ) -> Result<Option<Revision>>;
+
+    /// Takes up an entry again, for a tenure resumed by another process, in one operation: if
+    /// `entry_key` still exists with `create_revision` and was last written at `mod_revision`
+    /// (nobody took it up or wrote it since), sets its value to `value` (keeping its lease) and
+    /// answers [`Resumption::Resumed`]: the entry as it is after, with its predecessor in the queue
+    /// of `key` (as [`join`](LockBackend::join) answers it) and the revision of the write. Else
+    /// [`Resumption::Refused`] with the entry as it is now (`None` if it is gone).
+    async fn resume(
+        &self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+        mod_revision: Revision,
+        value: &[u8],
+    ) -> Result<Resumption>;
 }

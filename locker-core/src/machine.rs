@@ -134,8 +134,9 @@ pub(crate) enum Input {
     Subscribed(Result<(), Failure>),
     /// Answer to [`Action::Join`]: the entry, its predecessor, the revision read at.
     Joined(Result<(Entry, Option<Entry>, Revision), Failure>),
-    /// Answer to [`Action::Update`]: whether the entry was still there.
-    Updated(Result<bool, Failure>),
+    /// Answer to [`Action::Update`]: the revision of the write, or `None` if the entry was not
+    /// there.
+    Updated(Result<Option<Revision>, Failure>),
     /// Answer to [`Action::Position`]: the entry if it is still there, its predecessor, the
     /// revision read at.
     Positioned(Result<(Option<Entry>, Option<Entry>, Revision), Failure>),
@@ -682,10 +683,13 @@ impl Machine {
                 if let State::Refreshing { joined } = self.state.clone() {
                     let (mut entry, predecessor, revision) = *joined;
                     match result {
-                        Ok(true) => entry.value = self.value.clone(),
+                        Ok(Some(written)) => {
+                            entry.value = self.value.clone();
+                            entry.mod_revision = written;
+                        }
                         // The entry went meanwhile (found in review: the lock went on to own
                         // an entry the store had just said was gone): join again.
-                        Ok(false) | Err(Failure::LeaseLost) => {
+                        Ok(None) | Err(Failure::LeaseLost) => {
                             self.deletes_seen.clear();
                             self.watch_gap = None;
                             if result == Err(Failure::LeaseLost) {
@@ -701,16 +705,16 @@ impl Machine {
             }
             (Pending::Update(Some(reply)), Input::Updated(result)) => {
                 let outcome = match result {
-                    Ok(true) => {
-                        self.set_entry_value();
+                    Ok(Some(written)) => {
+                        self.set_entry_value(written);
                         Outcome::Done
                     }
-                    Ok(false) if matches!(self.state, State::Holding { .. }) => {
+                    Ok(None) if matches!(self.state, State::Holding { .. }) => {
                         // The tenure's entry is gone: why, the lease's lookup says.
                         self.found_gone(vec![reply], false);
                         return;
                     }
-                    Ok(false) => {
+                    Ok(None) => {
                         let reason = self.missing_entry_reason();
                         self.entry_gone(reason);
                         Outcome::NotOwned(reason)
@@ -1195,13 +1199,15 @@ impl Machine {
         }
     }
 
-    fn set_entry_value(&mut self) {
+    /// The entry's value is the lock's, written at `revision`.
+    fn set_entry_value(&mut self, revision: Revision) {
         let value = self.value.clone();
         if let State::Waiting { entry, .. }
         | State::Positioning { entry }
         | State::Holding { entry, .. } = &mut self.state
         {
             entry.value = value;
+            entry.mod_revision = revision;
         }
     }
 

@@ -801,9 +801,9 @@ impl World {
                     let stored = &mut self.store.entries[e];
                     stored.value = value.clone();
                     stored.mod_revision = revision;
-                    Input::Updated(Ok(true))
+                    Input::Updated(Ok(Some(revision)))
                 }
-                None => Input::Updated(Ok(false)),
+                None => Input::Updated(Ok(None)),
             },
             Action::Position {
                 entry,

@@ -420,7 +420,7 @@ fn a_waiter_whose_watch_closes_during_a_value_update_joins_again() {
     // The watch closes while the update is in flight: once it is answered, the waiter does
     // not wait on with no watch.
     m.handle(Input::WatchClosed, now);
-    m.handle(Input::Updated(Ok(true)), now);
+    m.handle(Input::Updated(Ok(Some(9))), now);
     let mut out = actions(&mut m);
     if let Some(Action::Position { .. }) = out.last() {
         m.handle(

@@ -298,7 +298,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::backend::{Entry, Joined, Lease, Limits, Position, Revision, Snapshot};
+    use crate::backend::{Entry, Joined, Lease, Limits, Position, Resumption, Revision, Snapshot};
     use crate::backend::{WatchStream, Watcher};
 
     const TTL: Duration = Duration::from_secs(3);
@@ -382,7 +382,18 @@ mod tests {
             unreachable!("a session never deletes entries")
         }
 
-        async fn update_value(&self, _: &str, _: Revision, _: &[u8]) -> Result<bool> {
+        async fn update_value(&self, _: &str, _: Revision, _: &[u8]) -> Result<Option<Revision>> {
+            unreachable!("a session never writes entries")
+        }
+
+        async fn resume(
+            &self,
+            _: &str,
+            _: &str,
+            _: Revision,
+            _: Revision,
+            _: &[u8],
+        ) -> Result<Resumption> {
             unreachable!("a session never writes entries")
         }
     }

@@ -12,8 +12,8 @@ use etcd_client::{
     PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use locker_core::backend::{
-    Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchStream, entry_key,
-    is_entry_of,
+    Entry, Joined, Lease, LeaseId, Limits, Position, Resumption, Revision, Snapshot, WatchStream,
+    entry_key, is_entry_of,
 };
 use locker_core::{Error, Fence, LockBackend, Result, Watcher};
 
@@ -712,9 +712,9 @@ impl LockBackend for EtcdBackend {
         entry_key: &str,
         create_revision: Revision,
         value: &[u8],
-    ) -> Result<bool> {
+    ) -> Result<Option<Revision>> {
         if create_revision <= 0 {
-            return Ok(false);
+            return Ok(None);
         }
         let key = self.full(entry_key);
         let put = TxnOp::put(
@@ -723,8 +723,83 @@ impl LockBackend for EtcdBackend {
             Some(PutOptions::new().with_ignore_lease()),
         );
         let txn = guarded(&key, create_revision, put);
-        let (response, _) = self.txn(txn, Context::op("update value")).await?;
-        Ok(response.succeeded())
+        let (response, revision) = self.txn(txn, Context::op("update value")).await?;
+        Ok(response.succeeded().then_some(revision))
+    }
+
+    /// One transaction:
+    ///
+    /// ```text
+    /// if create_revision(entry) == create_revision && mod_revision(entry) == mod_revision
+    /// then [ put entry value (ignore_lease), range entry, range queue (newest before it, 8 keys) ]
+    /// else [ range entry ]
+    /// ```
+    ///
+    /// (paging on as for [`position`](LockBackend::position) if the first page holds only
+    /// entries of deeper queues).
+    async fn resume(
+        &self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+        mod_revision: Revision,
+        value: &[u8],
+    ) -> Result<Resumption> {
+        if create_revision <= 0 {
+            return Ok(Resumption::Refused(None));
+        }
+        let full = self.full(entry_key);
+        let mut then = vec![
+            TxnOp::put(
+                full.clone(),
+                value,
+                Some(PutOptions::new().with_ignore_lease()),
+            ),
+            TxnOp::get(full.clone(), None),
+        ];
+        // `max_create_revision` 0 means "no bound" to etcd: nothing is older than revision 1.
+        let has_older = create_revision > 1;
+        if has_older {
+            then.push(TxnOp::get(
+                self.queue_prefix(key),
+                Some(
+                    Self::queue_options(Order::Newest, PAGE)
+                        .with_max_create_revision(create_revision - 1),
+                ),
+            ));
+        }
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(full.clone(), CompareOp::Equal, create_revision),
+                Compare::mod_revision(full.clone(), CompareOp::Equal, mod_revision),
+            ])
+            .and_then(then)
+            .or_else([TxnOp::get(full, None)]);
+        let (response, revision) = self.txn(txn, Context::op("resume")).await?;
+        let succeeded = response.succeeded();
+        let mut ops = response.op_responses();
+        let at = if succeeded { 1 } else { 0 };
+        let entry = get_response(&ops, at)?
+            .kvs()
+            .first()
+            .filter(|kv| kv.create_revision() == create_revision)
+            .and_then(|kv| self.entry(kv));
+        if !succeeded {
+            return Ok(Resumption::Refused(entry));
+        }
+        let entry = entry.ok_or_else(|| malformed("resume wrote the entry but read nothing"))?;
+        let predecessor = if has_older {
+            let page = take_get_response(&mut ops, 2)?;
+            self.first_of_queue(key, Order::Newest, page, revision, None)
+                .await?
+        } else {
+            None
+        };
+        Ok(Resumption::Resumed(Joined {
+            entry,
+            predecessor,
+            revision,
+        }))
     }
 }
 

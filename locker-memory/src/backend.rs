@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use locker_core::backend::{
-    Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchEvent, WatchStream,
+    Entry, Joined, Lease, LeaseId, Limits, Position, Resumption, Revision, Snapshot, WatchEvent,
+    WatchStream,
 };
 use locker_core::{Error, LockBackend, Result, Watcher};
 use tokio::sync::{mpsc, watch};
@@ -420,10 +421,24 @@ impl LockBackend for MemoryBackend {
         entry_key: &str,
         create_revision: Revision,
         value: &[u8],
-    ) -> Result<bool> {
+    ) -> Result<Option<Revision>> {
         self.faults.gate("update_value").await?;
         self.store
             .state()
             .update_value(entry_key, create_revision, value)
+    }
+
+    async fn resume(
+        &self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+        mod_revision: Revision,
+        value: &[u8],
+    ) -> Result<Resumption> {
+        self.faults.gate("resume").await?;
+        self.store
+            .state()
+            .resume(key, entry_key, create_revision, mod_revision, value)
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use locker_core::Error;
 use locker_core::Result;
 use locker_core::backend::{
-    Entry, EventKind, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchEvent,
-    is_entry_of,
+    Entry, EventKind, Joined, Lease, LeaseId, Limits, Position, Resumption, Revision, Snapshot,
+    WatchEvent, is_entry_of,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -449,14 +449,14 @@ impl State {
         entry_key: &str,
         create_revision: Revision,
         value: &[u8],
-    ) -> Result<bool> {
+    ) -> Result<Option<Revision>> {
         let revision = self.revision + 1;
         let Some(kv) = self
             .kvs
             .get_mut(entry_key)
             .filter(|kv| kv.create_revision == create_revision)
         else {
-            return Ok(false);
+            return Ok(None);
         };
         if kv.lease != 0 && !self.leases.contains_key(&kv.lease) {
             return Err(Error::LeaseLost { lease: kv.lease });
@@ -469,7 +469,42 @@ impl State {
         };
         self.commit(vec![event]);
         trace!(entry = %entry_key, revision, "memory store: value updated");
-        Ok(true)
+        Ok(Some(revision))
+    }
+
+    /// Takes up an entry again if it is still the one exported (see [`LockBackend::resume`]).
+    pub(crate) fn resume(
+        &mut self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+        mod_revision: Revision,
+        value: &[u8],
+    ) -> Result<Resumption> {
+        let now = self
+            .kvs
+            .get(entry_key)
+            .filter(|kv| kv.create_revision == create_revision)
+            .map(|kv| kv.to_entry(entry_key));
+        match now {
+            Some(entry) if entry.mod_revision == mod_revision => {
+                let revision = self
+                    .update_value(entry_key, create_revision, value)?
+                    .unwrap_or(self.revision);
+                let entry = self
+                    .kvs
+                    .get(entry_key)
+                    .map(|kv| kv.to_entry(entry_key))
+                    .unwrap_or(entry);
+                let predecessor = self.newest_before(key, create_revision);
+                Ok(Resumption::Resumed(Joined {
+                    entry,
+                    predecessor,
+                    revision,
+                }))
+            }
+            now => Ok(Resumption::Refused(now)),
+        }
     }
 
     /// Deletes existing keys at one new revision; no revision if none of them exists.

@@ -73,11 +73,14 @@ async fn revisions_increase_by_one_per_write_and_only_per_write() {
 
     // Guarded operations that do not match make no revision.
     assert!(!b.delete_entry(&j2.entry.key, 2).await.unwrap());
-    assert!(!b.update_value(&j2.entry.key, 99, b"x").await.unwrap());
-    assert!(!b.update_value("k/missing", 3, b"x").await.unwrap());
+    assert_eq!(b.update_value(&j2.entry.key, 99, b"x").await.unwrap(), None);
+    assert_eq!(b.update_value("k/missing", 3, b"x").await.unwrap(), None);
     assert_eq!(b.current_revision(), 3);
 
-    assert!(b.update_value(&j2.entry.key, 3, b"2").await.unwrap());
+    assert_eq!(
+        b.update_value(&j2.entry.key, 3, b"2").await.unwrap(),
+        Some(4)
+    );
     assert_eq!(b.current_revision(), 4);
     let snapshot = b.entries("k").await.unwrap();
     assert_eq!(snapshot.revision, 4);

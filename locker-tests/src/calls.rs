@@ -25,13 +25,15 @@ pub enum Method {
     DeleteEntry,
     /// [`LockBackend::update_value`](locker_core::LockBackend::update_value).
     UpdateValue,
+    /// [`LockBackend::resume`](locker_core::LockBackend::resume).
+    Resume,
     /// [`Watcher::watch`](locker_core::Watcher::watch).
     Watch,
 }
 
 /// The names of the methods of the backend contract, in the order of [`Method`] (and of
 /// [`Calls`]).
-pub const METHODS: [&str; 10] = [
+pub const METHODS: [&str; 11] = [
     "grant_lease",
     "keep_alive",
     "revoke_lease",
@@ -41,19 +43,20 @@ pub const METHODS: [&str; 10] = [
     "entries",
     "delete_entry",
     "update_value",
+    "resume",
     "watch",
 ];
 
 /// Call counters, one per method of [`METHODS`], and the watch events delivered.
 #[derive(Debug, Default)]
 pub struct Counts {
-    calls: [AtomicU64; 10],
+    calls: [AtomicU64; 11],
     events: AtomicU64,
 }
 
 /// A snapshot of [`Counts`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Calls(pub [u64; 10]);
+pub struct Calls(pub [u64; 11]);
 
 impl Counts {
     pub(crate) fn bump(&self, method: Method) {

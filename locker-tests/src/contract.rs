@@ -45,6 +45,8 @@ pub const CLAUSES: &[&str] = &[
     "join_answers_the_newest_earlier_entry",
     "queues_are_isolated",
     "guarded_writes_refuse_a_stale_create_revision",
+    "an_update_answers_the_revision_of_its_write",
+    "resume_takes_up_an_entry_unwritten_since_and_refuses_it_after",
     "a_gone_lease_fails_as_a_whole_with_lease_lost",
     "leases_are_granted_kept_alive_and_revoked",
     "a_granted_ttl_is_at_least_the_asked_and_the_minimum",
@@ -261,7 +263,8 @@ pub async fn join_at_the_limits_is_accepted_by_the_store(h: &dyn Harness) {
     let updated = b
         .update_value(&joined.entry.key, joined.entry.create_revision, &other)
         .await
-        .expect("an update at the limit is accepted");
+        .expect("an update at the limit is accepted")
+        .is_some();
     assert!(updated);
     let read = holder(&*b, &key).await.expect("the entry");
     assert!(read.value == other, "the new value was not stored whole");
@@ -461,12 +464,20 @@ pub async fn guarded_writes_refuse_a_stale_create_revision(h: &dyn Harness) {
     let rev = entry.create_revision;
     for stale in [rev - 1, rev + 1, 0, -1] {
         let updated = b.update_value(&entry.key, stale, b"x").await;
-        assert!(!updated.expect("update"), "an update guarded by {stale}");
+        assert!(
+            updated.expect("update").is_none(),
+            "an update guarded by {stale}"
+        );
         let deleted = b.delete_entry(&entry.key, stale).await;
         assert!(!deleted.expect("delete"), "a delete guarded by {stale}");
     }
     let missing = format!("{key}/missing");
-    assert!(!b.update_value(&missing, rev, b"x").await.expect("update"));
+    assert!(
+        b.update_value(&missing, rev, b"x")
+            .await
+            .expect("update")
+            .is_none()
+    );
     assert!(!b.delete_entry(&missing, rev).await.expect("delete"));
     assert_eq!(
         queue(&*b, &key).await,
@@ -478,6 +489,7 @@ pub async fn guarded_writes_refuse_a_stale_create_revision(h: &dyn Harness) {
         b.update_value(&entry.key, rev, b"two")
             .await
             .expect("update")
+            .is_some()
     );
     let updated = holder(&*b, &key).await.expect("the entry");
     assert_eq!(updated.value, b"two");
@@ -491,9 +503,10 @@ pub async fn guarded_writes_refuse_a_stale_create_revision(h: &dyn Harness) {
         "twice"
     );
     assert!(
-        !b.update_value(&entry.key, rev, b"three")
+        b.update_value(&entry.key, rev, b"three")
             .await
-            .expect("update"),
+            .expect("update")
+            .is_none(),
         "an update does not create a deleted entry again"
     );
     assert!(queue(&*b, &key).await.is_empty());
@@ -504,9 +517,10 @@ pub async fn guarded_writes_refuse_a_stale_create_revision(h: &dyn Harness) {
     assert_eq!(again.key, entry.key);
     assert!(again.create_revision > rev);
     assert!(
-        !b.update_value(&entry.key, rev, b"stale")
+        b.update_value(&entry.key, rev, b"stale")
             .await
             .expect("update")
+            .is_none()
     );
     assert!(!b.delete_entry(&entry.key, rev).await.expect("delete"));
     assert_eq!(holder(&*b, &key).await, Some(again.clone()));
@@ -514,7 +528,7 @@ pub async fn guarded_writes_refuse_a_stale_create_revision(h: &dyn Harness) {
     let updated = b
         .update_value(&again.key, again.create_revision, b"five")
         .await;
-    assert!(updated.expect("update"));
+    assert!(updated.expect("update").is_some());
     revoke(&*b, &[l]).await;
     assert!(
         queue(&*b, &key).await.is_empty(),
@@ -524,6 +538,104 @@ pub async fn guarded_writes_refuse_a_stale_create_revision(h: &dyn Harness) {
 
 // ---------------------------------------------------------------------------------------------
 // Leases
+
+/// An update answers the revision of its write: the entry's mod revision after it, which a
+/// read shows; an update of an entry that is not there answers `None`.
+pub async fn an_update_answers_the_revision_of_its_write(h: &dyn Harness) {
+    let b = backend(h).await;
+    let key = h.key("update");
+    let l = lease(&*b).await;
+    let entry = join(&*b, &key, l, "one").await.entry;
+    let written = b
+        .update_value(&entry.key, entry.create_revision, b"two")
+        .await
+        .expect("update")
+        .expect("the entry is there");
+    assert!(written > entry.mod_revision);
+    let read = holder(&*b, &key).await.expect("the entry");
+    assert_eq!(
+        (read.value.as_slice(), read.mod_revision),
+        (&b"two"[..], written)
+    );
+    assert_eq!(read.create_revision, entry.create_revision);
+    let missing = entry_key(&key, l + 1);
+    assert_eq!(
+        b.update_value(&missing, written, b"x")
+            .await
+            .expect("update"),
+        None
+    );
+    revoke(&*b, &[l]).await;
+}
+
+/// `resume` takes up an entry that nobody wrote since its mod revision: it writes the value,
+/// keeps the lease and the create revision (the token), and answers the entry with its
+/// predecessor and the write's revision. A second resume from the same mod revision is
+/// refused with the entry as it is now; a resume of an entry that is gone, or that has another
+/// create revision, is refused with `None`.
+pub async fn resume_takes_up_an_entry_unwritten_since_and_refuses_it_after(h: &dyn Harness) {
+    use locker_core::backend::Resumption;
+    let b = backend(h).await;
+    let key = h.key("resume");
+    let (l1, l2) = (lease(&*b).await, lease(&*b).await);
+    let first = join(&*b, &key, l1, "first").await.entry;
+    let exported = join(&*b, &key, l2, "old").await.entry;
+    let taken = b
+        .resume(
+            &key,
+            &exported.key,
+            exported.create_revision,
+            exported.mod_revision,
+            b"new",
+        )
+        .await
+        .expect("resume");
+    let Resumption::Resumed(joined) = taken else {
+        panic!("an entry unwritten since was refused: {taken:?}");
+    };
+    assert_eq!(joined.entry.key, exported.key);
+    assert_eq!(joined.entry.lease, l2, "the lease is kept");
+    assert_eq!(joined.entry.create_revision, exported.create_revision);
+    assert_eq!(joined.entry.value, b"new");
+    assert_eq!(joined.entry.mod_revision, joined.revision);
+    assert!(joined.revision > exported.mod_revision);
+    assert_eq!(joined.predecessor, Some(first.clone()));
+    assert_eq!(
+        queue(&*b, &key).await,
+        vec![first.clone(), joined.entry.clone()]
+    );
+
+    let again = b
+        .resume(
+            &key,
+            &exported.key,
+            exported.create_revision,
+            exported.mod_revision,
+            b"other",
+        )
+        .await
+        .expect("resume");
+    assert_eq!(again, Resumption::Refused(Some(joined.entry.clone())));
+    let stale = b
+        .resume(&key, &exported.key, exported.create_revision - 1, 0, b"x")
+        .await
+        .expect("resume");
+    assert_eq!(stale, Resumption::Refused(None));
+    revoke(&*b, &[l2]).await;
+    let gone = b
+        .resume(
+            &key,
+            &joined.entry.key,
+            joined.entry.create_revision,
+            joined.entry.mod_revision,
+            b"x",
+        )
+        .await
+        .expect("resume");
+    assert_eq!(gone, Resumption::Refused(None));
+    assert_eq!(queue(&*b, &key).await, vec![first]);
+    revoke(&*b, &[l1]).await;
+}
 
 /// A join naming a lease the store does not know (revoked, expired, never granted, or 0, which
 /// etcd reads as "no lease") fails with `Error::LeaseLost` for that lease, as a whole: nothing
@@ -720,7 +832,12 @@ pub async fn revisions_increase_across_the_store(h: &dyn Harness) {
         three.revision
     );
     let (key, rev) = (&one.entry.key, one.entry.create_revision);
-    assert!(b.update_value(key, rev, b"1b").await.expect("update"));
+    assert!(
+        b.update_value(key, rev, b"1b")
+            .await
+            .expect("update")
+            .is_some()
+    );
     let snapshot = a.entries(&h.key("one")).await.expect("entries");
     let updated = &snapshot.entries[0];
     assert!(updated.mod_revision > three.revision, "{updated:?}");
@@ -783,6 +900,7 @@ pub async fn reads_are_consistent_and_answer_their_revision(h: &dyn Harness) {
         w.update_value(&first.key, first.create_revision, b"1b")
             .await
             .expect("update")
+            .is_some()
     );
     let (held, at) = r.holder(&key).await.expect("holder");
     let held = held.expect("a holder");
@@ -886,7 +1004,12 @@ pub async fn watch_from_a_revision_delivers_every_change_in_order(h: &dyn Harnes
     join(&*b, &h.key("x"), l1, "outside").await;
     let j3 = join(&*b, &h.key("w/q2/deep"), l1, "3").await;
     let (j2_key, j2_rev) = (&j2.entry.key, j2.entry.create_revision);
-    assert!(b.update_value(j2_key, j2_rev, b"2b").await.expect("update"));
+    assert!(
+        b.update_value(j2_key, j2_rev, b"2b")
+            .await
+            .expect("update")
+            .is_some()
+    );
     let (j1_key, j1_rev) = (&j1.entry.key, j1.entry.create_revision);
     assert!(b.delete_entry(j1_key, j1_rev).await.expect("delete"));
     join(&*b, &h.key("w/q1"), l2, "retried").await;
@@ -951,7 +1074,12 @@ pub async fn watch_deletes_delivers_every_delete_and_no_put(h: &dyn Harness) {
     let deep = join(&*b, &h.key("d/q2/deep"), l1, "3").await;
     let outside = join(&*b, &h.key("x"), l2, "outside").await;
     let (j2_key, j2_rev) = (&j2.entry.key, j2.entry.create_revision);
-    assert!(b.update_value(j2_key, j2_rev, b"2b").await.expect("update"));
+    assert!(
+        b.update_value(j2_key, j2_rev, b"2b")
+            .await
+            .expect("update")
+            .is_some()
+    );
     let (j1_key, j1_rev) = (&j1.entry.key, j1.entry.create_revision);
     assert!(b.delete_entry(j1_key, j1_rev).await.expect("delete"));
     join(&*b, &h.key("d/q1"), l2, "retried").await;
@@ -1129,7 +1257,12 @@ pub async fn watch_sees_only_keys_under_its_prefix(h: &dyn Harness) {
     );
     drop((by_string, sibling));
     let (key, rev) = (&in_p.key, in_p.create_revision);
-    assert!(b.update_value(key, rev, b"again").await.expect("update"));
+    assert!(
+        b.update_value(key, rev, b"again")
+            .await
+            .expect("update")
+            .is_some()
+    );
     let events = next_events(&mut by_queue, 1).await;
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -1200,7 +1333,12 @@ pub async fn compacted_history_is_its_own_error(h: &dyn Harness) {
     assert_eq!(events, expected);
 
     let (key, rev) = (&first.entry.key, first.entry.create_revision);
-    assert!(b.update_value(key, rev, b"after").await.expect("update"));
+    assert!(
+        b.update_value(key, rev, b"after")
+            .await
+            .expect("update")
+            .is_some()
+    );
     let events = next_events(&mut running, 1).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].entry.value, b"after");
@@ -1241,6 +1379,12 @@ pub async fn an_unreachable_store_fails_every_call_as_retryable(h: &dyn Harness)
             "update_value",
             b.update_value(&entry.key, rev, b"w").await.map(drop),
         ),
+        (
+            "resume",
+            b.resume(&key, &entry.key, rev, entry.mod_revision, b"w")
+                .await
+                .map(drop),
+        ),
         ("watch", b.watch(&key, None).await.map(drop)),
     ];
     for (call, result) in results {
@@ -1273,6 +1417,7 @@ pub async fn a_broken_watch_ends_retryable_or_resumes_without_gap(h: &dyn Harnes
         x.update_value(&one.key, one.create_revision, b"1b")
             .await
             .expect("update")
+            .is_some()
     );
     assert!(
         x.delete_entry(&two.key, two.create_revision)

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use locker_core::backend::{
-    Entry, Joined, Lease, LeaseId, Limits, LockBackend, Position, Revision, Snapshot, WatchStream,
-    Watcher,
+    Entry, Joined, Lease, LeaseId, Limits, LockBackend, Position, Resumption, Revision, Snapshot,
+    WatchStream, Watcher,
 };
 use locker_core::{Locker, LockerBuilder, Result};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -387,10 +387,24 @@ impl LockBackend for RecordingBackend {
         entry_key: &str,
         create_revision: Revision,
         value: &[u8],
-    ) -> Result<bool> {
+    ) -> Result<Option<Revision>> {
         self.counts.bump(Method::UpdateValue);
         self.inner
             .update_value(entry_key, create_revision, value)
+            .await
+    }
+
+    async fn resume(
+        &self,
+        key: &str,
+        entry_key: &str,
+        create_revision: Revision,
+        mod_revision: Revision,
+        value: &[u8],
+    ) -> Result<Resumption> {
+        self.counts.bump(Method::Resume);
+        self.inner
+            .resume(key, entry_key, create_revision, mod_revision, value)
             .await
     }
 }

@@ -193,6 +193,8 @@ macro_rules! conformance_suite {
                 join_answers_the_newest_earlier_entry,
                 queues_are_isolated,
                 guarded_writes_refuse_a_stale_create_revision,
+                an_update_answers_the_revision_of_its_write,
+                resume_takes_up_an_entry_unwritten_since_and_refuses_it_after,
                 a_gone_lease_fails_as_a_whole_with_lease_lost,
                 leases_are_granted_kept_alive_and_revoked,
                 a_granted_ttl_is_at_least_the_asked_and_the_minimum,

@@ -24,7 +24,8 @@ mod edges {
     use async_trait::async_trait;
     use futures::StreamExt;
     use locker_core::backend::{
-        Entry, Joined, Lease, LeaseId, Limits, Position, Revision, Snapshot, WatchStream,
+        Entry, Joined, Lease, LeaseId, Limits, Position, Resumption, Revision, Snapshot,
+        WatchStream,
     };
     use locker_core::{
         Error, FailureKind, LockBackend, LockGuard, Locker, LossReason, Ownership, Result, Watcher,
@@ -112,8 +113,23 @@ mod edges {
         async fn delete_entry(&self, entry: &str, rev: Revision) -> Result<bool> {
             self.inner.delete_entry(entry, rev).await
         }
-        async fn update_value(&self, entry: &str, rev: Revision, value: &[u8]) -> Result<bool> {
+        async fn update_value(
+            &self,
+            entry: &str,
+            rev: Revision,
+            value: &[u8],
+        ) -> Result<Option<Revision>> {
             self.inner.update_value(entry, rev, value).await
+        }
+        async fn resume(
+            &self,
+            key: &str,
+            entry: &str,
+            rev: Revision,
+            mod_rev: Revision,
+            value: &[u8],
+        ) -> Result<Resumption> {
+            self.inner.resume(key, entry, rev, mod_rev, value).await
         }
     }
 
