@@ -21,15 +21,16 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::EventKind;
+use crate::backend::{EventKind, Resumption};
 use crate::error::{Error, LossReason, Result};
 use crate::fence::Fence;
 use crate::hub::{HubMsg, Registration, Sink};
 use crate::locker::{KeyClaim, Locker};
 use crate::machine::{
-    Action, Command, Failure, Input, Machine, Outcome, ReplyTo, SessionView, State,
+    Action, Command, Failure, Input, Machine, Outcome, ReplyTo, SessionView, State, TakeUp,
 };
 use crate::reaper::{Job, Target};
+use crate::resume::ResumeToken;
 use crate::session::{Session, SessionState};
 use crate::types::{FencingToken, Ownership};
 
@@ -118,6 +119,8 @@ struct Io {
     registration: Option<Registration>,
     /// This lock's claim on its key in a shared session slot (one entry per key per lease).
     claim: Option<KeyClaim>,
+    /// The session is a resumed tenure's lease, taken up (the lock's own, as a dedicated one).
+    taken_up: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -147,6 +150,7 @@ impl Shared {
                     abandoned: None,
                     registration: None,
                     claim: None,
+                    taken_up: false,
                 },
                 driving: false,
                 task: false,
@@ -302,6 +306,25 @@ impl Shared {
             .flatten()
     }
 
+    /// The resume token of the tenure `token`, while it is the one held (with its entry's last
+    /// write, as the lock knows it).
+    pub(crate) fn resume_token(&self, token: FencingToken) -> Option<ResumeToken> {
+        let core = lock(&self.core);
+        if !core.machine.ownership(Instant::now()).is_owned() {
+            return None;
+        }
+        let entry = core
+            .machine
+            .held_entry()
+            .filter(|e| e.create_revision == token.as_i64())?;
+        Some(ResumeToken::new(
+            self.key.to_string(),
+            entry.lease,
+            token,
+            entry.mod_revision,
+        ))
+    }
+
     /// The fence of the tenure `token`: the one in progress, or one of the last that ended.
     pub(crate) fn fence_of(&self, token: FencingToken) -> Option<Fence> {
         let core = lock(&self.core);
@@ -440,6 +463,31 @@ fn call<T>(
     let shared = shared.clone();
     Some(Box::pin(async move {
         answer(call.await.map_err(|err| shared.failed(err)))
+    }))
+}
+
+/// A request for a session: `session` gets it; the answer tells the machine its view.
+fn session_request(
+    shared: &Arc<Shared>,
+    taken_up: bool,
+    session: impl Future<Output = Result<Arc<Session>>> + Send + 'static,
+) -> Option<Request> {
+    let shared = shared.clone();
+    Some(Box::pin(async move {
+        match session.await {
+            Ok(session) => {
+                let view = SessionView {
+                    lease: session.lease(),
+                    ttl: session.ttl(),
+                    state: session.state(),
+                };
+                let mut core = lock(&shared.core);
+                core.io.session = Some(session);
+                core.io.taken_up = taken_up;
+                Input::SessionOpened(Ok(view))
+            }
+            Err(err) => Input::SessionOpened(Err(shared.failed(err))),
+        }
     }))
 }
 
@@ -602,26 +650,64 @@ fn carry_out(
                 io.claim = Some(locker.claim_key(&key));
             }
             let slot = io.claim.as_ref().map_or(0, KeyClaim::slot);
-            let shared = shared.clone();
-            Some(Box::pin(async move {
-                let session = match (own, dedicated) {
+            io.taken_up = false;
+            session_request(shared, false, async move {
+                match (own, dedicated) {
                     (Some(own), _) => Ok(own),
                     (None, Some(ttl)) => locker.new_session(ttl).await,
                     (None, None) => locker.shared_session(slot).await,
-                };
-                match session {
-                    Ok(session) => {
-                        let view = SessionView {
-                            lease: session.lease(),
-                            ttl: session.ttl(),
-                            state: session.state(),
-                        };
-                        lock(&shared.core).io.session = Some(session);
-                        Input::SessionOpened(Ok(view))
-                    }
-                    Err(err) => Input::SessionOpened(Err(shared.failed(err))),
                 }
-            }))
+            })
+        }
+        Action::TakeUpSession { lease } => {
+            let locker = io.locker.clone();
+            let own = io
+                .session
+                .take()
+                .filter(|s| s.lease() == lease && !s.is_lost());
+            session_request(shared, true, async move {
+                match own {
+                    Some(own) => Ok(own),
+                    None => locker.take_up_session(lease).await,
+                }
+            })
+        }
+        Action::LeaveSession(lease) => {
+            // Not this lock's lease: unless another lock of this locker took up a tenure under
+            // it, the last reference goes, and the keeper stops without revoking it.
+            if io.session.take_if(|s| s.lease() == lease).is_some() {
+                io.taken_up = false;
+            }
+            None
+        }
+        Action::TakeUp {
+            entry,
+            create_revision,
+            mod_revision,
+            value,
+        } => {
+            let claimer = shared.clone();
+            call(
+                shared,
+                async move {
+                    backend
+                        .resume(&key, &entry, create_revision, mod_revision, &value)
+                        .await
+                },
+                move |r| {
+                    Input::TakenUp(r.map(|taken| match taken {
+                        Resumption::Resumed(j) => {
+                            // The tenure is this lock's now, and so is its lease.
+                            if let Some(session) = &lock(&claimer.core).io.session {
+                                session.claim();
+                            }
+                            TakeUp::Taken(Box::new((j.entry, j.predecessor, j.revision)))
+                        }
+                        Resumption::Refused(None) => TakeUp::Gone,
+                        Resumption::Refused(Some(_)) => TakeUp::Written,
+                    }))
+                },
+            )
         }
         Action::DropSession(lease) => {
             if let Some(session) = io.session.take_if(|s| s.lease() == lease)
@@ -729,7 +815,7 @@ fn carry_out(
             None
         }
         Action::AbandonSession => {
-            if io.dedicated_ttl.is_some()
+            if (io.dedicated_ttl.is_some() || io.taken_up)
                 && let Some(session) = &io.session
             {
                 session.abandon();

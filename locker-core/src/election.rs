@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures::stream::BoxStream;
 use tracing::{info, warn};
 
-use crate::error::{LossReason, Result};
+use crate::error::{Error, LossReason, Result};
 use crate::fence::Fence;
 use crate::handle::{LockGuard, Tenure};
 use crate::locker::{LockOptions, Locker};
+use crate::resume::ResumeToken;
 use crate::types::{FencingToken, Holder, Ownership};
 
 /// Leading an election: from [`Locker::campaign`], until [`resign`](Leadership::resign) or a loss.
@@ -74,6 +75,13 @@ impl Leadership {
     /// Where the leadership stands now (see [`Ownership`]).
     pub fn ownership(&self) -> Ownership {
         self.guard.ownership()
+    }
+
+    /// What a new process needs to continue this term after this one exits (see
+    /// [`ResumeToken`]); `None` once the term has ended. Campaign with
+    /// [`LockOptions::resume`] to take it up.
+    pub fn resume_token(&self) -> Option<ResumeToken> {
+        self.guard.resume_token()
     }
 
     /// This term as a [`Tenure`]: its token, its fence, and [`Tenure::lost`].
@@ -160,7 +168,9 @@ impl LeaderOptions {
         LeaderOptions::default()
     }
 
-    /// The options of each campaign's lock (a session of its own, say).
+    /// The options of each campaign's lock (a session of its own, say). A
+    /// [`resume`](LockOptions::resume) token is for the first campaign only: it continues the
+    /// term a process before this one exported, and if that term had ended, campaigns as anyone.
     pub fn lock(mut self, options: LockOptions) -> Self {
         self.lock = options;
         self
@@ -311,16 +321,26 @@ impl Locker {
         let name: Arc<str> = Arc::from(name.into());
         let value = value.into();
         let LeaderOptions {
-            lock,
+            mut lock,
             stop,
             shutdown,
         } = options;
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
         loop {
             let campaign = self.campaign_with(&*name, value.clone(), lock.clone());
+            let resuming = lock.resume.take().is_some();
             let leadership = tokio::select! {
-                leadership = campaign => leadership?,
+                leadership = campaign => leadership,
                 () = &mut shutdown => return Ok(()),
+            };
+            let leadership = match leadership {
+                Ok(leadership) => leadership,
+                // The term to resume had ended: campaign as anyone.
+                Err(Error::NotOwned { reason, .. }) if resuming => {
+                    info!(name = %name, %reason, "the term to resume had ended: campaigning");
+                    continue;
+                }
+                Err(err) => return Err(err),
             };
             let token = leadership.token();
             info!(name = %name, %token, "leading: the work starts");

@@ -222,6 +222,9 @@ pub enum LossReason {
     /// The owner stopped the lock: released, abandoned or dropped it (or it stopped on a
     /// permanent error).
     Stopped,
+    /// A tenure to resume from its `ResumeToken` was taken up by another process first (or its
+    /// entry was written since the token was exported): it is that process's now.
+    ResumedElsewhere,
 }
 
 impl std::fmt::Display for LossReason {
@@ -231,6 +234,10 @@ impl std::fmt::Display for LossReason {
             LossReason::DeadlinePassed => "keep-alives failed until the local deadline passed",
             LossReason::EntryDeleted => "the lock entry was deleted by someone else",
             LossReason::Stopped => "the owner stopped the lock",
+            LossReason::ResumedElsewhere => {
+                "another process resumed this tenure first (or its entry was written since the \
+                 resume token was exported)"
+            }
         })
     }
 }

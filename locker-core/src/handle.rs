@@ -14,7 +14,8 @@ use crate::driver::{self, Shared, Until};
 use crate::error::{Error, LossReason, Result};
 use crate::fence::Fence;
 use crate::locker::{LockOptions, Locker, check_ttl};
-use crate::machine::{Command, Input, Machine, Mode};
+use crate::machine::{Command, Exported, Input, Machine, Mode};
+use crate::resume::ResumeToken;
 use crate::types::{FencingToken, Ownership, OwnershipEvents, OwnershipWatch};
 
 /// Checks the input (no I/O) and makes a lock's state.
@@ -39,8 +40,22 @@ fn prepare(
     tokio::runtime::Handle::try_current().map_err(|_| {
         Error::InvalidConfig("locks must be started within a tokio runtime".to_owned())
     })?;
+    let exported = match &options.resume {
+        Some(token) if token.key() != key => {
+            return Err(Error::InvalidConfig(format!(
+                "the resume token is for the key {:?}, not {key:?}",
+                token.key()
+            )));
+        }
+        Some(token) => Some(Exported {
+            lease: token.lease(),
+            create_revision: token.token().as_i64(),
+            mod_revision: token.written(),
+        }),
+        None => None,
+    };
     let backoff = locker.backoff();
-    let machine = Machine::new(Arc::from(key), value, mode, backoff);
+    let machine = Machine::taking_up(Arc::from(key), value, mode, backoff, exported);
     Ok(Arc::new(Shared::new(locker, machine, options.ttl)))
 }
 
@@ -68,10 +83,15 @@ pub(crate) async fn acquire(
     options: LockOptions,
     mode: Mode,
 ) -> Result<Option<LockGuard>> {
+    let resuming = options.resume.is_some();
     let shared = prepare(locker, key, value, options, mode)?;
     let handle = LockHandle { shared };
     driver::drive_here(&handle.shared, Until::Settled).await;
     match handle.shared.ownership() {
+        // The tenure to resume had ended: why.
+        Ownership::Lost { reason, .. } if resuming => {
+            Err(driver::not_owned(&handle.shared.key, reason))
+        }
         Ownership::Owned { token } | Ownership::Unconfirmed { token, .. } => {
             let fence = handle.fence_of(token);
             Ok(Some(LockGuard { handle, fence }))
@@ -341,6 +361,12 @@ impl LockGuard {
             .await
     }
 
+    /// What a new process needs to continue this tenure after this one exits (see
+    /// [`ResumeToken`]); `None` once the tenure has ended.
+    pub fn resume_token(&self) -> Option<ResumeToken> {
+        self.handle.shared.resume_token(self.fence.token())
+    }
+
     /// This guard's tenure: its token, its fence, and [`Tenure::lost`].
     pub fn tenure(&self) -> Tenure {
         Tenure {
@@ -409,6 +435,12 @@ impl Tenure {
     /// [`Fence`], and [`LockGuard::fence`]).
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+
+    /// What a new process needs to continue this tenure after this one exits (see
+    /// [`ResumeToken`]); `None` once the tenure has ended.
+    pub fn resume_token(&self) -> Option<ResumeToken> {
+        self.shared.resume_token(self.fence.token())
     }
 
     /// Where this tenure stands now: [`Ownership::Owned`] or [`Ownership::Unconfirmed`] (keep-alives

@@ -14,6 +14,7 @@ mod machine;
 #[cfg(test)]
 mod machine_tests;
 mod reaper;
+mod resume;
 mod retry;
 mod session;
 mod types;
@@ -25,4 +26,5 @@ pub use error::{Error, ErrorSource, FailureKind, LossReason, Result};
 pub use fence::{Fence, FencingGate, Stale};
 pub use handle::{LockGuard, LockHandle, Tenure};
 pub use locker::{DEFAULT_TTL, IntoBackend, LockOptions, Locker, LockerBuilder};
+pub use resume::{BadResumeToken, ResumeToken};
 pub use types::{FencingToken, Holder, HolderUpdate, Ownership, OwnershipEvents, OwnershipWatch};

@@ -14,6 +14,7 @@ use crate::handle::{self as lock, LockGuard, LockHandle};
 use crate::hub::Hub;
 use crate::machine::Mode;
 use crate::reaper::{Job, Reaper};
+use crate::resume::ResumeToken;
 use crate::retry::Backoff;
 use crate::retry::Jitter;
 use crate::session::{Session, Timing};
@@ -108,6 +109,11 @@ pub(crate) struct Inner {
     sessions: std::sync::Mutex<Vec<Option<Arc<Session>>>>,
     /// Held while a shared session is granted, so that a slot gets one.
     granting: tokio::sync::Mutex<()>,
+    /// The sessions taken up from resumed tenures, by lease: the locks that resume tenures of
+    /// one lease share one keeper (and the lease is revoked when the last of them ends).
+    taken_up: std::sync::Mutex<
+        std::collections::HashMap<crate::backend::LeaseId, std::sync::Weak<Session>>,
+    >,
     /// Removes what locks leave behind.
     reaper: Reaper,
     /// The keys, each with a session slot, that locks of this locker use.
@@ -253,6 +259,7 @@ impl LockerBuilder {
                 timing,
                 sessions: std::sync::Mutex::new(Vec::new()),
                 granting: tokio::sync::Mutex::new(()),
+                taken_up: std::sync::Mutex::default(),
                 claims: Arc::default(),
             }),
         })
@@ -286,6 +293,7 @@ fn check_margin(ttl: Duration, margin: Duration) -> Result<()> {
 #[must_use]
 pub struct LockOptions {
     pub(crate) ttl: Option<Duration>,
+    pub(crate) resume: Option<ResumeToken>,
 }
 
 impl LockOptions {
@@ -298,6 +306,20 @@ impl LockOptions {
     /// default session. Its lease is revoked on release; [`LockHandle::abandon`] lets it expire.
     pub fn dedicated_session(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// Starts by resuming the tenure of `token`, exported by a process that has exited (see
+    /// [`ResumeToken`]): if its lease still lives and nobody wrote its entry since, the lock owns
+    /// at once with the same fencing token, keeps that lease alive from now on (revoking it when
+    /// the lock ends, as a session of its own), and goes on as any lock. Otherwise it reports
+    /// that tenure's loss ([`Ownership::Lost`](crate::Ownership::Lost) with its token:
+    /// `LeaseGone`, `EntryDeleted` or `ResumedElsewhere`), and then a handle joins the queue as
+    /// any other lock, while `acquire` answers [`Error::NotOwned`] with that reason.
+    ///
+    /// The token's key must be the lock's key (checked before any I/O).
+    pub fn resume(mut self, token: ResumeToken) -> Self {
+        self.resume = Some(token);
         self
     }
 }
@@ -601,6 +623,50 @@ impl Locker {
     fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<Option<Arc<Session>>>> {
         self.inner
             .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session of `lease`, a resumed tenure's: the one this locker keeps for it already, or
+    /// a new one once a keep-alive says the lease lives.
+    pub(crate) async fn take_up_session(
+        &self,
+        lease: crate::backend::LeaseId,
+    ) -> Result<Arc<Session>> {
+        let live = |map: &std::collections::HashMap<_, std::sync::Weak<Session>>| {
+            map.get(&lease)
+                .and_then(std::sync::Weak::upgrade)
+                .filter(|s| !s.is_lost())
+        };
+        if let Some(session) = live(&self.taken_up()) {
+            return Ok(session);
+        }
+        let session = Session::take_up(
+            self.inner.backend.clone(),
+            lease,
+            self.inner.timing,
+            self.inner.jitter.clone(),
+        )
+        .await?;
+        let mut map = self.taken_up();
+        if let Some(other) = live(&map) {
+            // Another lock took it up meanwhile: one keeper is enough.
+            session.abandon();
+            return Ok(other);
+        }
+        map.retain(|_, s| s.strong_count() > 0);
+        map.insert(lease, Arc::downgrade(&session));
+        Ok(session)
+    }
+
+    fn taken_up(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<crate::backend::LeaseId, std::sync::Weak<Session>>,
+    > {
+        self.inner
+            .taken_up
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }

@@ -125,6 +125,29 @@ pub(crate) struct SessionView {
     pub(crate) state: SessionState,
 }
 
+/// A tenure exported by another process (a `ResumeToken`), for this lock to take up: the
+/// entry `key/<lease>` with its create revision (the token), last written at `mod_revision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Exported {
+    /// The entry's lease.
+    pub(crate) lease: LeaseId,
+    /// The entry's create revision: the tenure's token.
+    pub(crate) create_revision: Revision,
+    /// The revision of the entry's last write when the token was exported.
+    pub(crate) mod_revision: Revision,
+}
+
+/// How taking up an exported tenure went.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum TakeUp {
+    /// Taken up: the entry as it is now, its predecessor, the revision of the write.
+    Taken(Box<(Entry, Option<Entry>, Revision)>),
+    /// The entry is gone.
+    Gone,
+    /// The entry was written since the token was exported (another process took it up).
+    Written,
+}
+
 /// An input: an answer to the request in flight, a change of the world, or a command.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Input {
@@ -144,6 +167,8 @@ pub(crate) enum Input {
     Deleted(Result<bool, Failure>),
     /// Answer to [`Action::CheckLease`]: whether the lease is still alive in the store.
     LeaseChecked(Result<bool, Failure>),
+    /// Answer to [`Action::TakeUp`].
+    TakenUp(Result<TakeUp, Failure>),
     /// The answer to the request in flight will never come (the call was cancelled).
     Abandoned,
     /// The session's state changed.
@@ -171,6 +196,27 @@ pub(crate) enum Action {
     OpenSession,
     /// The session's lease is gone (or its deadline passed): never use it again.
     DropSession(LeaseId),
+    /// Keep the exported tenure's lease alive from now on (it is answered as a session, with
+    /// [`Input::SessionOpened`]), after checking in the store that it lives.
+    TakeUpSession {
+        /// The exported tenure's lease.
+        lease: LeaseId,
+    },
+    /// Stop using this session without revoking its lease: it is not this lock's (an exported
+    /// tenure that could not be taken up: another process may hold entries under it).
+    LeaveSession(LeaseId),
+    /// Take up the exported tenure's entry, writing the value, if nobody wrote it since it was
+    /// exported; answer [`Input::TakenUp`].
+    TakeUp {
+        /// The entry's key.
+        entry: String,
+        /// Its create revision.
+        create_revision: Revision,
+        /// The revision of its last write when it was exported.
+        mod_revision: Revision,
+        /// The value.
+        value: Vec<u8>,
+    },
     /// Subscribe to the queue's changes; answer [`Input::Subscribed`] once every change after a
     /// later read is sure to come.
     Subscribe,
@@ -341,6 +387,7 @@ enum Pending {
     Position,
     Delete,
     CheckLease,
+    TakeUp,
 }
 
 /// The ownership state machine of one lock. See the [module docs](self).
@@ -368,12 +415,28 @@ pub(crate) struct Machine {
     /// When the back-off in progress ends.
     retry_at: Option<Instant>,
     actions: VecDeque<Action>,
+    /// An exported tenure to take up, until it is (or cannot be).
+    exported: Option<Exported>,
 }
 
 impl Machine {
     /// A machine for the lock on `key` with `value`, in `mode`, retrying with `backoff`. Its
     /// first action asks for a session.
+    #[cfg(test)]
     pub(crate) fn new(key: Arc<str>, value: Vec<u8>, mode: Mode, backoff: Backoff) -> Self {
+        Machine::taking_up(key, value, mode, backoff, None)
+    }
+
+    /// A machine that first takes up the tenure another process exported (`Some`), continuing
+    /// it with the same token if its lease lives and nobody wrote its entry since; else it
+    /// reports that tenure's loss, and then a handle joins as any other.
+    pub(crate) fn taking_up(
+        key: Arc<str>,
+        value: Vec<u8>,
+        mode: Mode,
+        backoff: Backoff,
+        exported: Option<Exported>,
+    ) -> Self {
         let mut machine = Machine {
             key,
             value,
@@ -389,6 +452,7 @@ impl Machine {
             backoff,
             retry_at: None,
             actions: VecDeque::new(),
+            exported,
         };
         machine.open_session();
         machine
@@ -558,7 +622,13 @@ impl Machine {
 
     fn open_session(&mut self) {
         self.state = State::Opening;
-        self.request(Pending::Session, Action::OpenSession);
+        let action = match self.exported {
+            Some(exported) => Action::TakeUpSession {
+                lease: exported.lease,
+            },
+            None => Action::OpenSession,
+        };
+        self.request(Pending::Session, action);
     }
 
     /// A new attempt from the start: a handle after a loss, anyone after a failed call.
@@ -635,7 +705,39 @@ impl Machine {
                     self.restart();
                 }
             }
+            (Pending::Session, Input::SessionOpened(Err(Failure::LeaseLost)))
+                if self.exported.is_some() =>
+            {
+                self.not_taken_up(LossReason::LeaseGone);
+            }
             (Pending::Session, Input::SessionOpened(Err(failure))) => {
+                self.failed(failure, State::Idle, now);
+            }
+            (Pending::TakeUp, Input::TakenUp(Ok(TakeUp::Taken(taken)))) => {
+                let (entry, predecessor, revision) = *taken;
+                let deleted_since = self
+                    .deletes_seen
+                    .iter()
+                    .any(|(key, at)| *key == entry.key && *at > revision);
+                if deleted_since {
+                    let reason = self.reason_unchecked();
+                    self.not_taken_up(reason);
+                    return;
+                }
+                self.exported = None;
+                self.backoff.reset();
+                self.joined(entry, predecessor, revision, now);
+            }
+            (Pending::TakeUp, Input::TakenUp(Ok(TakeUp::Gone))) => {
+                self.not_taken_up(LossReason::EntryDeleted);
+            }
+            (Pending::TakeUp, Input::TakenUp(Ok(TakeUp::Written))) => {
+                self.not_taken_up(LossReason::ResumedElsewhere);
+            }
+            (Pending::TakeUp, Input::TakenUp(Err(Failure::LeaseLost))) => {
+                self.not_taken_up(LossReason::LeaseGone);
+            }
+            (Pending::TakeUp, Input::TakenUp(Err(failure))) => {
                 self.failed(failure, State::Idle, now);
             }
             (Pending::Subscribe, Input::Subscribed(Ok(()))) => match self.state {
@@ -784,6 +886,9 @@ impl Machine {
                 let reason = self.reason_unchecked();
                 self.gone_because(reason);
             }
+            // The write may have reached the store: a take-up tried again may find the entry
+            // written since, and report it taken up elsewhere.
+            Pending::TakeUp => self.failed(Failure::Retryable, State::Idle, now),
             Pending::Session | Pending::Subscribe | Pending::Position => {
                 let state = match self.state.clone() {
                     State::Opening | State::Subscribing => State::Idle,
@@ -803,6 +908,16 @@ impl Machine {
             return;
         };
         self.state = State::Joining;
+        if let Some(exported) = self.exported {
+            let action = Action::TakeUp {
+                entry: entry_key(&self.key, exported.lease),
+                create_revision: exported.create_revision,
+                mod_revision: exported.mod_revision,
+                value: self.value.clone(),
+            };
+            self.request(Pending::TakeUp, action);
+            return;
+        }
         let action = Action::Join {
             lease: session.lease,
             value: self.value.clone(),
@@ -1218,6 +1333,29 @@ impl Machine {
                 LossReason::EntryDeleted
             }
             _ => LossReason::LeaseGone,
+        }
+    }
+
+    /// The exported tenure could not be taken up, for `reason`: its loss is reported (it never
+    /// was this lock's), its lease left to whoever holds it, and then a handle joins as any
+    /// other lock while a guard ends.
+    fn not_taken_up(&mut self, reason: LossReason) {
+        let Some(exported) = self.exported.take() else {
+            return;
+        };
+        self.publish(Ownership::Lost {
+            token: FencingToken(exported.create_revision),
+            reason,
+        });
+        if let Some(session) = self.session.take() {
+            self.actions.push_back(Action::LeaveSession(session.lease));
+        }
+        self.deletes_seen.clear();
+        self.watch_gap = None;
+        self.retry_at = None;
+        match self.mode {
+            Mode::Persistent => self.restart(),
+            Mode::Once | Mode::TryOnce => self.end(),
         }
     }
 

@@ -1,8 +1,10 @@
 //! Model checking of the ownership [`Machine`]: every interleaving of a few contenders against an
 //! abstract store, explored breadth-first (a plain search, no dependency), for small
-//! configurations with faults (lease expiry, keep-alive silence and failure, operator deletes,
-//! compaction, closed watches, failed and lost requests) and users who release, drop, cancel or
-//! abandon at any step.
+//! configurations with faults (lease expiry, keep-alive silence and failure, operator deletes and
+//! revokes, compaction, closed watches, failed and lost requests) and users who release, drop,
+//! cancel or abandon at any step; and contenders that start by resuming the tenure of a process
+//! that died holding the key (its entry and lease in the store, its exported token), racing that
+//! lease's expiry or another resume of the same token.
 //!
 //! The world is the real [`Machine`] of each contender (the code the driver runs), each
 //! contender's locker (its shared session and the keeper that renews it), its reaper, the
@@ -21,7 +23,10 @@
 //! - **every loss reported**: a tenure ends only with a published `Lost` for its token (or the
 //!   owner's own release or abandon); never by an `Acquiring` or a new token;
 //! - **tokens strictly increase**: each new tenure of a key has a greater token than every one
-//!   before it.
+//!   before it (a resumed tenure goes on with the token it had);
+//! - **a loss says what happened**: `LeaseGone` only with the tenure's lease gone from the store,
+//!   `EntryDeleted` only after an operator deleted the entry (unless the lookup of the lease did
+//!   not answer, or the tenure was another's to resume).
 //!
 //! Checked from every state, by running it on with no more faults and every other contender
 //! leaving (a fair, deterministic schedule): **liveness and clean-up**: the contender that stays
@@ -99,6 +104,8 @@ struct ContenderConfig {
     key: &'static str,
     mode: Mode,
     role: Role,
+    /// Starts by resuming the tenure of the process that died ([`Config::dead`]).
+    resumes: bool,
 }
 
 /// How many of each fault may happen in one run.
@@ -123,7 +130,14 @@ struct Config {
     name: &'static str,
     contenders: Vec<ContenderConfig>,
     budget: Budget,
+    /// A process that died holding key "a": its entry and its lease, which expires in this many
+    /// ticks unless someone takes it up; resumers take it up from its exported token.
+    dead: Option<i8>,
 }
+
+/// The lease and the token of the dead process's tenure ([`Config::dead`]).
+const DEAD_LEASE: LeaseId = 100;
+const DEAD_TOKEN: Revision = 2;
 
 /// The keeper of one session's lease, in a contender's locker.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -136,6 +150,8 @@ struct Keeper {
     renewed: bool,
     /// Its keep-alives go unanswered.
     silent: bool,
+    /// A resumed tenure's lease, taken up: never the locker's shared session.
+    taken_up: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -319,11 +335,17 @@ impl World {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let machine = Machine::new(
+                let exported = c.resumes.then_some(Exported {
+                    lease: DEAD_LEASE,
+                    create_revision: DEAD_TOKEN,
+                    mod_revision: DEAD_TOKEN,
+                });
+                let machine = Machine::taking_up(
                     Arc::from(c.key),
                     format!("v{i}").into_bytes(),
                     c.mode,
                     Backoff::new(TICK, TICK, 1),
+                    exported,
                 );
                 Contender {
                     machine,
@@ -342,16 +364,30 @@ impl World {
                 }
             })
             .collect();
+        let mut store = Store {
+            revision: 1,
+            next_lease: 1,
+            entries: Vec::new(),
+            leases: Vec::new(),
+        };
+        let mut last_token = Vec::new();
+        if let Some(expiry) = config.dead {
+            store.revision = DEAD_TOKEN;
+            store.leases.push((DEAD_LEASE, expiry));
+            store.entries.push(Entry {
+                key: entry_key("a", DEAD_LEASE),
+                value: b"dead".to_vec(),
+                lease: DEAD_LEASE,
+                create_revision: DEAD_TOKEN,
+                mod_revision: DEAD_TOKEN,
+            });
+            last_token.push(("a".to_owned(), DEAD_TOKEN));
+        }
         let mut world = World {
             contenders,
-            store: Store {
-                revision: 1,
-                next_lease: 1,
-                entries: Vec::new(),
-                leases: Vec::new(),
-            },
+            store,
             budget: config.budget,
-            last_token: Vec::new(),
+            last_token,
             deposed: Vec::new(),
             deleted_by_operator: Vec::new(),
         };
@@ -390,7 +426,12 @@ impl World {
                     steps.push(Step::Fail(i));
                     if matches!(
                         c.request,
-                        Some(Action::Join { .. } | Action::Update { .. } | Action::Delete { .. })
+                        Some(
+                            Action::Join { .. }
+                                | Action::Update { .. }
+                                | Action::Delete { .. }
+                                | Action::TakeUp { .. }
+                        )
                     ) {
                         steps.push(Step::LoseAnswer(i));
                     }
@@ -482,7 +523,7 @@ impl World {
             Step::Serve(i) => {
                 let request = self.contenders[i].request.take().expect("a request");
                 let answer = self.serve(i, &request);
-                if matches!(request, Action::OpenSession) {
+                if matches!(request, Action::OpenSession | Action::TakeUpSession { .. }) {
                     // Answered at once: what matters is when it is served.
                     self.contenders[i].answer = Some(answer);
                     return self.apply(Step::Deliver(i));
@@ -660,7 +701,10 @@ impl World {
                 if let Some(request) = c.request.take()
                     && matches!(
                         request,
-                        Action::Join { .. } | Action::Update { .. } | Action::Delete { .. }
+                        Action::Join { .. }
+                            | Action::Update { .. }
+                            | Action::Delete { .. }
+                            | Action::TakeUp { .. }
                     )
                 {
                     c.orphans.push(request);
@@ -743,7 +787,7 @@ impl World {
                 let current = c
                     .keepers
                     .iter()
-                    .find(|k| k.renewed && !matches!(k.state, KeeperState::Lost(_)));
+                    .find(|k| k.renewed && !k.taken_up && !matches!(k.state, KeeperState::Lost(_)));
                 let lease = match current {
                     Some(k) => k.lease,
                     None => {
@@ -756,12 +800,54 @@ impl World {
                             state: KeeperState::Live,
                             renewed: true,
                             silent: false,
+                            taken_up: false,
                         });
                         lease
                     }
                 };
                 return Answer::Session(lease);
             }
+            Action::TakeUpSession { lease } => {
+                if !self.store.lease_alive(*lease) {
+                    return Answer::Input(Input::SessionOpened(Err(Failure::LeaseLost)));
+                }
+                // A keep-alive first: it renews the lease in the store.
+                for (l, expiry) in &mut self.store.leases {
+                    if l == lease {
+                        *expiry = TTL;
+                    }
+                }
+                let keepers = &mut self.contenders[i].keepers;
+                keepers.retain(|k| k.lease != *lease);
+                keepers.push(Keeper {
+                    lease: *lease,
+                    deadline: TTL,
+                    state: KeeperState::Live,
+                    renewed: true,
+                    silent: false,
+                    taken_up: true,
+                });
+                return Answer::Session(*lease);
+            }
+            Action::TakeUp {
+                entry,
+                create_revision,
+                mod_revision,
+                value,
+            } => match self.store.find(entry, *create_revision) {
+                Some(e) if self.store.entries[e].mod_revision == *mod_revision => {
+                    self.store.revision += 1;
+                    let revision = self.store.revision;
+                    let stored = &mut self.store.entries[e];
+                    stored.value = value.clone();
+                    stored.mod_revision = revision;
+                    let taken = stored.clone();
+                    let predecessor = self.store.predecessor(&queue, *create_revision);
+                    Input::TakenUp(Ok(TakeUp::Taken(Box::new((taken, predecessor, revision)))))
+                }
+                Some(_) => Input::TakenUp(Ok(TakeUp::Written)),
+                None => Input::TakenUp(Ok(TakeUp::Gone)),
+            },
             Action::Subscribe => {
                 self.contenders[i].subscribed = true;
                 Input::Subscribed(Ok(()))
@@ -873,13 +959,22 @@ impl World {
                 | Action::Update { .. }
                 | Action::Position { .. }
                 | Action::Delete { .. }
-                | Action::CheckLease { .. } => {
+                | Action::CheckLease { .. }
+                | Action::TakeUpSession { .. }
+                | Action::TakeUp { .. } => {
                     // A subscription the machine gave up on (a release while it was in flight):
                     // its answer is ignored; the new request replaces it.
                     c.request = Some(action);
                     c.answer = None;
                 }
                 Action::Unsubscribe => c.subscribed = false,
+                Action::LeaveSession(lease) => {
+                    for k in &mut c.keepers {
+                        if k.lease == lease {
+                            k.renewed = false;
+                        }
+                    }
+                }
                 Action::DropSession(lease) => {
                     for k in &mut c.keepers {
                         if k.lease == lease {
@@ -912,6 +1007,15 @@ impl World {
         let c = &mut self.contenders[i];
         // Keepers that no one renews or reads any more.
         let in_use = c.machine.session.map(|s| s.lease);
+        // A taken-up lease is kept alive while the lock uses it, not by the locker: once the
+        // lock ends or leaves it, its keeper stops (without revoking a lease that may be
+        // another's; the real driver revokes one it took a tenure up under, which is sooner).
+        let lock_uses = if c.machine.is_ended() { None } else { in_use };
+        for k in &mut c.keepers {
+            if k.taken_up && Some(k.lease) != lock_uses {
+                k.renewed = false;
+            }
+        }
         c.keepers.retain(|k| {
             k.renewed || Some(k.lease) == in_use || !matches!(k.state, KeeperState::Lost(_))
         });
@@ -923,7 +1027,8 @@ impl World {
     /// its key, and ends only with its `Lost` (or the owner's own release).
     fn published(&mut self, config: &Config, i: usize, state: Ownership) -> Result<(), Violation> {
         let key = config.contenders[i].key;
-        self.reason_says_what_happened(i, state)?;
+        let resumer = config.contenders[i].resumes;
+        self.reason_says_what_happened(i, state, resumer)?;
         let tenure_lease = state
             .token()
             .and_then(|t| self.store.entries.iter().find(|e| e.create_revision == t.0))
@@ -936,6 +1041,16 @@ impl World {
                     "contender {i}: published {state:?}, which ownership() answers only"
                 )));
             }
+            // The dead process's tenure, taken up: the same token, continued.
+            (None, Ownership::Owned { token } | Ownership::Unconfirmed { token, .. })
+                if resumer && token.0 == DEAD_TOKEN =>
+            {
+                c.tenure = Some(token.0);
+                c.tenure_lease = Some(DEAD_LEASE);
+                c.lookup_unanswered = false;
+            }
+            // The dead process's tenure could not be taken up: its loss, reported.
+            (None, Ownership::Lost { token, .. }) if resumer && token.0 == DEAD_TOKEN => {}
             (Some(t), Ownership::Owned { token } | Ownership::Unconfirmed { token, .. })
                 if token.0 == t => {}
             (
@@ -1002,20 +1117,33 @@ impl World {
     /// A loss says what happened: `LeaseGone` only once the store has no lease of the tenure's
     /// entry, and `EntryDeleted` only for an entry an operator deleted (unless the lease's lookup
     /// did not answer: the loss then says what was seen).
-    fn reason_says_what_happened(&self, i: usize, state: Ownership) -> Result<(), Violation> {
+    fn reason_says_what_happened(
+        &self,
+        i: usize,
+        state: Ownership,
+        resumer: bool,
+    ) -> Result<(), Violation> {
         let Ownership::Lost { token, reason } = state else {
             return Ok(());
         };
         let c = &self.contenders[i];
         let deposed = self.deleted_by_operator.contains(&token.0);
+        // The report of a dead tenure this resumer could not take up: its entry may have gone
+        // with another resumer's release.
+        let not_taken_up = resumer && token.0 == DEAD_TOKEN && c.tenure.is_none();
+        let lease = if not_taken_up {
+            Some(DEAD_LEASE)
+        } else {
+            c.tenure_lease
+        };
         match reason {
-            LossReason::LeaseGone if c.tenure_lease.is_some_and(|l| self.store.lease_alive(l)) => {
+            LossReason::LeaseGone if lease.is_some_and(|l| self.store.lease_alive(l)) => {
                 Err(Violation(format!(
-                    "contender {i}: lost token {} as LeaseGone, but its lease {:?} is alive",
-                    token.0, c.tenure_lease
+                    "contender {i}: lost token {} as LeaseGone, but its lease {lease:?} is alive",
+                    token.0
                 )))
             }
-            LossReason::EntryDeleted if !deposed && !c.lookup_unanswered => {
+            LossReason::EntryDeleted if !deposed && !c.lookup_unanswered && !not_taken_up => {
                 Err(Violation(format!(
                     "contender {i}: lost token {} as EntryDeleted, but no operator deleted its entry",
                     token.0
@@ -1211,6 +1339,8 @@ fn failed(request: &Action) -> Input {
         Action::Position { .. } => Input::Positioned(Err(Failure::Retryable)),
         Action::Delete { .. } => Input::Deleted(Err(Failure::Retryable)),
         Action::CheckLease { .. } => Input::LeaseChecked(Err(Failure::Retryable)),
+        Action::TakeUpSession { .. } => Input::SessionOpened(Err(Failure::Retryable)),
+        Action::TakeUp { .. } => Input::TakenUp(Err(Failure::Retryable)),
         other => unreachable!("not a request: {other:?}"),
     }
 }
@@ -1433,7 +1563,20 @@ fn short(state: &State) -> String {
 }
 
 fn contender(key: &'static str, mode: Mode, role: Role) -> ContenderConfig {
-    ContenderConfig { key, mode, role }
+    ContenderConfig {
+        key,
+        mode,
+        role,
+        resumes: false,
+    }
+}
+
+/// A contender that starts by resuming the dead process's tenure.
+fn resumer(mode: Mode, role: Role) -> ContenderConfig {
+    ContenderConfig {
+        resumes: true,
+        ..contender("a", mode, role)
+    }
 }
 
 fn run(config: Config, limit: usize) {
@@ -1461,6 +1604,7 @@ fn release_racing_expiry() {
     run(
         Config {
             name: "2 contenders, 1 key: a release racing its lease's expiry, keep-alive silence",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Once, Role::Leaves(Move::Release)),
@@ -1479,6 +1623,7 @@ fn cancellation_at_every_step() {
     run(
         Config {
             name: "2 contenders, 1 key: cancellation at every step, failed and lost requests",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Once, Role::Leaves(Move::Cancel)),
@@ -1497,6 +1642,7 @@ fn operator_deletes_and_broken_watches() {
     run(
         Config {
             name: "2 handles, 1 key: operator deletes, compaction, a closed watch",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Persistent, Role::Leaves(Move::Drop)),
@@ -1517,6 +1663,7 @@ fn three_contenders_one_key() {
     run(
         Config {
             name: "3 contenders (a handle, acquire, try_acquire), 1 key: an abandon, a drop",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Once, Role::Leaves(Move::Abandon)),
@@ -1533,6 +1680,7 @@ fn three_contenders_two_keys() {
     run(
         Config {
             name: "3 contenders, 2 keys: a release, a drop",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Once, Role::Leaves(Move::Release)),
@@ -1549,6 +1697,7 @@ fn a_guard_and_an_operator_delete() {
     run(
         Config {
             name: "2 contenders (a handle, acquire), 1 key: an operator delete",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Once, Role::Leaves(Move::Release)),
@@ -1567,6 +1716,7 @@ fn a_revoked_lease_and_a_failed_lookup() {
     run(
         Config {
             name: "2 contenders (a handle, acquire), 1 key: an operator revokes a lease",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Once, Role::Leaves(Move::Release)),
@@ -1585,6 +1735,7 @@ fn a_lone_holder_revoked_deleted_and_failing() {
     run(
         Config {
             name: "1 handle: an operator revokes its lease and deletes its entry, requests fail",
+            dead: None,
             contenders: vec![stays("a")],
             budget: Budget {
                 revokes: 1,
@@ -1598,10 +1749,49 @@ fn a_lone_holder_revoked_deleted_and_failing() {
 }
 
 #[test]
+fn resume_racing_the_lease_expiry() {
+    run(
+        Config {
+            name: "a resumer and a handle, 1 key: the dead holder's lease expiring as it is resumed, a request fails",
+            dead: Some(1),
+            contenders: vec![
+                resumer(Mode::Persistent, Role::Stays),
+                contender("a", Mode::Once, Role::Leaves(Move::Release)),
+            ],
+            budget: Budget {
+                request_faults: 1,
+                ..Budget::default()
+            },
+        },
+        LIMIT,
+    );
+}
+
+#[test]
+fn resume_racing_a_second_resume() {
+    run(
+        Config {
+            name: "2 resumers of one token (a handle, acquire), 1 key: a request fails",
+            dead: Some(TTL),
+            contenders: vec![
+                resumer(Mode::Persistent, Role::Stays),
+                resumer(Mode::Once, Role::Leaves(Move::Release)),
+            ],
+            budget: Budget {
+                request_faults: 1,
+                ..Budget::default()
+            },
+        },
+        LIMIT,
+    );
+}
+
+#[test]
 fn watches_closed_twice() {
     run(
         Config {
             name: "2 handles, 1 key: two closed watches",
+            dead: None,
             contenders: vec![
                 stays("a"),
                 contender("a", Mode::Persistent, Role::Leaves(Move::Drop)),

@@ -11,7 +11,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{LeaseId, LockBackend};
+use crate::backend::{Lease, LeaseId, LockBackend};
 use crate::error::{Error, LossReason, Result};
 use crate::retry::Jitter;
 
@@ -57,6 +57,10 @@ pub(crate) struct Session {
     ttl: Duration,
     state: watch::Receiver<SessionState>,
     stop: std::sync::Mutex<Option<oneshot::Sender<Stop>>>,
+    /// Whether the lease is this client's, to revoke when the last reference goes: a granted
+    /// lease is; a taken-up one only once a tenure under it was taken up ([`Session::claim`]).
+    /// A lease that is not is left to expire (another process may hold entries under it).
+    ours: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -76,8 +80,40 @@ impl Session {
     ) -> Result<Arc<Session>> {
         let sent = Instant::now();
         let lease = backend.grant_lease(ttl).await?;
-        let deadline = local_deadline(sent, lease.ttl, timing.safety_margin);
         debug!(lease = format_args!("{:x}", lease.id), ttl = ?lease.ttl, "session started");
+        let session = Session::start(backend, lease, sent, timing, jitter);
+        session.claim();
+        Ok(session)
+    }
+
+    /// Takes up a lease another process granted (a resumed tenure's): checks with a keep-alive
+    /// that it lives (its TTL is what the store answers), then keeps it alive as any session.
+    pub(crate) async fn take_up(
+        backend: Arc<dyn LockBackend>,
+        lease: LeaseId,
+        timing: Timing,
+        jitter: Arc<Jitter>,
+    ) -> Result<Arc<Session>> {
+        let sent = Instant::now();
+        let ttl = backend
+            .keep_alive(lease)
+            .await?
+            .ok_or(Error::LeaseLost { lease })?;
+        debug!(lease = format_args!("{lease:x}"), ?ttl, "session taken up");
+        let lease = Lease { id: lease, ttl };
+        Ok(Session::start(backend, lease, sent, timing, jitter))
+    }
+
+    /// A session of `lease`, whose last good keep-alive (or grant) was sent at `sent`, kept
+    /// alive from now on.
+    fn start(
+        backend: Arc<dyn LockBackend>,
+        lease: Lease,
+        sent: Instant,
+        timing: Timing,
+        jitter: Arc<Jitter>,
+    ) -> Arc<Session> {
+        let deadline = local_deadline(sent, lease.ttl, timing.safety_margin);
         let (state_tx, state_rx) = watch::channel(SessionState::Live { deadline });
         let (stop_tx, stop_rx) = oneshot::channel();
         let keeper = Keeper {
@@ -89,12 +125,18 @@ impl Session {
             state: state_tx,
         };
         tokio::spawn(keeper.run(sent, deadline, stop_rx));
-        Ok(Arc::new(Session {
+        Arc::new(Session {
             lease: lease.id,
             ttl: lease.ttl,
             state: state_rx,
             stop: std::sync::Mutex::new(Some(stop_tx)),
-        }))
+            ours: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The lease is this client's from now on: revoked when the last reference goes.
+    pub(crate) fn claim(&self) {
+        self.ours.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn lease(&self) -> LeaseId {
@@ -140,7 +182,11 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.send_stop(Stop::Revoke(None));
+        if self.ours.load(std::sync::atomic::Ordering::Relaxed) {
+            self.send_stop(Stop::Revoke(None));
+        } else {
+            self.send_stop(Stop::Abandon);
+        }
     }
 }
 

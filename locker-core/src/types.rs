@@ -14,6 +14,11 @@ use crate::error::{FailureKind, LossReason};
 /// lower than the highest it has seen: a holder that was paused or partitioned past its lease
 /// cannot then overwrite the work of the holder after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(transparent)
+)]
 pub struct FencingToken(pub(crate) i64);
 
 impl FencingToken {

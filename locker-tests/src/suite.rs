@@ -13,11 +13,11 @@ use futures::stream::BoxStream;
 use locker_core::backend::LeaseId;
 use locker_core::{
     Error, FencingToken, Holder, HolderUpdate, LockGuard, LockHandle, LockOptions, Locker,
-    LossReason, Ownership, Result,
+    LossReason, Ownership, Result, ResumeToken,
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::harness::{Cut, Harness, HistoryUse, LeaseLog, RecordingBackend};
+use crate::harness::{Client, Cut, Harness, HistoryUse, LeaseLog, RecordingBackend};
 use crate::record;
 
 /// The TTL of most tests: etcd's minimum.
@@ -82,6 +82,10 @@ pub const BEHAVIOURS: &[&str] = &[
     "bad_input_value_too_large",
     "bad_input_ttl_out_of_range",
     "bad_input_safety_margin",
+    "a_resumed_tenure_goes_on_with_the_same_token",
+    "a_resume_of_an_ended_tenure_reports_its_loss_and_joins_again",
+    "a_second_resume_of_one_token_is_refused",
+    "bad_input_resume_token_of_another_key",
     "guards_and_tenures_give_their_fence",
     "loss_reason_lease_gone_when_another_client_revokes_the_lease",
     "loss_reason_lease_gone_when_the_store_expires_the_lease",
@@ -157,6 +161,10 @@ macro_rules! conformance_suite {
             bad_input_value_too_large,
             bad_input_ttl_out_of_range,
             bad_input_safety_margin,
+            a_resumed_tenure_goes_on_with_the_same_token,
+            a_resume_of_an_ended_tenure_reports_its_loss_and_joins_again,
+            a_second_resume_of_one_token_is_refused,
+            bad_input_resume_token_of_another_key,
             guards_and_tenures_give_their_fence,
             loss_reason_lease_gone_when_another_client_revokes_the_lease,
             loss_reason_lease_gone_when_the_store_expires_the_lease,
@@ -1206,6 +1214,184 @@ pub async fn guards_and_tenures_give_their_fence(h: &dyn Harness) {
     assert_eq!(tenure.fence().token(), tenure.token());
     assert!(tenure.fence().token() > fence.token());
     handle.release().await.expect("release");
+}
+
+/// A guard of a client that then "crashes" (cut off from the store for good, as a killed
+/// process is), and the resume token it exported.
+async fn crashed_holder(h: &dyn Harness, key: &str) -> (Client, LockGuard, ResumeToken) {
+    let client = h.client().await;
+    let guard = client
+        .locker(TTL)
+        .acquire(key.to_owned(), "old")
+        .await
+        .expect("acquire");
+    let token = guard.resume_token().expect("a held lock exports its token");
+    assert_eq!(token.key(), key);
+    assert_eq!(token.token(), guard.token());
+    assert_eq!(token.lease(), guard.fence().lease());
+    client.faults.cut(Cut::Hang).await;
+    (client, guard, token)
+}
+
+/// A process that restarts with the resume token of its old tenure owns at once with the same
+/// token, on the same entry and lease (no second entry queued behind the old one), and keeps
+/// the lease alive from then on; its release ends it as any release does.
+pub async fn a_resumed_tenure_goes_on_with_the_same_token(h: &dyn Harness) {
+    let key = h.key("resumed");
+    let (old_client, old, token) = crashed_holder(h, &key).await;
+    let text = token.to_string();
+    let restarted = h.client().await.locker(TTL);
+    let token: ResumeToken = text.parse().expect("the token reads back");
+    let guard = restarted
+        .acquire_with(key.clone(), "new", LockOptions::new().resume(token.clone()))
+        .await
+        .expect("resume");
+    assert_eq!(guard.token(), token.token(), "the same tenure");
+    assert_eq!(guard.fence().lease(), token.lease());
+    let entries = h.entries(&key).await;
+    assert_eq!(entries.len(), 1, "one entry, the old one: {entries:?}");
+    assert_eq!(entries[0].value, b"new");
+    assert_eq!(entries[0].create_revision, token.token().as_i64());
+    // The old process keeps nothing alive: the restarted one does, past the TTL.
+    sleep(TTL * 2).await;
+    assert!(guard.is_owned());
+    assert!(h.lease_exists(token.lease()).await);
+    let again = guard.resume_token().expect("it exports a token of its own");
+    assert_eq!(again.token(), token.token());
+    assert!(
+        again.written() > token.written(),
+        "the take-up wrote the entry"
+    );
+    guard.release().await.expect("release");
+    assert!(h.entries(&key).await.is_empty());
+    eventually(
+        "the taken-up lease is revoked with the last lock on it",
+        || async { !h.lease_exists(token.lease()).await },
+    )
+    .await;
+    drop(old);
+    old_client.faults.heal().await;
+}
+
+/// A resume token of a tenure that has ended: its loss is reported (`Lost` with that token and
+/// why), and then a handle joins as any lock and owns with a greater token, while `acquire`
+/// answers `NotOwned` with the reason. The lease of an ended tenure that still lives is left
+/// alone (it is another process's).
+pub async fn a_resume_of_an_ended_tenure_reports_its_loss_and_joins_again(h: &dyn Harness) {
+    let key = h.key("ended");
+    let a = h.client().await.locker(TTL);
+    let b = h.client().await.locker(TTL);
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let token = guard.resume_token().expect("a token");
+    guard.release().await.expect("release");
+    let handle = b
+        .lock_with(key.clone(), "b", LockOptions::new().resume(token.clone()))
+        .await
+        .expect("lock");
+    let states = record::states_until(&handle, |state| state.is_owned());
+    let seen = timeout(PATIENCE, states)
+        .await
+        .expect("owned in time")
+        .expect("recorded");
+    let lost = Ownership::Lost {
+        token: token.token(),
+        reason: LossReason::EntryDeleted,
+    };
+    let owned_at = seen.iter().position(|(_, state)| state.is_owned());
+    assert!(
+        matches!((seen.iter().position(|(_, s)| *s == lost), owned_at), (Some(l), Some(o)) if l < o),
+        "the old tenure's loss is not reported first: {}",
+        record::describe(&seen)
+    );
+    assert!(handle.ownership().token() > Some(token.token()));
+    assert!(h.lease_exists(token.lease()).await, "a's lease is a's");
+    handle.release().await.expect("release");
+
+    let guard = a.acquire(key.clone(), "a").await.expect("acquire");
+    let token = guard.resume_token().expect("a token");
+    h.expire_lease(token.lease()).await;
+    let _ = timeout(PATIENCE, guard.lost()).await.expect("lost in time");
+    let refused = b
+        .acquire_with(key.clone(), "b", LockOptions::new().resume(token))
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::NotOwned {
+                reason: LossReason::LeaseGone,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let _ = guard.release().await;
+}
+
+/// A token is taken up once: a second process resuming it is refused (`ResumedElsewhere`), and
+/// its handle waits its turn behind the first.
+pub async fn a_second_resume_of_one_token_is_refused(h: &dyn Harness) {
+    let key = h.key("twice");
+    let (old_client, old, token) = crashed_holder(h, &key).await;
+    let first = h.client().await.locker(TTL);
+    let second = h.client().await.locker(TTL);
+    let resumed = first
+        .acquire_with(
+            key.clone(),
+            "first",
+            LockOptions::new().resume(token.clone()),
+        )
+        .await
+        .expect("the first resume");
+    let refused = second
+        .acquire_with(
+            key.clone(),
+            "second",
+            LockOptions::new().resume(token.clone()),
+        )
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::NotOwned {
+                reason: LossReason::ResumedElsewhere,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let waiting = second
+        .lock_with(
+            key.clone(),
+            "second",
+            LockOptions::new().resume(token.clone()),
+        )
+        .await
+        .expect("lock");
+    queue_len(h, &key, 2).await;
+    assert!(!waiting.is_owned(), "two owners of one tenure");
+    assert!(resumed.is_owned());
+    resumed.release().await.expect("release");
+    let next = owned(&waiting).await;
+    assert!(next > token.token());
+    waiting.release().await.expect("release");
+    drop(old);
+    old_client.faults.heal().await;
+}
+
+/// A resume token is checked before any I/O: one for another key is refused, naming both.
+pub async fn bad_input_resume_token_of_another_key(h: &dyn Harness) {
+    let l = cut_off_locker(h).await;
+    let token: ResumeToken = format!("1f:2:2:{}", h.key("other"))
+        .parse()
+        .expect("a token");
+    let err = l
+        .acquire_with(h.key("this"), "v", LockOptions::new().resume(token))
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+    assert!(err.to_string().contains(&h.key("other")), "{err}");
+    assert!("not a token".parse::<ResumeToken>().is_err());
 }
 
 /// A guard on a fresh key whose entry an operator has just deleted (the locker must outlive it).
