@@ -2,9 +2,12 @@
 //! leader, observe, and `run_while_leader`. Run on every backend by
 //! [`conformance_suite!`](crate::conformance_suite) in a module `election`.
 
+use std::future::Future;
 use std::time::Duration;
 
-use locker_core::{Error, FencingToken, LeaderOptions, LossReason, Ownership, StopWork};
+use locker_core::{
+    Error, FencingToken, LeaderOptions, Leadership, Locker, LossReason, Ownership, StopWork, Tenure,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
@@ -33,19 +36,12 @@ pub async fn a_campaign_leads_once_the_leader_before_it_resigns(h: &dyn Harness)
     assert!(first.is_leader());
     assert_eq!(first.name(), name);
     assert_eq!(first.value(), b"a");
-    let second = tokio::spawn({
-        let name = name.clone();
-        async move { b.campaign(name, "b").await }
-    });
+    let second = spawn_campaign(b, &name, "b");
     queue_len(h, &name, 2).await;
     assert!(!second.is_finished(), "b leads while a does");
     let token = first.token();
     first.resign().await.expect("resign");
-    let second = timeout(PATIENCE, second)
-        .await
-        .expect("b leads in time")
-        .expect("the campaign ran")
-        .expect("campaign");
+    let second = leads(second).await;
     assert!(second.token() > token);
     assert_eq!(second.fence().token(), second.token());
     second.resign().await.expect("resign");
@@ -78,19 +74,12 @@ pub async fn leader_and_observe_follow_leaders_and_proclaims(h: &dyn Harness) {
     assert_eq!(seen.value_str(), Some("10.0.0.2"));
     assert_eq!(seen.token, first.token(), "the same term");
 
-    let waiting = tokio::spawn({
-        let name = name.clone();
-        async move { b.campaign(name, "10.0.0.3").await }
-    });
+    let waiting = spawn_campaign(b, &name, "10.0.0.3");
     queue_len(h, &name, 2).await;
     first.resign().await.expect("resign");
     let seen = next_holder(&mut leaders).await.expect("the next leader");
     assert_eq!(seen.value_str(), Some("10.0.0.3"));
-    let second = timeout(PATIENCE, waiting)
-        .await
-        .expect("in time")
-        .expect("ran")
-        .expect("campaign");
+    let second = leads(waiting).await;
     assert_eq!(seen.token, second.token());
     second.resign().await.expect("resign");
     assert_eq!(next_holder(&mut leaders).await, None);
@@ -134,7 +123,7 @@ enum Stood {
 }
 
 /// Sends `Dropped` when the work's future is dropped (cancelled, or ended).
-struct OnDrop(mpsc::UnboundedSender<Work>, locker_core::Tenure);
+struct OnDrop(mpsc::UnboundedSender<Work>, Tenure);
 
 impl Drop for OnDrop {
     fn drop(&mut self) {
@@ -157,7 +146,7 @@ async fn next_work(reports: &mut mpsc::UnboundedReceiver<Work>) -> Work {
 /// Work that reports its start and its end, and runs until cancelled.
 fn endless_work(
     reports: mpsc::UnboundedSender<Work>,
-) -> impl FnMut(locker_core::Tenure) -> futures::future::BoxFuture<'static, Result<(), Error>> {
+) -> impl FnMut(Tenure) -> futures::future::BoxFuture<'static, Result<(), Error>> {
     move |term| {
         let reports = reports.clone();
         Box::pin(async move {
@@ -169,15 +158,65 @@ fn endless_work(
     }
 }
 
-/// A shutdown future and the switch that completes it.
-fn shutdown() -> (
-    oneshot::Sender<()>,
-    impl std::future::Future<Output = ()> + Send,
-) {
-    let (tx, rx) = oneshot::channel::<()>();
-    (tx, async move {
-        let _ = rx.await;
-    })
+/// The first `Started` report: the token of the term.
+async fn started(reports: &mut mpsc::UnboundedReceiver<Work>) -> FencingToken {
+    match next_work(reports).await {
+        Work::Started(token) => token,
+        other => panic!("the work did not start: {other:?}"),
+    }
+}
+
+/// `run_while_leader` of a locker in a task of its own, until [`Running::stop`].
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<locker_core::Result<()>>,
+}
+
+/// Runs `work` while `locker` leads `name` (with `options`, and a shutdown of the test's).
+fn run_leader<W, F, E>(locker: &Locker, name: &str, options: LeaderOptions, work: W) -> Running
+where
+    W: FnMut(Tenure) -> F + Send + 'static,
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let (stop, until) = oneshot::channel::<()>();
+    let (locker, name) = (locker.clone(), name.to_owned());
+    let options = options.until(async move {
+        let _ = until.await;
+    });
+    let task = tokio::spawn(async move { locker.run_while_leader(name, "a", options, work).await });
+    Running { stop, task }
+}
+
+impl Running {
+    /// Shuts it down, and waits until `run_while_leader` returned `Ok`.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        timeout(PATIENCE, self.task)
+            .await
+            .expect("returns in time")
+            .expect("ran")
+            .expect("run_while_leader");
+    }
+}
+
+/// `locker` campaigns for `name` in a task of its own.
+fn spawn_campaign(
+    locker: Locker,
+    name: &str,
+    value: &'static str,
+) -> tokio::task::JoinHandle<locker_core::Result<Leadership>> {
+    let name = name.to_owned();
+    tokio::spawn(async move { locker.campaign(name, value).await })
+}
+
+/// Waits for a spawned campaign to lead.
+async fn leads(campaign: tokio::task::JoinHandle<locker_core::Result<Leadership>>) -> Leadership {
+    timeout(PATIENCE, campaign)
+        .await
+        .expect("leads in time")
+        .expect("the campaign ran")
+        .expect("campaign")
 }
 
 /// The work runs once per term, with the term's token; a loss (an operator deletes the
@@ -187,18 +226,8 @@ pub async fn run_while_leader_runs_the_work_per_term_and_cancels_it_at_the_loss(
     let name = h.key("worker");
     let a = h.client().await.locker(TTL);
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let (stop, until) = shutdown();
-    let options = LeaderOptions::new().until(until);
-    let run = tokio::spawn({
-        let (a, name) = (a.clone(), name.clone());
-        async move {
-            a.run_while_leader(name, "a", options, endless_work(reports_tx))
-                .await
-        }
-    });
-    let Work::Started(first) = next_work(&mut reports).await else {
-        panic!("the work did not start first");
-    };
+    let run = run_leader(&a, &name, LeaderOptions::new(), endless_work(reports_tx));
+    let first = started(&mut reports).await;
     let entry = h.entries(&name).await.remove(0);
     assert_eq!(entry.create_revision, first.as_i64(), "the term's token");
     h.delete_key(&entry.key).await;
@@ -206,21 +235,14 @@ pub async fn run_while_leader_runs_the_work_per_term_and_cancels_it_at_the_loss(
         next_work(&mut reports).await,
         Work::Dropped(first, Stood::NotOwned)
     );
-    let Work::Started(second) = next_work(&mut reports).await else {
-        panic!("the work did not start again");
-    };
+    let second = started(&mut reports).await;
     assert!(second > first);
-    let _ = stop.send(());
+    run.stop().await;
     assert_eq!(
         next_work(&mut reports).await,
         Work::Dropped(second, Stood::Owned),
         "the work is dropped before the resignation"
     );
-    timeout(PATIENCE, run)
-        .await
-        .expect("returns in time")
-        .expect("ran")
-        .expect("run_while_leader");
 }
 
 /// With the default ([`StopWork::WhenUnconfirmed`]), a leader cut off from the store has its work
@@ -231,18 +253,8 @@ pub async fn run_while_leader_stops_the_work_when_unconfirmed(h: &dyn Harness) {
     let client = h.client().await;
     let a = client.locker(TTL);
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let (stop, until) = shutdown();
-    let run = tokio::spawn({
-        let (a, name) = (a.clone(), name.clone());
-        async move {
-            let options = LeaderOptions::new().until(until);
-            a.run_while_leader(name, "a", options, endless_work(reports_tx))
-                .await
-        }
-    });
-    let Work::Started(first) = next_work(&mut reports).await else {
-        panic!("the work did not start first");
-    };
+    let run = run_leader(&a, &name, LeaderOptions::new(), endless_work(reports_tx));
+    let first = started(&mut reports).await;
     client.faults.cut(Cut::Hang).await;
     assert_eq!(
         next_work(&mut reports).await,
@@ -250,16 +262,9 @@ pub async fn run_while_leader_stops_the_work_when_unconfirmed(h: &dyn Harness) {
         "the work is cancelled while unconfirmed, before the loss"
     );
     client.faults.heal().await;
-    let Work::Started(second) = next_work(&mut reports).await else {
-        panic!("the work did not start again");
-    };
+    let second = started(&mut reports).await;
     assert!(second > first);
-    let _ = stop.send(());
-    timeout(PATIENCE, run)
-        .await
-        .expect("returns in time")
-        .expect("ran")
-        .expect("run_while_leader");
+    run.stop().await;
 }
 
 /// With [`StopWork::AtLoss`], a stall of keep-alives shorter than the deadline (the leader is
@@ -270,35 +275,24 @@ pub async fn run_while_leader_keeps_the_work_through_unconfirmed_when_told(h: &d
     let a = client.locker(TTL);
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let (unconfirmed_tx, mut unconfirmed) = mpsc::unbounded_channel();
-    let (stop, until) = shutdown();
-    let run = tokio::spawn({
-        let (a, name) = (a.clone(), name.clone());
+    let options = LeaderOptions::new().stop_work(StopWork::AtLoss);
+    let run = run_leader(&a, &name, options, move |term| {
+        let reports = reports_tx.clone();
+        let unconfirmed = unconfirmed_tx.clone();
         async move {
-            let options = LeaderOptions::new()
-                .stop_work(StopWork::AtLoss)
-                .until(until);
-            a.run_while_leader(name, "a", options, move |term| {
-                let reports = reports_tx.clone();
-                let unconfirmed = unconfirmed_tx.clone();
-                async move {
-                    let _report = OnDrop(reports.clone(), term.clone());
-                    let _ = reports.send(Work::Started(term.token()));
-                    loop {
-                        if matches!(term.ownership(), Ownership::Unconfirmed { .. }) {
-                            let _ = unconfirmed.send(());
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    #[allow(unreachable_code)]
-                    Ok::<(), Error>(())
+            let _report = OnDrop(reports.clone(), term.clone());
+            let _ = reports.send(Work::Started(term.token()));
+            loop {
+                if matches!(term.ownership(), Ownership::Unconfirmed { .. }) {
+                    let _ = unconfirmed.send(());
                 }
-            })
-            .await
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), Error>(())
         }
     });
-    let Work::Started(first) = next_work(&mut reports).await else {
-        panic!("the work did not start first");
-    };
+    let first = started(&mut reports).await;
     client.faults.cut(Cut::Hang).await;
     timeout(PATIENCE, unconfirmed.recv())
         .await
@@ -313,16 +307,11 @@ pub async fn run_while_leader_keeps_the_work_through_unconfirmed_when_told(h: &d
     );
     let now = a.get(&name).await.expect("get").expect("still led");
     assert_eq!(now.token, first, "the same term");
-    let _ = stop.send(());
+    run.stop().await;
     assert_eq!(
         next_work(&mut reports).await,
         Work::Dropped(first, Stood::Owned)
     );
-    timeout(PATIENCE, run)
-        .await
-        .expect("returns in time")
-        .expect("ran")
-        .expect("run_while_leader");
 }
 
 /// Work that fails is not retried in a loop on the spot: the leadership is resigned (another
@@ -332,19 +321,11 @@ pub async fn run_while_leader_resigns_and_campaigns_again_after_the_work_fails(h
     let a = h.client().await.locker(TTL);
     let b = h.client().await.locker(TTL);
     let (started_tx, mut started) = mpsc::unbounded_channel();
-    let (stop, until) = shutdown();
-    let run = tokio::spawn({
-        let (a, name) = (a.clone(), name.clone());
+    let run = run_leader(&a, &name, LeaderOptions::new(), move |term| {
+        let started = started_tx.clone();
         async move {
-            let options = LeaderOptions::new().until(until);
-            a.run_while_leader(name, "a", options, move |term| {
-                let started = started_tx.clone();
-                async move {
-                    let _ = started.send(term.token());
-                    Err::<(), _>(std::io::Error::other("the work failed"))
-                }
-            })
-            .await
+            let _ = started.send(term.token());
+            Err::<(), _>(std::io::Error::other("the work failed"))
         }
     });
     let first = timeout(PATIENCE, started.recv())
@@ -362,12 +343,7 @@ pub async fn run_while_leader_resigns_and_campaigns_again_after_the_work_fails(h
         .expect("in time")
         .expect("started again");
     assert!(again > first);
-    let _ = stop.send(());
-    timeout(PATIENCE, run)
-        .await
-        .expect("returns in time")
-        .expect("ran")
-        .expect("run_while_leader");
+    run.stop().await;
 }
 
 /// At shutdown the work is cancelled and the leadership resigned: the next candidate leads at
@@ -377,38 +353,16 @@ pub async fn run_while_leader_resigns_at_shutdown(h: &dyn Harness) {
     let a = h.client().await.locker(TTL);
     let b = h.client().await.locker(TTL);
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let (stop, until) = shutdown();
-    let run = tokio::spawn({
-        let (a, name) = (a.clone(), name.clone());
-        async move {
-            let options = LeaderOptions::new().until(until);
-            a.run_while_leader(name, "a", options, endless_work(reports_tx))
-                .await
-        }
-    });
-    let Work::Started(first) = next_work(&mut reports).await else {
-        panic!("the work did not start first");
-    };
-    let waiting = tokio::spawn({
-        let name = name.clone();
-        async move { b.campaign(name, "b").await }
-    });
+    let run = run_leader(&a, &name, LeaderOptions::new(), endless_work(reports_tx));
+    let first = started(&mut reports).await;
+    let waiting = spawn_campaign(b, &name, "b");
     queue_len(h, &name, 2).await;
-    let _ = stop.send(());
+    run.stop().await;
     assert_eq!(
         next_work(&mut reports).await,
         Work::Dropped(first, Stood::Owned)
     );
-    timeout(PATIENCE, run)
-        .await
-        .expect("returns in time")
-        .expect("ran")
-        .expect("run_while_leader");
-    let next = timeout(PATIENCE, waiting)
-        .await
-        .expect("b leads in time")
-        .expect("ran")
-        .expect("campaign");
+    let next = leads(waiting).await;
     assert!(next.token() > first);
     assert_eq!(h.entries(&name).await.len(), 1, "a left nothing");
     next.resign().await.expect("resign");

@@ -238,33 +238,29 @@ macro_rules! conformance_suite {
         }
     };
     (@election #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
+        $crate::conformance_suite!(@module #[$attr] $make, election, "election-",
+            $crate::suite::assert_test_left_nothing, $crate::election::BEHAVIOURS, [$($name),*]);
+    };
+    (@clauses #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
+        $crate::conformance_suite!(@module #[$attr] $make, contract, "contract-",
+            $crate::contract::assert_clause_left_nothing, $crate::contract::CLAUSES, [$($name),*]);
+    };
+    // One test per function of `$crate::$module`, each on a harness named `$prefix` and the
+    // function, checked by `$check` afterwards; and a test that the list is `$all`.
+    (@module #[$attr:meta] $make:path, $module:ident, $prefix:literal, $check:path, $all:path,
+        [$($name:ident),* $(,)?]) => {
         $(
             #[$attr]
             async fn $name() {
-                let harness = $make(concat!("election-", stringify!($name))).await;
-                $crate::election::$name(&harness).await;
-                $crate::suite::assert_test_left_nothing(&harness).await;
+                let harness = $make(concat!($prefix, stringify!($name))).await;
+                $crate::$module::$name(&harness).await;
+                $check(&harness).await;
             }
         )*
 
         #[test]
         fn every_behaviour_is_instantiated() {
-            assert_eq!([$(stringify!($name)),*], $crate::election::BEHAVIOURS);
-        }
-    };
-    (@clauses #[$attr:meta] $make:path, [$($name:ident),* $(,)?]) => {
-        $(
-            #[$attr]
-            async fn $name() {
-                let harness = $make(concat!("contract-", stringify!($name))).await;
-                $crate::contract::$name(&harness).await;
-                $crate::contract::assert_clause_left_nothing(&harness).await;
-            }
-        )*
-
-        #[test]
-        fn every_clause_is_instantiated() {
-            assert_eq!([$(stringify!($name)),*], $crate::contract::CLAUSES);
+            assert_eq!([$(stringify!($name)),*], $all);
         }
     };
 }

@@ -7,15 +7,18 @@ use locker_core::Error;
 use locker_etcd::EtcdBackend;
 use locker_etcd::testing::{EtcdProcess, enable_auth};
 
-fn chain(err: &Error) -> String {
-    let mut text = format!("{err}");
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(" <- ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+use crate::security::chain;
+
+/// What `connect` answers at `endpoints`: its error (printed, for the test's log).
+async fn connect_error(endpoints: Vec<String>) -> Error {
+    let err = EtcdBackend::builder()
+        .endpoints(endpoints)
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .expect_err("connect fails");
+    eprintln!("{err}");
+    err
 }
 
 /// A server on loopback that takes HTTP/2 connections and answers every request 404 (a web
@@ -93,13 +96,7 @@ async fn unreachable_endpoints_say_so_in_one_sentence() {
         .unwrap()
         .port();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let err = EtcdBackend::builder()
-        .endpoints([endpoint.clone()])
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap_err();
-    eprintln!("{err}");
+    let err = connect_error(vec![endpoint.clone()]).await;
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     assert!(err.is_retryable());
     assert_one_sentence(&err, &endpoint);
@@ -118,13 +115,7 @@ async fn auth_on_without_credentials_is_permission_denied() {
     enable_auth(&mut admin, "root-pw", "svc", "svc-pw", "locker/")
         .await
         .unwrap();
-    let err = EtcdBackend::builder()
-        .endpoints(endpoints.clone())
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .unwrap_err();
-    eprintln!("{err}");
+    let err = connect_error(endpoints.clone()).await;
     assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
     assert!(!err.is_retryable());
     assert_one_sentence(&err, &endpoints[0]);
@@ -135,13 +126,7 @@ async fn auth_on_without_credentials_is_permission_denied() {
 #[tokio::test]
 async fn a_server_that_is_not_etcd_is_a_permanent_error_that_asks() {
     let endpoint = http2_404_server().await;
-    let err = EtcdBackend::builder()
-        .endpoints([endpoint.clone()])
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .unwrap_err();
-    eprintln!("{err}");
+    let err = connect_error(vec![endpoint.clone()]).await;
     assert!(
         matches!(
             err,
@@ -162,13 +147,7 @@ async fn a_server_that_is_not_etcd_is_a_permanent_error_that_asks() {
 #[tokio::test]
 async fn a_server_that_closes_at_once_asks_whether_it_is_etcd() {
     let endpoint = http1_404_server().await;
-    let err = EtcdBackend::builder()
-        .endpoints([endpoint.clone()])
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .unwrap_err();
-    eprintln!("{err}");
+    let err = connect_error(vec![endpoint.clone()]).await;
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     assert_one_sentence(&err, &endpoint);
     assert!(err.to_string().contains("is this etcd?"), "{err}");

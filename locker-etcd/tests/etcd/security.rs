@@ -72,7 +72,7 @@ async fn lock_round_trip(backend: EtcdBackend, key: &str) {
 }
 
 /// The error with its sources, for messages.
-fn chain(err: &Error) -> String {
+pub(crate) fn chain(err: &Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
