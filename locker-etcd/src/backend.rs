@@ -178,7 +178,7 @@ impl EtcdBackend {
     /// tenure's create revision (its token). Once the tenure has ended (released, lost, its lease
     /// revoked or expired, its entry deleted), the entry is gone or another one, and the compare
     /// fails. Go's `Mutex.IsOwner` makes the same compare. Put it in a transaction of your own
-    /// with [`Txn::when`], next to compares of your own, or use
+    /// with `Txn::when`, next to compares of your own, or use
     /// [`txn_fenced`](EtcdBackend::txn_fenced).
     pub fn fence_compare(&self, fence: &Fence) -> Compare {
         Compare::create_revision(
