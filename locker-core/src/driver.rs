@@ -21,7 +21,7 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{EventKind, Resumption};
+use crate::backend::{EventKind, LockBackend, Resumption, Revision};
 use crate::error::{Error, LossReason, Result};
 use crate::fence::Fence;
 use crate::hub::{HubMsg, Registration, Sink};
@@ -466,6 +466,100 @@ fn call<T>(
     }))
 }
 
+/// Carries out an action on the lock's session: getting one (the locker's, one of its own, or a
+/// resumed tenure's lease taken up), or letting it go.
+fn session_action(shared: &Arc<Shared>, io: &mut Io, action: Action) -> Option<Request> {
+    let key = &shared.key;
+    match action {
+        Action::OpenSession => {
+            let locker = io.locker.clone();
+            let dedicated = io.dedicated_ttl;
+            let own = io
+                .session
+                .take()
+                .filter(|s| dedicated.is_some() && !s.is_lost());
+            if dedicated.is_none() && io.claim.is_none() {
+                io.claim = Some(locker.claim_key(key));
+            }
+            let slot = io.claim.as_ref().map_or(0, KeyClaim::slot);
+            io.taken_up = false;
+            session_request(shared, false, async move {
+                match (own, dedicated) {
+                    (Some(own), _) => Ok(own),
+                    (None, Some(ttl)) => locker.new_session(ttl).await,
+                    (None, None) => locker.shared_session(slot).await,
+                }
+            })
+        }
+        Action::TakeUpSession { lease } => {
+            let locker = io.locker.clone();
+            let own = io
+                .session
+                .take()
+                .filter(|s| s.lease() == lease && !s.is_lost());
+            session_request(shared, true, async move {
+                match own {
+                    Some(own) => Ok(own),
+                    None => locker.take_up_session(lease).await,
+                }
+            })
+        }
+        Action::LeaveSession(lease) => {
+            // Not this lock's lease: unless another lock of this locker took up a tenure under
+            // it, the last reference goes, and the keeper stops without revoking it.
+            if io.session.take_if(|s| s.lease() == lease).is_some() {
+                io.taken_up = false;
+            }
+            None
+        }
+        Action::DropSession(lease) => {
+            if let Some(session) = io.session.take_if(|s| s.lease() == lease)
+                && io.dedicated_ttl.is_none()
+            {
+                io.locker.forget_shared_session(&session);
+            }
+            None
+        }
+        other => {
+            debug_assert!(false, "not an action on the session: {other:?}");
+            None
+        }
+    }
+}
+
+/// The request of [`Action::TakeUp`]: the backend's `resume`, and, once the tenure is taken up,
+/// the lease is the lock's (its session is claimed: revoked when its last lock ends).
+fn take_up(
+    shared: &Arc<Shared>,
+    backend: Arc<dyn LockBackend>,
+    entry: String,
+    create_revision: Revision,
+    mod_revision: Revision,
+    value: Vec<u8>,
+) -> Option<Request> {
+    let (key, claimer) = (shared.key.clone(), shared.clone());
+    call(
+        shared,
+        async move {
+            backend
+                .resume(&key, &entry, create_revision, mod_revision, &value)
+                .await
+        },
+        move |r| {
+            Input::TakenUp(r.map(|taken| match taken {
+                Resumption::Resumed(j) => {
+                    if let Some(session) = &lock(&claimer.core).io.session {
+                        session.claim();
+                    }
+                    TakeUp::Taken(Box::new((j.entry, j.predecessor, j.revision)))
+                }
+                Resumption::Refused(None) => TakeUp::Gone,
+                Resumption::Refused(Some(_)) => TakeUp::Written,
+            }))
+        },
+    )
+}
+
 /// A request for a session: `session` gets it; the answer tells the machine its view.
 fn session_request(
     shared: &Arc<Shared>,
@@ -639,84 +733,16 @@ fn carry_out(
     let backend = io.locker.inner.backend.clone();
     let key = shared.key.clone();
     match action {
-        Action::OpenSession => {
-            let locker = io.locker.clone();
-            let dedicated = io.dedicated_ttl;
-            let own = io
-                .session
-                .take()
-                .filter(|s| dedicated.is_some() && !s.is_lost());
-            if dedicated.is_none() && io.claim.is_none() {
-                io.claim = Some(locker.claim_key(&key));
-            }
-            let slot = io.claim.as_ref().map_or(0, KeyClaim::slot);
-            io.taken_up = false;
-            session_request(shared, false, async move {
-                match (own, dedicated) {
-                    (Some(own), _) => Ok(own),
-                    (None, Some(ttl)) => locker.new_session(ttl).await,
-                    (None, None) => locker.shared_session(slot).await,
-                }
-            })
-        }
-        Action::TakeUpSession { lease } => {
-            let locker = io.locker.clone();
-            let own = io
-                .session
-                .take()
-                .filter(|s| s.lease() == lease && !s.is_lost());
-            session_request(shared, true, async move {
-                match own {
-                    Some(own) => Ok(own),
-                    None => locker.take_up_session(lease).await,
-                }
-            })
-        }
-        Action::LeaveSession(lease) => {
-            // Not this lock's lease: unless another lock of this locker took up a tenure under
-            // it, the last reference goes, and the keeper stops without revoking it.
-            if io.session.take_if(|s| s.lease() == lease).is_some() {
-                io.taken_up = false;
-            }
-            None
-        }
+        Action::OpenSession
+        | Action::TakeUpSession { .. }
+        | Action::LeaveSession(_)
+        | Action::DropSession(_) => session_action(shared, io, action),
         Action::TakeUp {
             entry,
             create_revision,
             mod_revision,
             value,
-        } => {
-            let claimer = shared.clone();
-            call(
-                shared,
-                async move {
-                    backend
-                        .resume(&key, &entry, create_revision, mod_revision, &value)
-                        .await
-                },
-                move |r| {
-                    Input::TakenUp(r.map(|taken| match taken {
-                        Resumption::Resumed(j) => {
-                            // The tenure is this lock's now, and so is its lease.
-                            if let Some(session) = &lock(&claimer.core).io.session {
-                                session.claim();
-                            }
-                            TakeUp::Taken(Box::new((j.entry, j.predecessor, j.revision)))
-                        }
-                        Resumption::Refused(None) => TakeUp::Gone,
-                        Resumption::Refused(Some(_)) => TakeUp::Written,
-                    }))
-                },
-            )
-        }
-        Action::DropSession(lease) => {
-            if let Some(session) = io.session.take_if(|s| s.lease() == lease)
-                && io.dedicated_ttl.is_none()
-            {
-                io.locker.forget_shared_session(&session);
-            }
-            None
-        }
+        } => take_up(shared, backend, entry, create_revision, mod_revision, value),
         Action::Subscribe => {
             unregister.extend(io.registration.take());
             let locker = io.locker.clone();

@@ -713,33 +713,7 @@ impl Machine {
             (Pending::Session, Input::SessionOpened(Err(failure))) => {
                 self.failed(failure, State::Idle, now);
             }
-            (Pending::TakeUp, Input::TakenUp(Ok(TakeUp::Taken(taken)))) => {
-                let (entry, predecessor, revision) = *taken;
-                let deleted_since = self
-                    .deletes_seen
-                    .iter()
-                    .any(|(key, at)| *key == entry.key && *at > revision);
-                if deleted_since {
-                    let reason = self.reason_unchecked();
-                    self.not_taken_up(reason);
-                    return;
-                }
-                self.exported = None;
-                self.backoff.reset();
-                self.joined(entry, predecessor, revision, now);
-            }
-            (Pending::TakeUp, Input::TakenUp(Ok(TakeUp::Gone))) => {
-                self.not_taken_up(LossReason::EntryDeleted);
-            }
-            (Pending::TakeUp, Input::TakenUp(Ok(TakeUp::Written))) => {
-                self.not_taken_up(LossReason::ResumedElsewhere);
-            }
-            (Pending::TakeUp, Input::TakenUp(Err(Failure::LeaseLost))) => {
-                self.not_taken_up(LossReason::LeaseGone);
-            }
-            (Pending::TakeUp, Input::TakenUp(Err(failure))) => {
-                self.failed(failure, State::Idle, now);
-            }
+            (Pending::TakeUp, Input::TakenUp(result)) => self.taken_up(result, now),
             (Pending::Subscribe, Input::Subscribed(Ok(()))) => match self.state {
                 State::Subscribing => self.join(),
                 // Subscribed again: read the entry (a close that came meanwhile left
@@ -781,55 +755,7 @@ impl Machine {
                 self.unseen_join = Some(lease);
                 self.failed(failure, State::Idle, now);
             }
-            (Pending::Update(None), Input::Updated(result)) => {
-                if let State::Refreshing { joined } = self.state.clone() {
-                    let (mut entry, predecessor, revision) = *joined;
-                    match result {
-                        Ok(Some(written)) => {
-                            entry.value = self.value.clone();
-                            entry.mod_revision = written;
-                        }
-                        // The entry went meanwhile (found in review: the lock went on to own
-                        // an entry the store had just said was gone): join again.
-                        Ok(None) | Err(Failure::LeaseLost) => {
-                            self.deletes_seen.clear();
-                            self.watch_gap = None;
-                            if result == Err(Failure::LeaseLost) {
-                                self.forget_session();
-                            }
-                            self.restart();
-                            return;
-                        }
-                        Err(_) => {}
-                    }
-                    self.joined(entry, predecessor, revision, now);
-                }
-            }
-            (Pending::Update(Some(reply)), Input::Updated(result)) => {
-                let outcome = match result {
-                    Ok(Some(written)) => {
-                        self.set_entry_value(written);
-                        Outcome::Done
-                    }
-                    Ok(None) if matches!(self.state, State::Holding { .. }) => {
-                        // The tenure's entry is gone: why, the lease's lookup says.
-                        self.found_gone(vec![reply], false);
-                        return;
-                    }
-                    Ok(None) => {
-                        let reason = self.missing_entry_reason();
-                        self.entry_gone(reason);
-                        Outcome::NotOwned(reason)
-                    }
-                    Err(Failure::LeaseLost) => {
-                        self.entry_gone(LossReason::LeaseGone);
-                        Outcome::NotOwned(LossReason::LeaseGone)
-                    }
-                    // The reply answers the call's error; the lock goes on.
-                    Err(_) => Outcome::Failed,
-                };
-                self.actions.push_back(Action::Reply(reply, outcome));
-            }
+            (Pending::Update(reply), Input::Updated(result)) => self.updated(reply, result, now),
             (Pending::Position, Input::Positioned(Ok((own, predecessor, revision)))) => {
                 self.backoff.reset();
                 self.positioned(own, predecessor, revision, now);
@@ -842,14 +768,7 @@ impl Machine {
                 state => self.failed(failure, state, now),
             },
             (Pending::Delete, Input::Deleted(result)) => self.deleted(result, now),
-            (Pending::CheckLease, Input::LeaseChecked(result)) => {
-                let reason = match result {
-                    Ok(true) => LossReason::EntryDeleted,
-                    Ok(false) | Err(Failure::LeaseLost) => LossReason::LeaseGone,
-                    Err(_) => self.reason_unchecked(),
-                };
-                self.gone_because(reason);
-            }
+            (Pending::CheckLease, Input::LeaseChecked(result)) => self.lease_checked(result),
             (pending, Input::Abandoned) => self.abandoned(pending, now),
             (pending, answer) => debug_assert!(false, "answer {answer:?} to {pending:?}"),
         }
@@ -1336,6 +1255,99 @@ impl Machine {
         }
     }
 
+    /// The answer to an update: of a retried join's value (`None`), or of a `SetValue` (its
+    /// reply).
+    fn updated(
+        &mut self,
+        reply: Option<ReplyTo>,
+        result: Result<Option<Revision>, Failure>,
+        now: Instant,
+    ) {
+        match reply {
+            None => self.refreshed(result, now),
+            Some(reply) => self.value_set(reply, result),
+        }
+    }
+
+    /// A retried join found the entry with an older value and wrote the lock's: go on from the
+    /// join's answer (the entry gone meanwhile: join again).
+    fn refreshed(&mut self, result: Result<Option<Revision>, Failure>, now: Instant) {
+        if let State::Refreshing { joined } = self.state.clone() {
+            let (mut entry, predecessor, revision) = *joined;
+            match result {
+                Ok(Some(written)) => {
+                    entry.value = self.value.clone();
+                    entry.mod_revision = written;
+                }
+                // The entry went meanwhile (found in review: the lock went on to own
+                // an entry the store had just said was gone): join again.
+                Ok(None) | Err(Failure::LeaseLost) => {
+                    self.deletes_seen.clear();
+                    self.watch_gap = None;
+                    if result == Err(Failure::LeaseLost) {
+                        self.forget_session();
+                    }
+                    self.restart();
+                    return;
+                }
+                Err(_) => {}
+            }
+            self.joined(entry, predecessor, revision, now);
+        }
+    }
+
+    /// The answer to a `SetValue`'s write, for its reply.
+    fn value_set(&mut self, reply: ReplyTo, result: Result<Option<Revision>, Failure>) {
+        let outcome = match result {
+            Ok(Some(written)) => {
+                self.set_entry_value(written);
+                Outcome::Done
+            }
+            Ok(None) if matches!(self.state, State::Holding { .. }) => {
+                // The tenure's entry is gone: why, the lease's lookup says.
+                self.found_gone(vec![reply], false);
+                return;
+            }
+            Ok(None) => {
+                let reason = self.missing_entry_reason();
+                self.entry_gone(reason);
+                Outcome::NotOwned(reason)
+            }
+            Err(Failure::LeaseLost) => {
+                self.entry_gone(LossReason::LeaseGone);
+                Outcome::NotOwned(LossReason::LeaseGone)
+            }
+            // The reply answers the call's error; the lock goes on.
+            Err(_) => Outcome::Failed,
+        };
+        self.actions.push_back(Action::Reply(reply, outcome));
+    }
+
+    /// The answer to a take-up of the exported tenure.
+    fn taken_up(&mut self, result: Result<TakeUp, Failure>, now: Instant) {
+        match result {
+            Ok(TakeUp::Taken(taken)) => {
+                let (entry, predecessor, revision) = *taken;
+                let deleted_since = self
+                    .deletes_seen
+                    .iter()
+                    .any(|(key, at)| *key == entry.key && *at > revision);
+                if deleted_since {
+                    let reason = self.reason_unchecked();
+                    self.not_taken_up(reason);
+                    return;
+                }
+                self.exported = None;
+                self.backoff.reset();
+                self.joined(entry, predecessor, revision, now);
+            }
+            Ok(TakeUp::Gone) => self.not_taken_up(LossReason::EntryDeleted),
+            Ok(TakeUp::Written) => self.not_taken_up(LossReason::ResumedElsewhere),
+            Err(Failure::LeaseLost) => self.not_taken_up(LossReason::LeaseGone),
+            Err(failure) => self.failed(failure, State::Idle, now),
+        }
+    }
+
     /// The exported tenure could not be taken up, for `reason`: its loss is reported (it never
     /// was this lock's), its lease left to whoever holds it, and then a handle joins as any
     /// other lock while a guard ends.
@@ -1386,6 +1398,16 @@ impl Machine {
     fn check_lease(&mut self, entry: &Entry) {
         let lease = entry.lease;
         self.request(Pending::CheckLease, Action::CheckLease { lease });
+    }
+
+    /// The answer to the lookup of a gone entry's lease: why the entry went.
+    fn lease_checked(&mut self, result: Result<bool, Failure>) {
+        let reason = match result {
+            Ok(true) => LossReason::EntryDeleted,
+            Ok(false) | Err(Failure::LeaseLost) => LossReason::LeaseGone,
+            Err(_) => self.reason_unchecked(),
+        };
+        self.gone_because(reason);
     }
 
     /// Whether the session says the lease is gone from the store.
