@@ -119,8 +119,6 @@ struct Io {
     registration: Option<Registration>,
     /// This lock's claim on its key in a shared session slot (one entry per key per lease).
     claim: Option<KeyClaim>,
-    /// The session is a resumed tenure's lease, taken up (the lock's own, as a dedicated one).
-    taken_up: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,7 +148,6 @@ impl Shared {
                     abandoned: None,
                     registration: None,
                     claim: None,
-                    taken_up: false,
                 },
                 driving: false,
                 task: false,
@@ -381,6 +378,7 @@ impl Shared {
                 Action::Publish(state) => self.publish(core, state),
                 Action::Reply(to, outcome) => replies.push((to, outcome)),
                 Action::KeepError => core.error = core.last_error.clone(),
+                Action::OwnershipChanged => self.changed.notify_waiters(),
                 other => core.todo.push_back(other),
             }
         }
@@ -482,8 +480,7 @@ fn session_action(shared: &Arc<Shared>, io: &mut Io, action: Action) -> Option<R
                 io.claim = Some(locker.claim_key(key));
             }
             let slot = io.claim.as_ref().map_or(0, KeyClaim::slot);
-            io.taken_up = false;
-            session_request(shared, false, async move {
+            session_request(shared, async move {
                 match (own, dedicated) {
                     (Some(own), _) => Ok(own),
                     (None, Some(ttl)) => locker.new_session(ttl).await,
@@ -497,7 +494,7 @@ fn session_action(shared: &Arc<Shared>, io: &mut Io, action: Action) -> Option<R
                 .session
                 .take()
                 .filter(|s| s.lease() == lease && !s.is_lost());
-            session_request(shared, true, async move {
+            session_request(shared, async move {
                 match own {
                     Some(own) => Ok(own),
                     None => locker.take_up_session(lease).await,
@@ -506,10 +503,9 @@ fn session_action(shared: &Arc<Shared>, io: &mut Io, action: Action) -> Option<R
         }
         Action::LeaveSession(lease) => {
             // Not this lock's lease: unless another lock of this locker took up a tenure under
-            // it, the last reference goes, and the keeper stops without revoking it.
-            if io.session.take_if(|s| s.lease() == lease).is_some() {
-                io.taken_up = false;
-            }
+            // it, the last reference goes, and the keeper stops (a taken-up lease is never
+            // revoked).
+            io.session.take_if(|s| s.lease() == lease);
             None
         }
         Action::DropSession(lease) => {
@@ -527,8 +523,7 @@ fn session_action(shared: &Arc<Shared>, io: &mut Io, action: Action) -> Option<R
     }
 }
 
-/// The request of [`Action::TakeUp`]: the backend's `resume`, and, once the tenure is taken up,
-/// the lease is the lock's (its session is claimed: revoked when its last lock ends).
+/// The request of [`Action::TakeUp`]: the backend's `resume`.
 fn take_up(
     shared: &Arc<Shared>,
     backend: Arc<dyn LockBackend>,
@@ -537,7 +532,7 @@ fn take_up(
     mod_revision: Revision,
     value: Vec<u8>,
 ) -> Option<Request> {
-    let (key, claimer) = (shared.key.clone(), shared.clone());
+    let key = shared.key.clone();
     call(
         shared,
         async move {
@@ -545,12 +540,9 @@ fn take_up(
                 .resume(&key, &entry, create_revision, mod_revision, &value)
                 .await
         },
-        move |r| {
+        |r| {
             Input::TakenUp(r.map(|taken| match taken {
                 Resumption::Resumed(j) => {
-                    if let Some(session) = &lock(&claimer.core).io.session {
-                        session.claim();
-                    }
                     TakeUp::Taken(Box::new((j.entry, j.predecessor, j.revision)))
                 }
                 Resumption::Refused(None) => TakeUp::Gone,
@@ -563,7 +555,6 @@ fn take_up(
 /// A request for a session: `session` gets it; the answer tells the machine its view.
 fn session_request(
     shared: &Arc<Shared>,
-    taken_up: bool,
     session: impl Future<Output = Result<Arc<Session>>> + Send + 'static,
 ) -> Option<Request> {
     let shared = shared.clone();
@@ -575,9 +566,7 @@ fn session_request(
                     ttl: session.ttl(),
                     state: session.state(),
                 };
-                let mut core = lock(&shared.core);
-                core.io.session = Some(session);
-                core.io.taken_up = taken_up;
+                lock(&shared.core).io.session = Some(session);
                 Input::SessionOpened(Ok(view))
             }
             Err(err) => Input::SessionOpened(Err(shared.failed(err))),
@@ -841,8 +830,11 @@ fn carry_out(
             None
         }
         Action::AbandonSession => {
-            if (io.dedicated_ttl.is_some() || io.taken_up)
+            // A session of its own is not renewed any more; a taken-up lease (which other locks
+            // may share) is left to the reaper, as a shared session's entries are.
+            if io.dedicated_ttl.is_some()
                 && let Some(session) = &io.session
+                && session.is_ours()
             {
                 session.abandon();
                 io.abandoned = Some(session.lease());
@@ -850,7 +842,9 @@ fn carry_out(
             None
         }
         // Done by `apply_local`.
-        Action::Publish(_) | Action::Reply(..) | Action::KeepError => None,
+        Action::Publish(_) | Action::Reply(..) | Action::KeepError | Action::OwnershipChanged => {
+            None
+        }
     }
 }
 

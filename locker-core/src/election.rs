@@ -222,7 +222,8 @@ impl Locker {
     ///
     /// # Errors
     ///
-    /// As [`Locker::campaign`].
+    /// As [`Locker::campaign`]; with [`LockOptions::resume`], as [`Locker::acquire_with`] (a
+    /// term to resume that had ended: [`Error::NotOwned`]).
     pub async fn campaign_with(
         &self,
         name: impl Into<String>,
@@ -268,11 +269,16 @@ impl Locker {
     ///   resigned (another candidate may lead) and this one campaigns again, so the work runs
     ///   again at its next term.
     /// - **The work returns an error**: it is logged (`warn`), the leadership is resigned, and
-    ///   after the locker's first retry delay (so that failing work does not spin) this one
-    ///   campaigns again. To stop on an error instead, complete the shutdown future from the
-    ///   work.
+    ///   this one campaigns again. To stop on an error instead, complete the shutdown future
+    ///   from the work.
     /// - **The term ends** ([`StopWork`]): the work's future is dropped at once, before anything
-    ///   else, then the leadership is resigned (or found lost) and this one campaigns again.
+    ///   else (the moment the leadership is not confirmed, or not owned), then the leadership is
+    ///   resigned (or found lost) and this one campaigns again.
+    /// - After a term that its work ended, or that was stopped while still leading
+    ///   (`Unconfirmed`), it waits the locker's retry delay before it campaigns again, longer
+    ///   each time while terms keep ending within a TTL (jittered, up to the locker's longest
+    ///   retry delay): neither work that returns at once nor a store that keeps stalling makes
+    ///   it spin. After a loss it campaigns again at once.
     /// - **Shutdown** ([`LeaderOptions::until`]): the work is dropped, the leadership resigned,
     ///   and `Ok(())` returned.
     ///
@@ -326,6 +332,9 @@ impl Locker {
             shutdown,
         } = options;
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
+        // Between a term that ended early (its work returned or failed, or it was unconfirmed)
+        // and the next campaign: so that none of them spins against the store.
+        let mut pause = self.backoff();
         loop {
             let campaign = self.campaign_with(&*name, value.clone(), lock.clone());
             let resuming = lock.resume.take().is_some();
@@ -343,6 +352,7 @@ impl Locker {
                 Err(err) => return Err(err),
             };
             let token = leadership.token();
+            let began = tokio::time::Instant::now();
             info!(name = %name, %token, "leading: the work starts");
             let end = {
                 let work = work(leadership.tenure());
@@ -354,38 +364,50 @@ impl Locker {
                 }
                 // The work's future is dropped here, before the leadership goes.
             };
-            match end {
+            let early = match end {
                 TermEnd::Shutdown => {
                     info!(name = %name, %token, "shutting down: resigning");
                     let _ = leadership.resign().await;
                     return Ok(());
                 }
-                TermEnd::NotLeading => {
-                    match leadership.ownership() {
-                        Ownership::Unconfirmed { .. } => {
-                            warn!(name = %name, %token, "leadership unconfirmed: the work stopped; resigning");
-                        }
-                        _ => {
-                            let reason = leadership.lost().await;
-                            warn!(name = %name, %token, %reason, "leadership lost: the work stopped");
-                        }
-                    }
+                // Still leading (the work was stopped at Unconfirmed, or the keep-alive came
+                // back since): step down, so that a candidate whose store answers can lead.
+                TermEnd::NotLeading if leadership.is_leader() => {
+                    warn!(name = %name, %token, "leadership unconfirmed: the work stopped; resigning");
                     let _ = leadership.resign().await;
+                    true
+                }
+                TermEnd::NotLeading => {
+                    let reason = tokio::select! {
+                        reason = leadership.lost() => reason,
+                        () = &mut shutdown => return Ok(()),
+                    };
+                    warn!(name = %name, %token, %reason, "leadership lost: the work stopped");
+                    let _ = leadership.resign().await;
+                    false
                 }
                 TermEnd::Done(Ok(())) => {
                     info!(name = %name, %token, "the work ended its term: resigning");
                     let _ = leadership.resign().await;
+                    true
                 }
                 TermEnd::Done(Err(err)) => {
                     let err = err.into();
                     warn!(name = %name, %token, error = %err, "the work failed: resigning");
                     let _ = leadership.resign().await;
-                    let delay = self.inner.timing.retry_base;
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = &mut shutdown => return Ok(()),
-                    }
+                    true
                 }
+            };
+            if !early {
+                continue;
+            }
+            // A term that lasted a TTL or more was no spin: the pause starts short again.
+            if began.elapsed() >= self.ttl() {
+                pause.reset();
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause.next_delay()) => {}
+                () = &mut shutdown => return Ok(()),
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use crate::backend::{Entry, LockBackend};
+use crate::backend::{Entry, LeaseId, LockBackend};
 use crate::error::{Error, Result};
 use crate::handle::{self as lock, LockGuard, LockHandle};
 use crate::hub::Hub;
@@ -110,10 +110,8 @@ pub(crate) struct Inner {
     /// Held while a shared session is granted, so that a slot gets one.
     granting: tokio::sync::Mutex<()>,
     /// The sessions taken up from resumed tenures, by lease: the locks that resume tenures of
-    /// one lease share one keeper (and the lease is revoked when the last of them ends).
-    taken_up: std::sync::Mutex<
-        std::collections::HashMap<crate::backend::LeaseId, std::sync::Weak<Session>>,
-    >,
+    /// one lease share one keeper (and the lease expires once the last of them ends).
+    taken_up: std::sync::Mutex<TakenUp>,
     /// Removes what locks leave behind.
     reaper: Reaper,
     /// The keys, each with a session slot, that locks of this locker use.
@@ -121,6 +119,9 @@ pub(crate) struct Inner {
 }
 
 type Claims = Arc<std::sync::Mutex<HashSet<(Arc<str>, usize)>>>;
+
+/// The sessions of a locker's taken-up leases, by lease (see [`Locker::take_up_session`]).
+type TakenUp = std::collections::HashMap<LeaseId, std::sync::Weak<Session>>;
 
 /// A lock task's claim on a key in one session slot of its locker; released on drop.
 #[derive(Debug)]
@@ -311,11 +312,18 @@ impl LockOptions {
 
     /// Starts by resuming the tenure of `token`, exported by a process that has exited (see
     /// [`ResumeToken`]): if its lease still lives and nobody wrote its entry since, the lock owns
-    /// at once with the same fencing token, keeps that lease alive from now on (revoking it when
-    /// the lock ends, as a session of its own), and goes on as any lock. Otherwise it reports
-    /// that tenure's loss ([`Ownership::Lost`](crate::Ownership::Lost) with its token:
-    /// `LeaseGone`, `EntryDeleted` or `ResumedElsewhere`), and then a handle joins the queue as
-    /// any other lock, while `acquire` answers [`Error::NotOwned`] with that reason.
+    /// at once with the same fencing token, keeps that lease alive while it holds the tenure, and
+    /// goes on as any lock. Otherwise it reports that tenure's loss
+    /// ([`Ownership::Lost`](crate::Ownership::Lost) with its token: `LeaseGone`,
+    /// `EntryDeleted`, `DeadlinePassed` or `ResumedElsewhere`), and then a handle joins the
+    /// queue as any other lock, while `acquire` answers [`Error::NotOwned`] with that reason.
+    ///
+    /// The lease is taken up, not taken over: the locks of this locker that resume tenures of
+    /// one lease keep it alive together, and when the last of them ends the lease is left to
+    /// expire, never revoked (another process may have resumed another tenure under it; the
+    /// entries of these locks are deleted as usual). Every tenure of a lease that nobody
+    /// resumes stays in its queue while the lease is kept alive: resume all of a process's
+    /// tokens, or none. [`Locker::close`] does not touch taken-up leases.
     ///
     /// The token's key must be the lock's key (checked before any I/O).
     pub fn resume(mut self, token: ResumeToken) -> Self {
@@ -419,7 +427,9 @@ impl Locker {
     ///
     /// # Errors
     ///
-    /// As [`Locker::acquire`].
+    /// As [`Locker::acquire`]; with [`LockOptions::resume`], [`Error::InvalidConfig`] for a
+    /// token of another key (before any I/O), and [`Error::NotOwned`] with the reason when the
+    /// tenure to resume had ended.
     pub async fn acquire_with(
         &self,
         key: impl Into<String>,
@@ -449,7 +459,7 @@ impl Locker {
     ///
     /// # Errors
     ///
-    /// As [`Locker::try_acquire`].
+    /// As [`Locker::try_acquire`], and as [`Locker::acquire_with`] for a resume.
     pub async fn try_acquire_with(
         &self,
         key: impl Into<String>,
@@ -556,7 +566,9 @@ impl Locker {
     /// are not affected. The locker stays usable: a later lock starts a new session.
     ///
     /// Dropping every clone of a locker (and its handles) revokes the session in the background;
-    /// call `close` before a process exits to be sure the lease is gone.
+    /// call `close` before a process exits to be sure the lease is gone. Leases taken up to
+    /// resume tenures ([`LockOptions::resume`]) are not revoked: they expire once their last
+    /// lock ends.
     pub async fn close(&self) {
         let sessions: Vec<Arc<Session>> = {
             let mut slots = self.sessions();
@@ -629,11 +641,8 @@ impl Locker {
 
     /// The session of `lease`, a resumed tenure's: the one this locker keeps for it already, or
     /// a new one once a keep-alive says the lease lives.
-    pub(crate) async fn take_up_session(
-        &self,
-        lease: crate::backend::LeaseId,
-    ) -> Result<Arc<Session>> {
-        let live = |map: &std::collections::HashMap<_, std::sync::Weak<Session>>| {
+    pub(crate) async fn take_up_session(&self, lease: LeaseId) -> Result<Arc<Session>> {
+        let live = |map: &TakenUp| {
             map.get(&lease)
                 .and_then(std::sync::Weak::upgrade)
                 .filter(|s| !s.is_lost())
@@ -659,12 +668,7 @@ impl Locker {
         Ok(session)
     }
 
-    fn taken_up(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<crate::backend::LeaseId, std::sync::Weak<Session>>,
-    > {
+    fn taken_up(&self) -> std::sync::MutexGuard<'_, TakenUp> {
         self.inner
             .taken_up
             .lock()

@@ -283,6 +283,9 @@ pub(crate) enum Action {
     AbandonSession,
     /// Publish this state.
     Publish(Ownership),
+    /// What [`Machine::ownership`] answers changed with nothing published (a tenure's entry
+    /// found gone: `Ending`): wake whoever waits on it.
+    OwnershipChanged,
     /// Answer a command.
     Reply(ReplyTo, Outcome),
     /// The lock stops on the store call that just failed: keep its error (for every
@@ -1337,11 +1340,20 @@ impl Machine {
                     self.not_taken_up(reason);
                     return;
                 }
+                if !self.session.is_some_and(|s| s.state.valid_at(now)) {
+                    // Taken up, but the session's deadline passed meanwhile: that tenure ends
+                    // here, and says so.
+                    self.not_taken_up(LossReason::DeadlinePassed);
+                    return;
+                }
                 self.exported = None;
                 self.backoff.reset();
                 self.joined(entry, predecessor, revision, now);
             }
-            Ok(TakeUp::Gone) => self.not_taken_up(LossReason::EntryDeleted),
+            Ok(TakeUp::Gone) => {
+                let reason = self.reason_unchecked();
+                self.not_taken_up(reason);
+            }
             Ok(TakeUp::Written) => self.not_taken_up(LossReason::ResumedElsewhere),
             Err(Failure::LeaseLost) => self.not_taken_up(LossReason::LeaseGone),
             Err(failure) => self.failed(failure, State::Idle, now),
@@ -1387,6 +1399,10 @@ impl Machine {
             replies,
             released,
         };
+        if !released {
+            // Not owned from now on, before the loss says why: work that waits on it stops.
+            self.actions.push_back(Action::OwnershipChanged);
+        }
         if self.lease_known_gone() {
             self.gone_because(LossReason::LeaseGone);
         } else if self.pending.is_none() {

@@ -1000,7 +1000,10 @@ impl World {
                         });
                     }
                 }
-                Action::AbandonSession | Action::Reply(..) | Action::KeepError => {}
+                Action::AbandonSession
+                | Action::Reply(..)
+                | Action::KeepError
+                | Action::OwnershipChanged => {}
                 Action::Publish(state) => self.published(config, i, state)?,
             }
         }

@@ -254,7 +254,13 @@ fn held_then_deleted(mode: Mode, now: Instant) -> Machine {
         },
         now,
     );
-    assert_eq!(actions(&mut m), [Action::CheckLease { lease: LEASE }]);
+    assert_eq!(
+        actions(&mut m),
+        [
+            Action::OwnershipChanged,
+            Action::CheckLease { lease: LEASE }
+        ]
+    );
     assert_eq!(
         m.ownership(now),
         Ownership::Ending {

@@ -27,6 +27,17 @@ use crate::types::FencingToken;
 /// older token refused), and remove it when the lock is released. It is a string
 /// ([`Display`](fmt::Display) and [`FromStr`]) and, with the `serde` feature, serializable.
 ///
+/// # The other tenures of the lease
+///
+/// A token names a lease that may carry other tenures of the process that exported it (the
+/// default session's lease carries every lock of a [`Locker`](crate::Locker)). Resuming one
+/// keeps the whole lease alive, and with it the entries of the tenures nobody resumed: those
+/// stay in their queues until the lease expires after the resumed locks end. Resume every
+/// token the process exported, or none; a service with one lock, or one lock per
+/// [`dedicated_session`](crate::LockOptions::dedicated_session), has no such tenures. A
+/// taken-up lease is never revoked (another process may have resumed another of its tenures):
+/// it expires once nobody keeps it alive.
+///
 /// # Two processes, one token
 ///
 /// A token is taken up once: taking it up writes the entry, so a second process resuming the
@@ -110,7 +121,8 @@ impl FromStr for ResumeToken {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = |why| BadResumeToken { why };
-        let mut parts = text.trim().splitn(4, ':');
+        // A line read from a file may end with its line break; a key may end with spaces.
+        let mut parts = text.trim_end_matches(['\n', '\r']).splitn(4, ':');
         let mut next = |what| parts.next().filter(|p| !p.is_empty()).ok_or(bad(what));
         let lease = i64::from_str_radix(next("no lease")?, 16).map_err(|_| bad("a bad lease"))?;
         let token: i64 = next("no token")?.parse().map_err(|_| bad("a bad token"))?;
@@ -133,7 +145,10 @@ mod tests {
     fn a_token_reads_back_from_its_text() {
         let token = ResumeToken::new("jobs/a:b".into(), 0x694d, FencingToken(2), 7);
         assert_eq!(token.to_string(), "694d:2:7:jobs/a:b");
-        assert_eq!(token.to_string().parse::<ResumeToken>(), Ok(token));
+        assert_eq!(token.to_string().parse::<ResumeToken>(), Ok(token.clone()));
+        assert_eq!(format!("{token}\n").parse::<ResumeToken>(), Ok(token));
+        let spaced = ResumeToken::new("k ".into(), 0x694d, FencingToken(2), 7);
+        assert_eq!(spaced.to_string().parse::<ResumeToken>(), Ok(spaced));
         for bad in [
             "",
             "694d:2:7",

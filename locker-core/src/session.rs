@@ -58,9 +58,9 @@ pub(crate) struct Session {
     state: watch::Receiver<SessionState>,
     stop: std::sync::Mutex<Option<oneshot::Sender<Stop>>>,
     /// Whether the lease is this client's, to revoke when the last reference goes: a granted
-    /// lease is; a taken-up one only once a tenure under it was taken up ([`Session::claim`]).
-    /// A lease that is not is left to expire (another process may hold entries under it).
-    ours: std::sync::atomic::AtomicBool,
+    /// lease is; a taken-up one is not (other processes may have taken up other tenures under
+    /// it): it is left to expire once nobody here keeps it alive.
+    ours: bool,
 }
 
 #[derive(Debug)]
@@ -81,9 +81,7 @@ impl Session {
         let sent = Instant::now();
         let lease = backend.grant_lease(ttl).await?;
         debug!(lease = format_args!("{:x}", lease.id), ttl = ?lease.ttl, "session started");
-        let session = Session::start(backend, lease, sent, timing, jitter);
-        session.claim();
-        Ok(session)
+        Ok(Session::start(backend, lease, sent, timing, jitter, true))
     }
 
     /// Takes up a lease another process granted (a resumed tenure's): checks with a keep-alive
@@ -101,17 +99,18 @@ impl Session {
             .ok_or(Error::LeaseLost { lease })?;
         debug!(lease = format_args!("{lease:x}"), ?ttl, "session taken up");
         let lease = Lease { id: lease, ttl };
-        Ok(Session::start(backend, lease, sent, timing, jitter))
+        Ok(Session::start(backend, lease, sent, timing, jitter, false))
     }
 
     /// A session of `lease`, whose last good keep-alive (or grant) was sent at `sent`, kept
-    /// alive from now on.
+    /// alive from now on; revoked when the last reference goes if it is `ours`.
     fn start(
         backend: Arc<dyn LockBackend>,
         lease: Lease,
         sent: Instant,
         timing: Timing,
         jitter: Arc<Jitter>,
+        ours: bool,
     ) -> Arc<Session> {
         let deadline = local_deadline(sent, lease.ttl, timing.safety_margin);
         let (state_tx, state_rx) = watch::channel(SessionState::Live { deadline });
@@ -130,13 +129,13 @@ impl Session {
             ttl: lease.ttl,
             state: state_rx,
             stop: std::sync::Mutex::new(Some(stop_tx)),
-            ours: std::sync::atomic::AtomicBool::new(false),
+            ours,
         })
     }
 
-    /// The lease is this client's from now on: revoked when the last reference goes.
-    pub(crate) fn claim(&self) {
-        self.ours.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// Whether the lease is this client's own grant (not a taken-up one).
+    pub(crate) fn is_ours(&self) -> bool {
+        self.ours
     }
 
     pub(crate) fn lease(&self) -> LeaseId {
@@ -182,7 +181,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if self.ours.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.ours {
             self.send_stop(Stop::Revoke(None));
         } else {
             self.send_stop(Stop::Abandon);

@@ -370,9 +370,12 @@ impl EtcdBackendBuilder {
     fn connect_error(&self, err: etcd_client::Error) -> Error {
         let at = self.endpoint_list();
         let said = crate::error::cause(&err);
+        // A proxy's 502, 503 or 504 (etcd behind it restarting) maps to Unavailable: that one
+        // may be etcd soon, and stays retryable.
         if let etcd_client::Error::GRpcStatus(status) = &err
             && (status.code() == tonic::Code::Unimplemented
-                || status.message().contains("HTTP status code"))
+                || (status.message().contains("HTTP status code")
+                    && status.code() != tonic::Code::Unavailable))
         {
             // etcd serves the range the connect makes; a server that answers it with an HTTP
             // status, or does not know the call, is something else.

@@ -134,13 +134,10 @@ async fn parent() {
         .expect("led");
     assert_eq!((leader.token, leader.lease), (token.token(), token.lease()));
 
-    // It keeps the lease alive from now on, and its resignation ends it all.
+    // Its resignation deletes the entry at once, as any; the taken-up lease is left to expire
+    // (never revoked: another process might have resumed another tenure under it).
     leadership.resign().await.expect("resign");
     assert!(entries(admin.clone()).await.is_empty());
-    let leases = admin.clone().leases().await.expect("leases");
-    assert!(
-        leases.leases().iter().all(|l| l.id() != token.lease()),
-        "the taken-up lease is revoked with the resignation"
-    );
     restarted.close().await;
+    let _ = admin.clone().lease_revoke(token.lease()).await;
 }

@@ -82,6 +82,7 @@ pub const BEHAVIOURS: &[&str] = &[
     "bad_input_value_too_large",
     "bad_input_ttl_out_of_range",
     "bad_input_safety_margin",
+    "releasing_one_resumed_tenure_leaves_the_others_of_its_lease",
     "a_resumed_tenure_goes_on_with_the_same_token",
     "a_resume_of_an_ended_tenure_reports_its_loss_and_joins_again",
     "a_second_resume_of_one_token_is_refused",
@@ -161,6 +162,7 @@ macro_rules! conformance_suite {
             bad_input_value_too_large,
             bad_input_ttl_out_of_range,
             bad_input_safety_margin,
+            releasing_one_resumed_tenure_leaves_the_others_of_its_lease,
             a_resumed_tenure_goes_on_with_the_same_token,
             a_resume_of_an_ended_tenure_reports_its_loss_and_joins_again,
             a_second_resume_of_one_token_is_refused,
@@ -182,6 +184,7 @@ macro_rules! conformance_suite {
                 leader_and_observe_follow_leaders_and_proclaims,
                 a_proclaim_after_the_term_ended_is_refused,
                 run_while_leader_runs_the_work_per_term_and_cancels_it_at_the_loss,
+                run_while_leader_stops_the_work_before_the_loss_says_why,
                 run_while_leader_stops_the_work_when_unconfirmed,
                 run_while_leader_keeps_the_work_through_unconfirmed_when_told,
                 run_while_leader_resigns_and_campaigns_again_after_the_work_fails,
@@ -1261,7 +1264,7 @@ pub async fn a_resumed_tenure_goes_on_with_the_same_token(h: &dyn Harness) {
     guard.release().await.expect("release");
     assert!(h.entries(&key).await.is_empty());
     eventually(
-        "the taken-up lease is revoked with the last lock on it",
+        "the taken-up lease expires once its last lock ended",
         || async { !h.lease_exists(token.lease()).await },
     )
     .await;
@@ -1321,6 +1324,52 @@ pub async fn a_resume_of_an_ended_tenure_reports_its_loss_and_joins_again(h: &dy
         "{refused:?}"
     );
     let _ = guard.release().await;
+}
+
+/// Two processes that each resume another tenure of one dead process's lease keep it alive
+/// together: when one releases its lock, the other's tenure goes on (a taken-up lease is never
+/// revoked), and its entry stays.
+pub async fn releasing_one_resumed_tenure_leaves_the_others_of_its_lease(h: &dyn Harness) {
+    let (k1, k2) = (h.key("one"), h.key("two"));
+    let dead = h.client().await;
+    let dead_locker = dead.locker(TTL);
+    let one = dead_locker
+        .acquire(k1.clone(), "dead")
+        .await
+        .expect("acquire");
+    let two = dead_locker
+        .acquire(k2.clone(), "dead")
+        .await
+        .expect("acquire");
+    let (t1, t2) = (
+        one.resume_token().expect("a token"),
+        two.resume_token().expect("a token"),
+    );
+    assert_eq!(t1.lease(), t2.lease(), "one session");
+    dead.faults.cut(Cut::Hang).await;
+    let (p2, p3) = (h.client().await.locker(TTL), h.client().await.locker(TTL));
+    let first = p2
+        .acquire_with(k1.clone(), "p2", LockOptions::new().resume(t1))
+        .await
+        .expect("resume one");
+    let second = p3
+        .acquire_with(k2.clone(), "p3", LockOptions::new().resume(t2.clone()))
+        .await
+        .expect("resume two");
+    first.release().await.expect("release");
+    assert!(h.entries(&k1).await.is_empty());
+    sleep(TTL * 2).await;
+    assert!(
+        second.is_owned(),
+        "the other's tenure was ended by a release"
+    );
+    assert!(h.lease_exists(t2.lease()).await);
+    let entries = h.entries(&k2).await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].create_revision, t2.token().as_i64());
+    second.release().await.expect("release");
+    drop((one, two));
+    dead.faults.heal().await;
 }
 
 /// A token is taken up once: a second process resuming it is refused (`ResumedElsewhere`), and
