@@ -378,7 +378,6 @@ impl Shared {
                 Action::Publish(state) => self.publish(core, state),
                 Action::Reply(to, outcome) => replies.push((to, outcome)),
                 Action::KeepError => core.error = core.last_error.clone(),
-                Action::OwnershipChanged => self.changed.notify_waiters(),
                 other => core.todo.push_back(other),
             }
         }
@@ -842,9 +841,7 @@ fn carry_out(
             None
         }
         // Done by `apply_local`.
-        Action::Publish(_) | Action::Reply(..) | Action::KeepError | Action::OwnershipChanged => {
-            None
-        }
+        Action::Publish(_) | Action::Reply(..) | Action::KeepError => None,
     }
 }
 

@@ -283,9 +283,6 @@ pub(crate) enum Action {
     AbandonSession,
     /// Publish this state.
     Publish(Ownership),
-    /// What [`Machine::ownership`] answers changed with nothing published (a tenure's entry
-    /// found gone: `Ending`): wake whoever waits on it.
-    OwnershipChanged,
     /// Answer a command.
     Reply(ReplyTo, Outcome),
     /// The lock stops on the store call that just failed: keep its error (for every
@@ -1393,6 +1390,7 @@ impl Machine {
         else {
             return;
         };
+        let token = FencingToken(entry.create_revision);
         self.retry_at = None;
         self.state = State::Gone {
             entry,
@@ -1400,8 +1398,9 @@ impl Machine {
             released,
         };
         if !released {
-            // Not owned from now on, before the loss says why: work that waits on it stops.
-            self.actions.push_back(Action::OwnershipChanged);
+            // Not owned from now on, before the loss says why: every reader, and every
+            // subscriber, stops claiming now (a successor may own one round trip later).
+            self.publish(Ownership::Ending { token });
         }
         if self.lease_known_gone() {
             self.gone_because(LossReason::LeaseGone);

@@ -1000,10 +1000,7 @@ impl World {
                         });
                     }
                 }
-                Action::AbandonSession
-                | Action::Reply(..)
-                | Action::KeepError
-                | Action::OwnershipChanged => {}
+                Action::AbandonSession | Action::Reply(..) | Action::KeepError => {}
                 Action::Publish(state) => self.published(config, i, state)?,
             }
         }
@@ -1039,9 +1036,11 @@ impl World {
             .or(self.contenders[i].machine.session.map(|s| s.lease));
         let c = &mut self.contenders[i];
         match (c.tenure, state) {
+            // The tenure's entry is gone; its Lost follows (the tenure ends there).
+            (Some(t), Ownership::Ending { token }) if token.0 == t => {}
             (_, Ownership::Ending { .. }) => {
                 return Err(Violation(format!(
-                    "contender {i}: published {state:?}, which ownership() answers only"
+                    "contender {i}: published {state:?} outside the tenure it ends"
                 )));
             }
             // The dead process's tenure, taken up: the same token, continued.

@@ -257,7 +257,9 @@ fn held_then_deleted(mode: Mode, now: Instant) -> Machine {
     assert_eq!(
         actions(&mut m),
         [
-            Action::OwnershipChanged,
+            Action::Publish(Ownership::Ending {
+                token: FencingToken(5)
+            }),
             Action::CheckLease { lease: LEASE }
         ]
     );

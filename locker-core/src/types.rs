@@ -123,8 +123,8 @@ pub enum Ownership {
     /// Not owned any more, a moment before [`Ownership::Lost`] says why: the tenure's entry is gone
     /// from the store, and one lookup of its lease (a round trip) tells whether the lease ended
     /// there ([`LossReason::LeaseGone`]: revoked, or expired) or someone deleted the entry
-    /// ([`LossReason::EntryDeleted`]). Answered by `ownership()` only, never published: the
-    /// published states go from the tenure's to its `Lost`.
+    /// ([`LossReason::EntryDeleted`]). Published as soon as the entry is found gone, so that
+    /// every subscriber stops claiming at once; `Lost` with the reason follows.
     Ending {
         /// The fencing token of the tenure that ended.
         token: FencingToken,
